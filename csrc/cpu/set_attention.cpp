@@ -1,0 +1,261 @@
+// CPU set-masked attention, forward and backward.
+//
+// Work is cut into (batch, head, q-tile) units. For a q-tile, key tiles are classified
+// with the shared mask rule; invisible tiles are skipped, consecutive visible tiles are
+// merged into runs so that sorted set ids cost one GEMM per run, and only "partial" tiles
+// get a per-element test. Scores exist for one q-tile at a time (never Lq x Lk).
+// T is float or double: the glue upcasts half/bfloat16 before calling.
+#include "cpu/set_attention.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/row_ops.h"
+#include "sarkernels/mask.h"
+
+namespace sarkernels::cpu {
+namespace {
+
+constexpr int64_t kTileQ = 96;
+constexpr int64_t kTileK = 16;
+
+template <typename T>
+at::Tensor matrix(const T* data, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// Row-major C[M, N] = alpha * op(A) @ op(B) + beta * C, through ATen's BLAS.
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+          int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  at::Tensor A = trans_a ? matrix(a, k, m, lda).t() : matrix(a, m, k, lda);
+  at::Tensor B = trans_b ? matrix(b, n, k, ldb).t() : matrix(b, k, n, ldb);
+  at::Tensor C = matrix(c, m, n, ldc);
+  at::addmm_out(C, C, A, B, beta, alpha);
+}
+
+// Min and max set id of each kTileK-wide key tile, for every batch row.
+struct KeyTiles {
+  int64_t count;
+  std::vector<int64_t> lo, hi;  // [batch * count]
+
+  explicit KeyTiles(const SetAttentionParams& p)
+      : count((p.len_k + kTileK - 1) / kTileK), lo(p.batch * count), hi(p.batch * count) {
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const int64_t* ks = p.k_sets + b * p.len_k;
+      for (int64_t t = 0; t < count; ++t) {
+        int64_t mn = std::numeric_limits<int64_t>::max(), mx = std::numeric_limits<int64_t>::min();
+        for (int64_t j = t * kTileK; j < std::min(p.len_k, (t + 1) * kTileK); ++j) {
+          mn = std::min(mn, ks[j]);
+          mx = std::max(mx, ks[j]);
+        }
+        lo[b * count + t] = mn;
+        hi[b * count + t] = mx;
+      }
+    }
+  }
+};
+
+// The visible key columns of one q-tile: runs of consecutive non-skipped key tiles laid
+// side by side in a score buffer of `cols` columns; `partial` lists key ranges that need
+// the per-element test (adjacent partial tiles merged).
+struct Range {
+  int64_t k0, k1, col;
+};
+struct QTilePlan {
+  std::vector<Range> runs, partial;
+  int64_t cols = 0;
+
+  void build(const SetAttentionParams& p, const KeyTiles& tiles, int64_t b, int64_t q0,
+             int64_t q1) {
+    runs.clear();
+    partial.clear();
+    cols = 0;
+    const int64_t* qs = p.q_sets + b * p.len_q;
+    int64_t q_min = std::numeric_limits<int64_t>::max(), q_max = std::numeric_limits<int64_t>::min();
+    for (int64_t i = q0; i < q1; ++i) {
+      q_min = std::min(q_min, qs[i]);
+      q_max = std::max(q_max, qs[i]);
+    }
+    for (int64_t t = 0; t < tiles.count; ++t) {
+      const TileKind kind = classify_tile(q_min, q_max, tiles.lo[b * tiles.count + t],
+                                          tiles.hi[b * tiles.count + t], p.strict);
+      if (kind == TileKind::kSkip) continue;
+      const int64_t k0 = t * kTileK, k1 = std::min(p.len_k, k0 + kTileK);
+      if (!runs.empty() && runs.back().k1 == k0) {
+        runs.back().k1 = k1;
+      } else {
+        runs.push_back({k0, k1, cols});
+      }
+      if (kind == TileKind::kPartial) {
+        if (!partial.empty() && partial.back().k1 == k0) {
+          partial.back().k1 = k1;
+        } else {
+          partial.push_back({k0, k1, cols});
+        }
+      }
+      cols += k1 - k0;
+    }
+  }
+};
+
+// scores[i, c] = scale * q_i . k_c over the plan's columns; invisible pairs get -inf.
+template <typename T>
+void scores(const SetAttentionParams& p, const QTilePlan& plan, int64_t b, const T* q,
+            const T* k, int64_t q0, int64_t rows, T* s) {
+  for (const Range& run : plan.runs) {
+    gemm<T>(false, true, rows, run.k1 - run.k0, p.head_dim, static_cast<T>(p.scale),
+            q + q0 * p.q_row_stride, p.q_row_stride, k + run.k0 * p.k_row_stride,
+            p.k_row_stride, T(0), s + run.col, plan.cols);
+  }
+  const int64_t* qs = p.q_sets + b * p.len_q;
+  const int64_t* ks = p.k_sets + b * p.len_k;
+  for (const Range& part : plan.partial) {
+    for (int64_t i = 0; i < rows; ++i) {
+      mask_row(s + i * plan.cols + part.col, ks + part.k0, part.k1 - part.k0,
+               visible_limit(qs[q0 + i], p.strict));
+    }
+  }
+}
+
+template <typename T>
+const T* head_ptr(const void* base, int64_t b, int64_t h, int64_t bs, int64_t hs) {
+  return static_cast<const T*>(base) + b * bs + h * hs;
+}
+
+template <typename T>
+void forward(const SetAttentionParams& p) {
+  const KeyTiles tiles(p);
+  const int64_t q_tiles = (p.len_q + kTileQ - 1) / kTileQ;
+  const int64_t group = p.heads_q / p.heads_kv;
+  const int64_t d = p.head_dim;
+  at::parallel_for(0, p.batch * p.heads_q * q_tiles, 1, [&](int64_t begin, int64_t end) {
+    QTilePlan plan;
+    std::vector<T> s;
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / (p.heads_q * q_tiles);
+      const int64_t h = unit / q_tiles % p.heads_q;
+      const int64_t q0 = unit % q_tiles * kTileQ, rows = std::min(kTileQ, p.len_q - q0);
+      const T* q = head_ptr<T>(p.q, b, h, p.q_batch_stride, p.q_head_stride);
+      const T* k = head_ptr<T>(p.k, b, h / group, p.k_batch_stride, p.k_head_stride);
+      const T* v = head_ptr<T>(p.v, b, h / group, p.v_batch_stride, p.v_head_stride);
+      T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
+               q0 * p.out_row_stride;
+      T* lse = static_cast<T*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride + q0;
+
+      plan.build(p, tiles, b, q0, q0 + rows);
+      s.resize(rows * plan.cols);
+      scores(p, plan, b, q, k, q0, rows, s.data());
+      std::vector<T> inv_sum(rows);
+      for (int64_t i = 0; i < rows; ++i) {
+        T* row = s.data() + i * plan.cols;
+        const T m = row_max(row, plan.cols);
+        const T sum = exp_shifted(row, plan.cols, m);
+        inv_sum[i] = sum > 0 ? T(1) / sum : T(0);
+        lse[i] = sum > 0 ? m + std::log(sum) : -std::numeric_limits<T>::infinity();
+      }
+      if (plan.runs.empty()) {
+        for (int64_t i = 0; i < rows; ++i) {
+          std::fill(out + i * p.out_row_stride, out + i * p.out_row_stride + d, T(0));
+        }
+        continue;
+      }
+      for (size_t r = 0; r < plan.runs.size(); ++r) {
+        const Range& run = plan.runs[r];
+        gemm<T>(false, false, rows, d, run.k1 - run.k0, T(1), s.data() + run.col, plan.cols,
+                v + run.k0 * p.v_row_stride, p.v_row_stride, r == 0 ? T(0) : T(1), out,
+                p.out_row_stride);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t c = 0; c < d; ++c) out[i * p.out_row_stride + c] *= inv_sum[i];
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward(const SetAttentionBwdParams& g) {
+  const SetAttentionParams& p = g.fwd;
+  const KeyTiles tiles(p);
+  const int64_t q_tiles = (p.len_q + kTileQ - 1) / kTileQ;
+  const int64_t group = p.heads_q / p.heads_kv;
+  const int64_t d = p.head_dim;
+  // One unit per (batch, kv head): it owns its dk/dv rows, so no two threads add into them.
+  at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
+    QTilePlan plan;
+    std::vector<T> s, ds;
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / p.heads_kv, hk = unit % p.heads_kv;
+      const T* k = head_ptr<T>(p.k, b, hk, p.k_batch_stride, p.k_head_stride);
+      const T* v = head_ptr<T>(p.v, b, hk, p.v_batch_stride, p.v_head_stride);
+      T* dk = static_cast<T*>(g.dk) + (b * p.heads_kv + hk) * p.len_k * d;
+      T* dv = static_cast<T*>(g.dv) + (b * p.heads_kv + hk) * p.len_k * d;
+      std::fill(dk, dk + p.len_k * d, T(0));
+      std::fill(dv, dv + p.len_k * d, T(0));
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const T* q = head_ptr<T>(p.q, b, h, p.q_batch_stride, p.q_head_stride);
+        const T* o = head_ptr<T>(p.out, b, h, p.out_batch_stride, p.out_head_stride);
+        const T* dout = head_ptr<T>(g.dout, b, h, p.out_batch_stride, p.out_head_stride);
+        const T* lse = head_ptr<T>(p.lse, b, h, p.lse_batch_stride, p.lse_head_stride);
+        const T* dlse = g.dlse ? head_ptr<T>(g.dlse, b, h, p.lse_batch_stride, p.lse_head_stride) : nullptr;
+        T* dq = static_cast<T*>(g.dq) + (b * p.heads_q + h) * p.len_q * d;
+        for (int64_t q0 = 0; q0 < p.len_q; q0 += kTileQ) {
+          const int64_t rows = std::min(kTileQ, p.len_q - q0);
+          plan.build(p, tiles, b, q0, q0 + rows);
+          std::fill(dq + q0 * d, dq + (q0 + rows) * d, T(0));
+          if (plan.runs.empty()) continue;
+          s.resize(rows * plan.cols);
+          ds.resize(rows * plan.cols);
+          scores(p, plan, b, q, k, q0, rows, s.data());
+          for (int64_t i = 0; i < rows; ++i) {  // s <- P = exp(s - lse)
+            exp_shifted(s.data() + i * plan.cols, plan.cols, lse[q0 + i]);
+          }
+          // ds <- dP = dO V^T, then dS = P * (dP - delta), delta = rowsum(dO * O) - dlse
+          for (const Range& run : plan.runs) {
+            gemm<T>(false, true, rows, run.k1 - run.k0, d, T(1), dout + q0 * p.out_row_stride,
+                    p.out_row_stride, v + run.k0 * p.v_row_stride, p.v_row_stride, T(0),
+                    ds.data() + run.col, plan.cols);
+          }
+          for (int64_t i = 0; i < rows; ++i) {
+            const T* oi = o + (q0 + i) * p.out_row_stride;
+            const T* gi = dout + (q0 + i) * p.out_row_stride;
+            T delta = 0;
+            for (int64_t c = 0; c < d; ++c) delta += oi[c] * gi[c];
+            if (dlse) delta -= dlse[q0 + i];
+            const T* pr = s.data() + i * plan.cols;
+            T* dr = ds.data() + i * plan.cols;
+            for (int64_t c = 0; c < plan.cols; ++c) dr[c] = pr[c] * (dr[c] - delta);
+          }
+          const T scale = static_cast<T>(p.scale);
+          for (const Range& run : plan.runs) {
+            const int64_t n = run.k1 - run.k0;
+            gemm<T>(false, false, rows, d, n, scale, ds.data() + run.col, plan.cols,
+                    k + run.k0 * p.k_row_stride, p.k_row_stride, T(1), dq + q0 * d, d);
+            gemm<T>(true, false, n, d, rows, scale, ds.data() + run.col, plan.cols,
+                    q + q0 * p.q_row_stride, p.q_row_stride, T(1), dk + run.k0 * d, d);
+            gemm<T>(true, false, n, d, rows, T(1), s.data() + run.col, plan.cols,
+                    dout + q0 * p.out_row_stride, p.out_row_stride, T(1), dv + run.k0 * d, d);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void set_attention_forward(const SetAttentionParams& p, bool is_double) {
+  is_double ? forward<double>(p) : forward<float>(p);
+}
+
+void set_attention_backward(const SetAttentionBwdParams& p, bool is_double) {
+  is_double ? backward<double>(p) : backward<float>(p);
+}
+
+}  // namespace sarkernels::cpu

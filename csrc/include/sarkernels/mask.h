@@ -1,0 +1,37 @@
+// The set-mask rule, in one place for the CPU and CUDA kernels.
+//
+// Key j is visible to query i iff k_sets[j] <= q_sets[i] (strict: <). A tile of queries
+// x keys is classified from the min/max set ids of its rows and columns alone, so sorted
+// ids (the common case) skip whole tiles and fully visible tiles need no per-element test;
+// unsorted ids still land in "partial" and are tested element by element.
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define SK_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define SK_HOST_DEVICE inline
+#endif
+
+namespace sarkernels {
+
+// The largest key set id a query of set q_set sees: the rule as a threshold, so a row's
+// test is one comparison per key.
+SK_HOST_DEVICE int64_t visible_limit(int64_t q_set, bool strict) {
+  return strict ? q_set - 1 : q_set;
+}
+
+SK_HOST_DEVICE bool visible(int64_t q_set, int64_t k_set, bool strict) {
+  return k_set <= visible_limit(q_set, strict);
+}
+
+enum class TileKind : int { kSkip = 0, kFull = 1, kPartial = 2 };
+
+SK_HOST_DEVICE TileKind classify_tile(int64_t q_min, int64_t q_max, int64_t k_min,
+                                      int64_t k_max, bool strict) {
+  if (!visible(q_max, k_min, strict)) return TileKind::kSkip;  // no query sees any key
+  if (visible(q_min, k_max, strict)) return TileKind::kFull;   // every query sees every key
+  return TileKind::kPartial;
+}
+
+}  // namespace sarkernels

@@ -1,0 +1,323 @@
+"""The public ops: argument checks, backend choice, fake impls and autograd.
+
+Each op runs as ``torch.ops.sarkernels.*`` (compiled kernels) when ``sarkernels._C`` has a
+kernel for the tensors' device, and as the pure-PyTorch reference otherwise. Checks that
+need only shapes, dtypes and devices happen here (they trace under ``torch.compile``);
+checks of values (slots, positions) happen inside the kernels and the reference.
+"""
+import contextlib
+
+import torch
+
+from . import reference
+from .rope import rope_2d
+
+__all__ = ["set_attention", "kv_cache_append", "interleave_position_instructions", "rope_2d",
+           "use_backend", "kernel_devices"]
+
+try:
+    from . import _C
+    LOAD_ERROR = None
+except ImportError as exc:  # the package still works on the reference path
+    _C = None
+    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+_OPS = ("set_attention", "set_attention_backward", "kv_cache_append",
+        "interleave_position_instructions", "interleave_position_instructions_backward")
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def kernel_devices():
+    """Device types for which every op has a compiled kernel."""
+    if _C is None:
+        return frozenset()
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return frozenset(dev for dev, key in _DISPATCH_KEYS.items()
+                     if all(has(f"sarkernels::{op}", key) for op in _OPS))
+
+
+_KERNEL_DEVICES = kernel_devices()
+_backend = {"name": "auto"}
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Within the block, run every op with ``"kernels"`` (compiled, error if missing for a
+    device), ``"reference"`` (pure PyTorch) or ``"auto"`` (kernels where compiled)."""
+    if name not in ("auto", "kernels", "reference"):
+        raise ValueError(f"use_backend: name must be 'auto', 'kernels' or 'reference', got {name!r}")
+    previous = _backend["name"]
+    _backend["name"] = name
+    try:
+        yield
+    finally:
+        _backend["name"] = previous
+
+
+def _kernels_for(device):
+    name = _backend["name"]
+    if name == "reference":
+        return False
+    if device.type in _KERNEL_DEVICES:
+        return True
+    if name == "kernels":
+        why = LOAD_ERROR or f"sarkernels._C has no {device.type} kernels"
+        raise RuntimeError(f"sarkernels: kernels backend requested for {device.type} tensors "
+                           f"but unavailable ({why})")
+    return False
+
+
+# ---------------------------------------------------------------- argument checks
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _shape(t):
+    return list(t.shape)
+
+
+def _check_float(fn, name, t, dtype=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{fn}: {name} must be float32/float64/float16/bfloat16, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{fn}: {name} must have dtype {dtype} (like the first input), got {t.dtype}")
+
+
+def _check_int(fn, name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{fn}: {name} must be an integer tensor, got {t.dtype}")
+
+
+def _check_rank(fn, name, t, rank, layout):
+    if t.dim() != rank:
+        raise ValueError(f"{fn}: {name} must be {rank}-D {layout}, got shape {_shape(t)}")
+
+
+def _check_device(fn, named):
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t is not None and t.device != first.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def _check_attention(q, k, v, q_sets, k_sets):
+    fn = "set_attention"
+    _check_float(fn, "q", q)
+    _check_float(fn, "k", k, q.dtype)
+    _check_float(fn, "v", v, q.dtype)
+    _check_int(fn, "q_sets", q_sets)
+    _check_int(fn, "k_sets", k_sets)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_rank(fn, name, t, 4, "[B, H, L, D]")
+    _check_rank(fn, "q_sets", q_sets, 2, "[B, Lq]")
+    _check_rank(fn, "k_sets", k_sets, 2, "[B, Lk]")
+    _check_device(fn, [("q", q), ("k", k), ("v", v), ("q_sets", q_sets), ("k_sets", k_sets)])
+    b, hq, lq, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"{fn}: k and v must have one shape, got {_shape(k)} and {_shape(v)}")
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"{fn}: k must be [B={b}, Hkv, Lk, D={d}] like q, got {_shape(k)}")
+    if k.shape[1] == 0 or hq % k.shape[1]:
+        raise ValueError(f"{fn}: q's {hq} heads must be a multiple of k's {k.shape[1]} heads")
+    if d % 8 or not 8 <= d <= 256:
+        raise ValueError(f"{fn}: head dim D must be a multiple of 8 in [8, 256], got {d}")
+    if q_sets.shape != (b, lq):
+        raise ValueError(f"{fn}: q_sets must be [B, Lq] = [{b}, {lq}], got {_shape(q_sets)}")
+    if k_sets.shape != (b, k.shape[2]):
+        raise ValueError(f"{fn}: k_sets must be [B, Lk] = [{b}, {k.shape[2]}], got {_shape(k_sets)}")
+
+
+# ---------------------------------------------------------------- set attention
+
+def set_attention(q, k, v, q_sets, k_sets, *, strict=False, scale=None, return_lse=False):
+    """Attention where key j is visible to query i iff ``k_sets[b, j] <= q_sets[b, i]``
+    (``strict=True``: ``<``).
+
+    q ``[B, Hq, Lq, D]``, k and v ``[B, Hkv, Lk, D]`` (``Hq % Hkv == 0``: GQA/MQA), set ids
+    ``[B, Lq]`` and ``[B, Lk]`` of any integer dtype, in any order. ``scale`` defaults to
+    ``1/sqrt(D)``. A query with no visible key outputs zeros (lse ``-inf``, zero gradients).
+    Returns ``out [B, Hq, Lq, D]`` in q's dtype, or ``(out, lse)`` with ``lse [B, Hq, Lq]``
+    in float32 (float64 for float64 inputs). Differentiable in q, k, v (and through lse).
+    """
+    _check_attention(q, k, v, q_sets, k_sets)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if _kernels_for(q.device):
+        out, lse = torch.ops.sarkernels.set_attention(q, k, v, q_sets, k_sets, strict, scale)
+    else:
+        out, lse = reference.set_attention(q, k, v, q_sets, k_sets, strict, scale)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------- kv cache
+
+def kv_cache_append(k_cache, v_cache, k, v, slots):
+    """Writes ``k_cache[b, :, slots[b, i]] = k[b, :, i]`` and the same for v, in place.
+
+    Caches ``[B, Hkv, S, D]``, k and v ``[B, Hkv, n, D]``, slots ``[B, n]`` integer. A slot
+    outside ``[0, S)`` or repeated within a row raises ValueError and nothing is written.
+    Overwriting slots written by earlier calls is allowed. Returns None.
+    """
+    fn = "kv_cache_append"
+    _check_float(fn, "k_cache", k_cache)
+    for name, t in (("v_cache", v_cache), ("k", k), ("v", v)):
+        _check_float(fn, name, t, k_cache.dtype)
+    _check_int(fn, "slots", slots)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+        _check_rank(fn, name, t, 4, "[B, H, L, D]")
+    _check_rank(fn, "slots", slots, 2, "[B, n]")
+    _check_device(fn, [("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
+                       ("slots", slots)])
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"{fn}: v_cache {_shape(v_cache)} must match k_cache {_shape(k_cache)}")
+    b, h, _, d = k_cache.shape
+    for name, t in (("k", k), ("v", v)):
+        if (t.shape[0], t.shape[1], t.shape[3]) != (b, h, d) or t.shape != k.shape:
+            raise ValueError(f"{fn}: {name} must be [B={b}, H={h}, n, D={d}] (k and v alike), "
+                             f"got {_shape(t)}")
+    if slots.shape != (b, k.shape[2]):
+        raise ValueError(f"{fn}: slots must be [B, n] = [{b}, {k.shape[2]}], got {_shape(slots)}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError(f"{fn}: caches must have a unit stride on their last dim")
+    if _kernels_for(k_cache.device):
+        torch.ops.sarkernels.kv_cache_append(k_cache, v_cache, k, v, slots)
+    else:
+        reference.kv_cache_append(k_cache, v_cache, k, v, slots)
+
+
+# ---------------------------------------------------------------- interleave
+
+def interleave_position_instructions(tokens, positions, instruction, *, num_heads=None,
+                                     grid_size=None, rope_base=10000.0, prefix=None,
+                                     merge=False):
+    """Builds RandAR's ``[prefix, instr_0, tok_0, instr_1, tok_1, ...]`` (``merge=False``,
+    ``[B, C + 2N, D]``) or RAR's target-aware ``[prefix + instr_0 on its last row,
+    tok_0 + instr_1, ..., tok_(N-1)]`` (``merge=True``, ``[B, C + N, D]``).
+
+    tokens ``[B, N, D]`` in generation order; positions ``[B, N]`` their cells ``r * W + c``.
+    instruction: a table ``[P, D]`` gathered by position, or one shared vector ``[D]``
+    rotated per head (``num_heads``) by the 2D RoPE of the cell (needs
+    ``grid_size=(H, W)`` or an int for a square grid). Differentiable in tokens, instruction
+    and prefix. Positions outside the table/grid raise ValueError.
+    """
+    fn = "interleave_position_instructions"
+    _check_float(fn, "tokens", tokens)
+    _check_float(fn, "instruction", instruction, tokens.dtype)
+    _check_int(fn, "positions", positions)
+    _check_rank(fn, "tokens", tokens, 3, "[B, N, D]")
+    _check_rank(fn, "positions", positions, 2, "[B, N]")
+    _check_device(fn, [("tokens", tokens), ("positions", positions),
+                       ("instruction", instruction), ("prefix", prefix)])
+    b, n, d = tokens.shape
+    if positions.shape != (b, n):
+        raise ValueError(f"{fn}: positions must be [B, N] = [{b}, {n}], got {_shape(positions)}")
+    if prefix is not None:
+        _check_float(fn, "prefix", prefix, tokens.dtype)
+        _check_rank(fn, "prefix", prefix, 3, "[B, C, D]")
+        if (prefix.shape[0], prefix.shape[2]) != (b, d):
+            raise ValueError(f"{fn}: prefix must be [B={b}, C, D={d}], got {_shape(prefix)}")
+    if merge and n and (prefix is None or prefix.shape[1] == 0):
+        raise ValueError(f"{fn}: merge=True adds instr_0 to the last prefix row, so it needs a "
+                         "prefix with at least one row")
+    if grid_size is not None:
+        grid_size = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+        if len(grid_size) != 2 or min(grid_size) < 1:
+            raise ValueError(f"{fn}: grid_size must be (H, W) of positive ints, got {grid_size}")
+    if instruction.dim() == 2:
+        if instruction.shape[1] != d:
+            raise ValueError(f"{fn}: a table instruction must be [P, D={d}], got "
+                             f"{_shape(instruction)}")
+        num_heads, grid = 0, (0, 0)
+    elif instruction.dim() == 1:
+        if instruction.shape[0] != d:
+            raise ValueError(f"{fn}: a vector instruction must be [D={d}], got {_shape(instruction)}")
+        if num_heads is None or grid_size is None:
+            raise ValueError(f"{fn}: a vector instruction is rotated by 2D RoPE and needs "
+                             "num_heads and grid_size")
+        if num_heads < 1 or d % (4 * num_heads):
+            raise ValueError(f"{fn}: D={d} must split into num_heads={num_heads} heads of a "
+                             "multiple of 4")
+        grid = grid_size
+    else:
+        raise ValueError(f"{fn}: instruction must be a table [P, D] or a vector [D], got shape "
+                         f"{_shape(instruction)}")
+    if _kernels_for(tokens.device):
+        return torch.ops.sarkernels.interleave_position_instructions(
+            tokens, positions, instruction, prefix, num_heads, grid[0], grid[1],
+            float(rope_base), merge)
+    return reference.interleave_position_instructions(
+        tokens, positions, instruction, num_heads, grid_size, rope_base, prefix, merge)
+
+
+# ---------------------------------------------------------------- registration
+
+def _register():
+    lib = "sarkernels::"
+
+    @torch.library.register_fake(lib + "set_attention")
+    def _(q, k, v, q_sets, k_sets, strict, scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=reference.work_dtype(q.dtype))
+
+    @torch.library.register_fake(lib + "set_attention_backward")
+    def _(dout, dlse, q, k, v, out, lse, q_sets, k_sets, strict, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def attention_setup(ctx, inputs, output):
+        q, k, v, q_sets, k_sets, strict, scale = inputs
+        ctx.save_for_backward(q, k, v, q_sets, k_sets, *output)
+        ctx.strict, ctx.scale = strict, scale
+
+    def attention_backward(ctx, dout, dlse):
+        q, k, v, q_sets, k_sets, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = torch.ops.sarkernels.set_attention_backward(
+            dout, dlse, q, k, v, out, lse, q_sets, k_sets, ctx.strict, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+    torch.library.register_autograd(lib + "set_attention", attention_backward,
+                                    setup_context=attention_setup)
+
+    @torch.library.register_fake(lib + "kv_cache_append")
+    def _(k_cache, v_cache, k, v, slots):
+        return None
+
+    @torch.library.register_fake(lib + "interleave_position_instructions")
+    def _(tokens, positions, instruction, prefix, num_heads, grid_h, grid_w, rope_base, merge):
+        b, n, d = tokens.shape
+        c = 0 if prefix is None else prefix.shape[1]
+        return tokens.new_empty(b, c + (n if merge else 2 * n), d)
+
+    @torch.library.register_fake(lib + "interleave_position_instructions_backward")
+    def _(grad, positions, instruction, prefix_len, num_heads, grid_h, grid_w, rope_base, merge):
+        b, n = positions.shape
+        d = grad.shape[2]
+        return (grad.new_empty(b, n, d), instruction.new_empty(instruction.shape),
+                grad.new_empty(b, prefix_len, d))
+
+    def interleave_setup(ctx, inputs, output):
+        tokens, positions, instruction, prefix, *config = inputs
+        ctx.save_for_backward(positions, instruction)
+        ctx.prefix_len = None if prefix is None else prefix.shape[1]
+        ctx.config = config
+
+    def interleave_backward(ctx, grad):
+        positions, instruction = ctx.saved_tensors
+        num_heads, grid_h, grid_w, rope_base, merge = ctx.config
+        g_tokens, g_instruction, g_prefix = \
+            torch.ops.sarkernels.interleave_position_instructions_backward(
+                grad, positions, instruction, ctx.prefix_len or 0, num_heads, grid_h, grid_w,
+                rope_base, merge)
+        if ctx.prefix_len is None:
+            g_prefix = None
+        return g_tokens, None, g_instruction, g_prefix, None, None, None, None, None
+
+    torch.library.register_autograd(lib + "interleave_position_instructions",
+                                    interleave_backward, setup_context=interleave_setup)
+
+
+if _C is not None:
+    _register()

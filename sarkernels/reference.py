@@ -1,0 +1,95 @@
+"""Pure-PyTorch references of every op: the test oracle and the fallback backend.
+
+Each function has the semantics of the op of the same name in :mod:`sarkernels.ops`
+(arguments already validated there) and is differentiable through autograd.
+Low-precision inputs are computed in float32; float64 stays float64.
+"""
+import torch
+
+from .rope import rope_2d
+
+
+def work_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def visible(q_sets, k_sets, strict=False):
+    """The set mask: ``[B, Lq, Lk]``, True where key j is visible to query i."""
+    q, k = q_sets[:, :, None], k_sets[:, None, :]
+    return k < q if strict else k <= q
+
+
+def set_attention(q, k, v, q_sets, k_sets, strict=False, scale=None):
+    """Returns ``(out, lse)``; rows with no visible key give zeros and ``-inf``.
+
+    lse is float32 (float64 for float64 inputs). Gradients stay finite on empty rows.
+    """
+    work = work_dtype(q.dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    k = k.to(work).repeat_interleave(group, 1)
+    v = v.to(work).repeat_interleave(group, 1)
+    mask = visible(q_sets, k_sets, strict)[:, None]
+    s = (q.to(work) @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    e = torch.exp(s - m)
+    denom = e.sum(-1, keepdim=True)
+    seen = denom > 0
+    denom = torch.where(seen, denom, 1.0)
+    out = (e @ v) / denom
+    lse = torch.where(seen, m + torch.log(denom), float("-inf")).squeeze(-1)
+    return out.to(q.dtype), lse
+
+
+def check_slots(slots, cache_len):
+    """Slots must lie in ``[0, cache_len)`` and be distinct within each batch row."""
+    bad = (slots < 0) | (slots >= cache_len)
+    if bad.any():
+        b, i = bad.nonzero()[0].tolist()
+        raise ValueError(f"kv_cache_append: slots[{b}, {i}] = {slots[b, i].item()} is outside "
+                         f"the cache [0, {cache_len})")
+    ordered = slots.sort(-1).values
+    dup = ordered[:, 1:] == ordered[:, :-1]
+    if dup.any():
+        b, i = dup.nonzero()[0].tolist()
+        raise ValueError(f"kv_cache_append: slot {ordered[b, i].item()} appears more than once "
+                         f"in slots[{b}]")
+
+
+def kv_cache_append(k_cache, v_cache, k, v, slots):
+    """``k_cache[b, :, slots[b, i]] = k[b, :, i]`` (same for v), in place."""
+    check_slots(slots, k_cache.shape[2])
+    rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+    k_cache[rows, :, slots] = k.transpose(1, 2)  # advanced indices first: [B, n, H, D]
+    v_cache[rows, :, slots] = v.transpose(1, 2)
+
+
+def instruction_rows(positions, instruction, num_heads=None, grid_size=None, rope_base=10000.0):
+    """The instruction of every token, ``[B, N, D]``: a table row, or the shared vector
+    rotated by the cell's 2D RoPE (one rotation per head of ``D / num_heads``)."""
+    limit = instruction.shape[0] if instruction.dim() == 2 else grid_size[0] * grid_size[1]
+    bad = (positions < 0) | (positions >= limit)
+    if bad.any():
+        b, i = bad.nonzero()[0].tolist()
+        raise ValueError(f"interleave_position_instructions: positions[{b}, {i}] = "
+                         f"{positions[b, i].item()} is outside [0, {limit})")
+    if instruction.dim() == 2:
+        return instruction[positions]
+    batch, n = positions.shape
+    heads = instruction.view(1, num_heads, 1, -1).expand(batch, -1, n, -1)
+    return rope_2d(heads, positions, grid_size, rope_base).transpose(1, 2).flatten(2)
+
+
+def interleave_position_instructions(tokens, positions, instruction, num_heads=None,
+                                     grid_size=None, rope_base=10000.0, prefix=None,
+                                     merge=False):
+    ins = instruction_rows(positions, instruction, num_heads, grid_size, rope_base)
+    ins = ins.to(tokens.dtype)
+    batch, n, dim = tokens.shape
+    prefix = tokens.new_zeros(batch, 0, dim) if prefix is None else prefix
+    if not merge or n == 0:
+        return torch.cat([prefix, torch.stack([ins, tokens], 2).flatten(1, 2)], 1)
+    head = torch.cat([prefix[:, :-1], prefix[:, -1:] + ins[:, :1]], 1)
+    body = tokens + torch.cat([ins[:, 1:], tokens.new_zeros(batch, 1, dim)], 1)
+    return torch.cat([head, body], 1)

@@ -3,6 +3,9 @@
 // registered in Python (sarkernels/ops.py).
 #include <torch/extension.h>
 #include <torch/library.h>
+#ifdef SARKERNELS_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
 
 TORCH_LIBRARY(sarkernels, m) {
   m.def(
@@ -54,8 +57,8 @@ PYBIND11_MODULE(_C, m) {
   info["torch_version"] = SARKERNELS_TORCH_VERSION;
 #ifdef SARKERNELS_WITH_CUDA
   info["cuda"] = true;
-  info["cuda_version"] = std::to_string(CUDA_VERSION / 1000) + "." +
-                         std::to_string(CUDA_VERSION % 1000 / 10);
+  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
+                         std::to_string(CUDART_VERSION % 1000 / 10);
   info["cuda_archs"] = SARKERNELS_ARCHS;
 #else
   info["cuda"] = false;

@@ -31,7 +31,7 @@ def set_attention(q, k, v, q_sets, k_sets, strict=False, scale=None):
     v = v.to(work).repeat_interleave(group, 1)
     mask = visible(q_sets, k_sets, strict)[:, None]
     s = (q.to(work) @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
-    m = s.amax(-1, keepdim=True).detach()
+    m = s.amax(-1, keepdim=True).detach() if s.shape[-1] else s.new_zeros(*s.shape[:-1], 1)
     m = torch.where(torch.isfinite(m), m, 0.0)
     e = torch.exp(s - m)
     denom = e.sum(-1, keepdim=True)

@@ -45,7 +45,7 @@ void check_positions(const InterleaveParams& p) {
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t i = 0; i < p.num_tokens; ++i) {
       const int64_t cell = position(p, b, i);
-      TORCH_CHECK(cell >= 0 && cell < limit, "interleave_position_instructions: positions[", b,
+      TORCH_CHECK_VALUE(cell >= 0 && cell < limit, "interleave_position_instructions: positions[", b,
                   ", ", i, "] = ", cell, " is outside [0, ", limit, ") (",
                   p.num_heads == 0 ? "instruction table rows" : "grid cells", ")");
     }

@@ -16,12 +16,12 @@ void kv_cache_append(const KVCacheAppendParams& p) {
     std::vector<int64_t> row(p.num_new);
     for (int64_t i = 0; i < p.num_new; ++i) {
       row[i] = p.slots[b * p.slots_strides[0] + i * p.slots_strides[1]];
-      TORCH_CHECK(row[i] >= 0 && row[i] < p.cache_len, "kv_cache_append: slots[", b, ", ", i,
+      TORCH_CHECK_VALUE(row[i] >= 0 && row[i] < p.cache_len, "kv_cache_append: slots[", b, ", ", i,
                   "] = ", row[i], " is outside the cache [0, ", p.cache_len, ")");
     }
     std::sort(row.begin(), row.end());
     const auto dup = std::adjacent_find(row.begin(), row.end());
-    TORCH_CHECK(dup == row.end(), "kv_cache_append: slot ", dup == row.end() ? 0 : *dup,
+    TORCH_CHECK_VALUE(dup == row.end(), "kv_cache_append: slot ", dup == row.end() ? 0 : *dup,
                 " appears more than once in slots[", b, "]");
   }
   const int64_t row_bytes = p.head_dim * p.elem_size;

@@ -1,0 +1,92 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import sarkernels
+from conftest import HAS_KERNELS
+
+
+def expected(k_cache, v_cache, k, v, slots):
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    for b in range(slots.shape[0]):
+        for i in range(slots.shape[1]):
+            k_cache[b, :, slots[b, i]] = k[b, :, i]
+            v_cache[b, :, slots[b, i]] = v[b, :, i]
+    return k_cache, v_cache
+
+
+@given(b=st.integers(1, 3), h=st.integers(1, 3), s=st.integers(1, 40), n=st.integers(0, 8),
+       d=st.sampled_from([1, 8, 24, 64]),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+       strided=st.booleans(), seed=st.integers(0, 2**31))
+def test_matches_loop(backend, b, h, s, n, d, dtype, strided, seed):
+    n = min(n, s)
+    gen = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(b, h, s, d, generator=gen).to(dtype)
+    v_cache = torch.randn(b, h, s, d, generator=gen).to(dtype)
+    if strided:  # new tokens in [B, n, H, D] layout, as a projection produces them
+        k = torch.randn(b, n, h, d, generator=gen).to(dtype).transpose(1, 2)
+        v = torch.randn(b, n, h, d, generator=gen).to(dtype).transpose(1, 2)
+    else:
+        k = torch.randn(b, h, n, d, generator=gen).to(dtype)
+        v = torch.randn(b, h, n, d, generator=gen).to(dtype)
+    slots = torch.stack([torch.randperm(s, generator=gen)[:n] for _ in range(b)])
+    want_k, want_v = expected(k_cache, v_cache, k, v, slots)
+    assert sarkernels.kv_cache_append(k_cache, v_cache, k, v, slots) is None
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+def test_overwrite_earlier_slots(backend):
+    k_cache, v_cache = torch.zeros(1, 2, 6, 8), torch.zeros(1, 2, 6, 8)
+    for step in range(3):  # RandAR re-writes the temporary query slots every step
+        k = torch.full((1, 2, 2, 8), float(step + 1))
+        sarkernels.kv_cache_append(k_cache, v_cache, k, -k, torch.tensor([[step + 1, step + 2]]))
+    assert k_cache[0, 0, :, 0].tolist() == [0, 1, 2, 3, 3, 0]
+    assert v_cache[0, 1, :, 0].tolist() == [0, -1, -2, -3, -3, 0]
+
+
+@pytest.mark.parametrize("slots,match", [
+    ([[0, 6]], r"slots\[0, 1\] = 6 is outside the cache \[0, 6\)"),
+    ([[-1, 2]], r"slots\[0, 0\] = -1 is outside"),
+    ([[3, 3]], r"slot 3 appears more than once in slots\[0\]"),
+])
+def test_bad_slots_write_nothing(backend, slots, match):
+    k_cache, v_cache = torch.zeros(1, 2, 6, 8), torch.zeros(1, 2, 6, 8)
+    k = torch.ones(1, 2, 2, 8)
+    with pytest.raises(ValueError, match=match):
+        sarkernels.kv_cache_append(k_cache, v_cache, k, k, torch.tensor(slots))
+    assert not k_cache.any() and not v_cache.any()
+
+
+BAD = [
+    (lambda a: dict(k=a["k"].double(), v=a["v"].double()), "k must have dtype torch.float32"),
+    (lambda a: dict(k=a["k"][:, :1], v=a["v"][:, :1]), r"k must be \[B=2, H=2, n, D=8\]"),
+    (lambda a: dict(v=a["v"][:, :, :1]), "v must be"),
+    (lambda a: dict(v_cache=a["v_cache"][:, :, :3]), "v_cache .* must match k_cache"),
+    (lambda a: dict(slots=a["slots"].float()), "slots must be an integer"),
+    (lambda a: dict(slots=a["slots"][:, :1]), r"slots must be \[B, n\]"),
+    (lambda a: dict(k_cache=a["k_cache"][0]), "k_cache must be 4-D"),
+    (lambda a: dict(k_cache=a["k_cache"].transpose(2, 3).contiguous().transpose(2, 3)),
+     "unit stride"),
+    (lambda a: dict(slots=a["slots"].to("meta")), "slots is on meta"),
+]
+
+
+@pytest.mark.parametrize("change,match", BAD)
+def test_bad_input_names_the_argument(change, match):
+    args = dict(k_cache=torch.zeros(2, 2, 6, 8), v_cache=torch.zeros(2, 2, 6, 8),
+                k=torch.ones(2, 2, 3, 8), v=torch.ones(2, 2, 3, 8),
+                slots=torch.tensor([[0, 1, 2], [3, 4, 5]]))
+    args.update(change(args))
+    with pytest.raises((ValueError, TypeError), match=match):
+        sarkernels.kv_cache_append(**args)
+
+
+@pytest.mark.skipif(not HAS_KERNELS, reason="sarkernels._C not built")
+def test_opcheck():
+    k_cache, v_cache = torch.randn(2, 3, 10, 16), torch.randn(2, 3, 10, 16)
+    k, v = torch.randn(2, 3, 4, 16), torch.randn(2, 3, 4, 16)
+    slots = torch.tensor([[0, 9, 3, 4], [5, 6, 7, 1]])
+    torch.library.opcheck(torch.ops.sarkernels.kv_cache_append.default,
+                          (k_cache, v_cache, k, v, slots))

@@ -1,0 +1,55 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sarkernels import reference
+from sarkernels.nn import KVCache, Rope, SetAttention
+
+
+def manual(module, x, sets, context=None, context_sets=None, strict=False):
+    """SetAttention written out with the reference mask and SDPA."""
+    dim, kv = module.num_heads * module.head_dim, module.num_kv_heads * module.head_dim
+    w_q, w_k, w_v = module.wqkv.weight.split([dim, kv, kv])
+    src = x if context is None else context
+    heads = lambda t, h: t.unflatten(-1, (h, module.head_dim)).transpose(1, 2)
+    q = heads(x @ w_q.T, module.num_heads)
+    k = heads(src @ w_k.T, module.num_kv_heads).repeat_interleave(module.num_heads // module.num_kv_heads, 1)
+    v = heads(src @ w_v.T, module.num_kv_heads).repeat_interleave(module.num_heads // module.num_kv_heads, 1)
+    mask = reference.visible(sets, sets if context is None else context_sets, strict)[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return module.wo(out.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2, 1])
+def test_self_and_cross_attention(backend, kv_heads):
+    torch.manual_seed(0)
+    m = SetAttention(64, 4, kv_heads)
+    x, ctx = torch.randn(2, 9, 64), torch.randn(2, 7, 64)
+    sets, ctx_sets = torch.randint(1, 4, (2, 9)), torch.randint(0, 3, (2, 7))
+    ctx_sets[:, 0] = 0  # every query sees something, as SDPA needs
+    torch.testing.assert_close(m(x, sets), manual(m, x, sets), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m(x, sets, context=ctx, context_sets=ctx_sets, strict=True),
+                               manual(m, x, sets, ctx, ctx_sets, True), atol=1e-5, rtol=1e-5)
+
+
+def test_cache_steps_equal_one_pass(backend):
+    torch.manual_seed(1)
+    m = SetAttention(32, 2)
+    x = torch.randn(2, 10, 32)
+    sets = torch.tensor([0, 1, 1, 2, 2, 2, 3, 4, 4, 5]).expand(2, 10)
+    cells = torch.randperm(16)[:10].expand(2, 10)
+    full = m(x, sets, rope=Rope(4, cells))
+    cache = KVCache(2, 2, 16, 16)
+    for reuse in range(2):  # reset keeps the buffers and forgets the slots
+        cache.reset()
+        buffers = cache.k.data_ptr()
+        outs = [m(x[:, a:b], sets[:, a:b], rope=Rope(4, cells[:, a:b]), cache=cache, cache_start=a)
+                for a, b in ((0, 1), (1, 3), (3, 6), (6, 10))]
+        torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+        assert cache.k.data_ptr() == buffers and cache.end == 10
+
+
+def test_cache_bounds():
+    cache = KVCache(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="exceed"):
+        cache.write(torch.zeros(1, 1, 3, 8), torch.zeros(1, 1, 3, 8), torch.zeros(1, 3, dtype=torch.long), 2)

@@ -1,0 +1,131 @@
+"""What SAR, RandAR and RAR share: class embedding, argument checks, the generation plan
+(order, known cells, set sizes), sampling and classifier-free guidance."""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import orders
+
+
+class ClassEmbedding(nn.Module):
+    """``num_classes + 1`` rows; the last is the null class (CFG). In training, labels are
+    replaced by the null class with probability ``dropout`` (LlamaGen's LabelEmbedder)."""
+
+    def __init__(self, num_classes, dim, dropout=0.1):
+        super().__init__()
+        self.num_classes, self.dropout = num_classes, dropout
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, labels):
+        if self.training and self.dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.dropout
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels)[:, None]
+
+
+def init_weights(module, std=0.02):
+    """LlamaGen's initialisation: normal(0, 0.02) linears and embeddings, zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+def check_labels(labels, num_classes, batch=None):
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.dtype.is_floating_point:
+        raise ValueError(f"labels must be a 1-D integer tensor, got {labels.dtype} {list(labels.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}), got min {labels.min().item()} "
+                         f"max {labels.max().item()}")
+    return labels
+
+
+def count_known(known):
+    """How many cells ``known = (positions, tokens)`` gives per sample (0 for None)."""
+    return 0 if known is None else torch.as_tensor(known[0]).shape[-1]
+
+
+@dataclass
+class Plan:
+    """Generation order with known cells first: ``cells [B, N]``, ``tokens [B, N]``
+    (known ones filled, -1 elsewhere), ``num_known`` and the sizes of the sets to sample."""
+    cells: torch.Tensor
+    tokens: torch.Tensor
+    num_known: int
+    sizes: list
+
+
+def make_plan(batch, n, vocab_size, *, order, schedule, steps, known, generator, device):
+    order = orders.make_order(order, batch, n, generator)
+    tokens = torch.full((batch, n), -1, dtype=torch.long)
+    num_known = 0
+    if known is not None:
+        positions, values = (torch.as_tensor(t).long().cpu() for t in known)
+        positions = positions.expand(batch, -1) if positions.dim() == 1 else positions
+        values = values.expand(batch, -1) if values.dim() == 1 else values
+        if positions.shape != values.shape or positions.shape[0] != batch:
+            raise ValueError(f"known: positions {list(positions.shape)} and tokens "
+                             f"{list(values.shape)} must both be [M] or [B={batch}, M]")
+        num_known = positions.shape[1]
+        if num_known and (positions.min() < 0 or positions.max() >= n):
+            raise ValueError(f"known positions must lie in the grid [0, {n})")
+        if num_known and (values.min() < 0 or values.max() >= vocab_size):
+            raise ValueError(f"known tokens must be in [0, {vocab_size})")
+        ordered = positions.sort(-1).values
+        if (ordered[:, 1:] == ordered[:, :-1]).any():
+            raise ValueError("known positions must not repeat within a row")
+        if num_known == n:
+            raise ValueError("known covers every cell: nothing to generate")
+        is_known = torch.zeros(batch, n, dtype=torch.bool).scatter_(1, positions, True)
+        rest = order[~is_known.gather(1, order)].view(batch, n - num_known)
+        order = torch.cat([positions, rest], 1)
+        tokens[:, :num_known] = values
+    sizes = orders.set_sizes(schedule, n - num_known, steps, generator)
+    return Plan(order.to(device), tokens.to(device), num_known, sizes)
+
+
+def check_sampling(temperature, top_k, top_p, cfg_scale):
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if cfg_scale is not None and cfg_scale < 0:
+        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
+
+
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """One token per row of ``logits [..., V]`` (float32 math)."""
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, idx = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    probs = F.softmax(logits, -1).flatten(0, -2)
+    device = probs.device if generator is None else generator.device
+    draw = torch.multinomial(probs.to(device), 1, generator=generator)
+    return draw.to(logits.device).view(logits.shape[:-1])
+
+
+def guided(logits, cfg_scale, done, n):
+    """Classifier-free guidance on a doubled batch (conditional rows first), the scale
+    ramping linearly from 1 to ``cfg_scale`` with the fraction ``done / n`` decoded."""
+    if cfg_scale is None:
+        return logits
+    cond, uncond = logits.chunk(2)
+    scale = 1 + (cfg_scale - 1) * done / n
+    return uncond + scale * (cond - uncond)
+
+
+def to_raster(cells, tokens):
+    """Tokens in generation order back to raster order."""
+    return torch.empty_like(tokens).scatter_(1, cells, tokens)

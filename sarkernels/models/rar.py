@@ -1,0 +1,64 @@
+"""RAR: next-token AR on orders that are random with probability r (annealed to raster),
+with a target-aware positional embedding: the embedding of the NEXT target's cell is added
+to the current token (``interleave_position_instructions(..., merge=True)``), so the
+sequence is ``[c + TA[t_1], x_1 + TA[t_2], ..., x_N]`` (causal). Generation is one token
+per step (raster by default) with a KV cache.
+"""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import ops, orders
+from .decoder_only import DecoderOnly
+
+
+class RARTransformer(DecoderOnly):
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.target_aware = nn.Parameter(torch.zeros(self.n_tokens, self.config["dim"]))
+        self._init()
+
+    def _init(self):
+        super()._init()
+        nn.init.normal_(self.target_aware, std=0.02)
+
+    def forward(self, tokens, labels, order):
+        """Logits ``[B, N, V]``: slot i predicts the token at ``order[:, i]``."""
+        x = self.token_dropout(self.tok_embeddings(tokens.gather(1, order)))
+        seq = ops.interleave_position_instructions(
+            x, order, self.target_aware.to(x.dtype), prefix=self.cls_embedding(labels).to(x.dtype),
+            merge=True)
+        h = self.trunk(seq, self._cells_with_class(order))
+        return self.output(h[:, :-1])
+
+    def loss(self, tokens, labels, random_ratio=1.0, generator=None):
+        """Each sample's order is random with probability ``random_ratio`` (see
+        :func:`sarkernels.orders.rar_ratio`), raster otherwise."""
+        b, n = tokens.shape
+        order = orders.make_order("random", b, n, generator, tokens.device)
+        raster = torch.rand(b, 1, generator=generator).to(tokens.device) >= random_ratio
+        order = torch.where(raster, torch.arange(n, device=tokens.device), order)
+        logits = self(tokens, labels, order)
+        return F.cross_entropy(logits.flatten(0, 1).float(), tokens.gather(1, order).flatten())
+
+    def _default_schedule(self, schedule, steps, remaining):
+        if schedule not in (None, "ar"):
+            raise ValueError("RAR decodes one token per step: schedule must be 'ar'")
+        return "ar", steps
+
+    def _max_slots(self):
+        return self.n_tokens
+
+    def _resume_slot(self, decoded):
+        return decoded + 1
+
+    def _feed(self, start, decoded, n, cls, cells, tokens):
+        """Slot s holds token s-1 (the class token at s=0) plus TA of cell s, for slots
+        ``start .. decoded``; the last one predicts token ``decoded``."""
+        slot = torch.arange(start, decoded + n, device=cells.device)
+        prev = (slot - 1).clamp_min(0)
+        x = self.tok_embeddings(tokens[:, prev].clamp_min(0))
+        if start == 0:
+            x = torch.cat([cls, x[:, 1:]], 1)
+        rope_cells = self._cells_with_class(cells)[:, slot]
+        return x + self.target_aware[cells[:, slot]], rope_cells

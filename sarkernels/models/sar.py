@@ -1,0 +1,204 @@
+"""SAR's Fully Masked Transformer: predict one *set* of tokens per step.
+
+Encoder over ``[cls] + tokens in order`` (cls is set 0, token sets 1..K): block-causal
+``set(key) <= set(query)``. Decoder of target-position queries (no token content):
+self-attention ``set(key) <= set(query)``, cross-attention to the encoder output
+``set_enc(key) < set(query)``. The last set is never an encoder input; rather than drop it,
+training keeps it, since the masks already hide it from every query that matters.
+
+Generation caches the encoder K/V of committed tokens, the decoder self-attention K/V of
+earlier queries and, per decoder layer, the cross-attention K/V of the encoder memory: one
+decoder pass and one encoder pass per set.
+"""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import orders
+from ..nn import Block, KVCache, Rope
+from ..rope import CLASS_TOKEN
+from . import common
+
+PRESETS = {  # LlamaGen widths, depth split half encoder / half decoder (sar.md)
+    "B": dict(dim=768, encoder_layers=6, decoder_layers=6, n_head=12),
+    "L": dict(dim=1024, encoder_layers=12, decoder_layers=12, n_head=16),
+    "XL": dict(dim=1280, encoder_layers=18, decoder_layers=18, n_head=20),
+}
+TRAIN_SCHEDULES = ("random", "cosine", "constant", "mar")
+
+
+class SARTransformer(nn.Module):
+    """Training draws, per sample, an order (``train_order``: "random" or "raster") and a
+    partition (``train_schedule``: "random"/"cosine"/"constant" sizes with ``train_steps``
+    sets, or a count drawn uniformly from 1..N when None; "mar": a random given prefix, then
+    one set, the prefix without loss)."""
+
+    def __init__(self, *, vocab_size=16384, num_classes=1000, grid_size=16, dim=1024,
+                 encoder_layers=12, decoder_layers=12, n_head=16, n_kv_head=None,
+                 multiple_of=256, class_dropout=0.1, dropout=0.1, train_order="random",
+                 train_schedule="random", train_steps=None):
+        super().__init__()
+        if train_order not in ("random", "raster") or train_schedule not in TRAIN_SCHEDULES:
+            raise ValueError(f"train_order must be 'random'/'raster' and train_schedule one of "
+                             f"{TRAIN_SCHEDULES}, got {train_order!r}, {train_schedule!r}")
+        self.config = dict(vocab_size=vocab_size, num_classes=num_classes, grid_size=grid_size,
+                           dim=dim, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
+                           n_head=n_head, n_kv_head=n_kv_head, multiple_of=multiple_of,
+                           class_dropout=class_dropout, dropout=dropout, train_order=train_order,
+                           train_schedule=train_schedule, train_steps=train_steps)
+        self.vocab_size, self.num_classes, self.grid_size = vocab_size, num_classes, grid_size
+        self.n_tokens, self.n_head = grid_size * grid_size, n_head
+        self.tok_embeddings = nn.Embedding(vocab_size, dim)
+        self.cls_embedding = common.ClassEmbedding(num_classes, dim, class_dropout)
+        self.token_pos = nn.Embedding(self.n_tokens, dim)   # encoder: where a token sits
+        self.query_pos = nn.Embedding(self.n_tokens, dim)   # decoder: the target position
+        block = dict(num_heads=n_head, num_kv_heads=n_kv_head, dropout=dropout,
+                     multiple_of=multiple_of)
+        self.encoder = nn.ModuleList(Block(dim, **block) for _ in range(encoder_layers))
+        self.decoder = nn.ModuleList(Block(dim, cross=True, **block) for _ in range(decoder_layers))
+        self.encoder_norm = nn.RMSNorm(dim, eps=1e-5)
+        self.norm = nn.RMSNorm(dim, eps=1e-5)
+        self.output = nn.Linear(dim, vocab_size, bias=False)
+        common.init_weights(self)
+        nn.init.zeros_(self.output.weight)
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {list(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    # ------------------------------------------------------------------ passes
+
+    def encode(self, x, sets, cells, caches=None, start=0):
+        rope = Rope(self.grid_size, cells)
+        for i, layer in enumerate(self.encoder):
+            x = layer(x, sets, rope=rope, cache=None if caches is None else caches[i],
+                      cache_start=start)
+        return self.encoder_norm(x)
+
+    def decode(self, cells, sets, memory, memory_sets, memory_cells, caches=None, start=0,
+               memory_caches=None, memory_start=0):
+        x = self.query_pos(cells)
+        rope = Rope(self.grid_size, cells, memory_cells)
+        for i, layer in enumerate(self.decoder):
+            x = layer(x, sets, rope=rope, cache=None if caches is None else caches[i],
+                      cache_start=start, memory=memory, memory_sets=memory_sets,
+                      memory_rope=rope,
+                      memory_cache=None if memory_caches is None else memory_caches[i],
+                      memory_start=memory_start)
+        return self.norm(x)
+
+    def _encoder_inputs(self, cls, tokens, cells, sets):
+        x = self.tok_embeddings(tokens) + self.token_pos(cells)
+        b = cells.shape[0]
+        return (torch.cat([cls, x], 1), torch.cat([sets.new_zeros(b, 1), sets], 1),
+                torch.cat([cells.new_full((b, 1), CLASS_TOKEN), cells], 1))
+
+    def forward(self, tokens, labels, order, sets):
+        """Logits ``[B, N, V]`` for every target, in generation ``order``; ``sets [B, N]``
+        holds each ordered position's set (1..K, non-decreasing)."""
+        x, enc_sets, enc_cells = self._encoder_inputs(self.cls_embedding(labels),
+                                                      tokens.gather(1, order), order, sets)
+        memory = self.encode(x, enc_sets, enc_cells)
+        return self.output(self.decode(order, sets, memory, enc_sets, enc_cells))
+
+    def training_sets(self, batch, generator=None):
+        """Per-sample set ids ``[B, N]`` and loss mask (False on a MAR given prefix)."""
+        n, cfg = self.n_tokens, self.config
+        rows, masks = [], []
+        for _ in range(batch):
+            if cfg["train_schedule"] == "mar":
+                given = int(torch.randint(0, n, (), generator=generator))
+                sizes = [given, n - given] if given else [n]
+                mask = torch.arange(n) >= given
+            else:
+                k = cfg["train_steps"] or int(torch.randint(1, n + 1, (), generator=generator))
+                sizes = orders.set_sizes(cfg["train_schedule"], n, k, generator)
+                mask = torch.ones(n, dtype=torch.bool)
+            rows.append(orders.set_ids(sizes))
+            masks.append(mask)
+        return torch.stack(rows), torch.stack(masks)
+
+    def loss(self, tokens, labels, generator=None):
+        b, n = tokens.shape
+        order = orders.make_order(self.config["train_order"], b, n, generator, tokens.device)
+        sets, mask = (t.to(tokens.device) for t in self.training_sets(b, generator))
+        logits = self(tokens, labels, order, sets)
+        target = tokens.gather(1, order)
+        return F.cross_entropy(logits[mask].float(), target[mask])
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, labels, *, order="random", schedule="constant", steps=None, cfg_scale=None,
+                 temperature=1.0, top_k=0, top_p=1.0, known=None, generator=None,
+                 use_kv_cache=True, progress=False, on_step=None):
+        """Same contract as :meth:`RandARTransformer.generate`; known cells form the first
+        set (fed to the encoder, never sampled), then the schedule splits the rest into
+        ``steps`` sets (default: 16, or fewer when fewer cells remain)."""
+        device = self.output.weight.device
+        labels = common.check_labels(labels, self.num_classes).to(device)
+        common.check_sampling(temperature, top_k, top_p, cfg_scale)
+        if steps is None and isinstance(schedule, str) and schedule != "ar":
+            steps = min(16, self.n_tokens - common.count_known(known))
+        plan = common.make_plan(len(labels), self.n_tokens, self.vocab_size, order=order,
+                                schedule=schedule, steps=steps, known=known,
+                                generator=generator, device=device)
+        sizes = ([plan.num_known] if plan.num_known else []) + plan.sizes
+        reps = 2 if cfg_scale is not None else 1
+        if cfg_scale is not None:
+            labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+        b2 = len(labels)
+        cls = self.cls_embedding.embedding_table(labels)[:, None]
+        cells = plan.cells.repeat(reps, 1)
+        sets = orders.set_ids(sizes, device).expand(b2, -1)
+        caches = self._new_caches(b2) if use_kv_cache else None
+        if use_kv_cache:  # the class token's encoder pass
+            memory = self.encode(cls, sets.new_zeros(b2, 1), cells.new_full((b2, 1), CLASS_TOKEN),
+                                 caches["encoder"], 0)
+            memory_sets, memory_cells = sets.new_zeros(b2, 1), cells.new_full((b2, 1), CLASS_TOKEN)
+        pos = 0
+        steps_iter = list(enumerate(sizes))
+        if progress:
+            from tqdm.auto import tqdm
+            steps_iter = tqdm(steps_iter, desc="generate", leave=False)
+        for step, size in steps_iter:
+            span = slice(pos, pos + size)
+            if use_kv_cache:
+                h = self.decode(cells[:, span], sets[:, span], memory, memory_sets, memory_cells,
+                                caches["decoder"], pos, caches["cross"], self._memory_end(caches))
+            else:
+                tokens = plan.tokens.repeat(reps, 1)
+                x, enc_sets, enc_cells = self._encoder_inputs(cls, tokens[:, :pos], cells[:, :pos],
+                                                              sets[:, :pos])
+                memory = self.encode(x, enc_sets, enc_cells)
+                h = self.decode(cells[:, :pos + size], sets[:, :pos + size], memory, enc_sets,
+                                enc_cells)[:, pos:]
+            is_known = step == 0 and plan.num_known
+            if not is_known:
+                logits = common.guided(self.output(h).float(), cfg_scale, pos, self.n_tokens)
+                plan.tokens[:, span] = common.sample(logits, temperature, top_k, top_p, generator)
+                if on_step is not None:
+                    on_step(step, logits, plan.cells[:, span])
+            if use_kv_cache and pos + size < self.n_tokens:  # the set joins the encoder
+                tokens = plan.tokens[:, span].repeat(reps, 1)
+                x = self.tok_embeddings(tokens) + self.token_pos(cells[:, span])
+                memory = self.encode(x, sets[:, span], cells[:, span], caches["encoder"], 1 + pos)
+                memory_sets, memory_cells = sets[:, span], cells[:, span]
+            pos += size
+        return common.to_raster(plan.cells, plan.tokens)
+
+    def _new_caches(self, batch):
+        dim = self.tok_embeddings.embedding_dim
+        head_dim, kv_heads = dim // self.n_head, self.config["n_kv_head"] or self.n_head
+        w = self.output.weight
+        make = lambda length, count: [KVCache(batch, kv_heads, length, head_dim, w.dtype, w.device)
+                                      for _ in range(count)]
+        return {"encoder": make(1 + self.n_tokens, len(self.encoder)),
+                "decoder": make(self.n_tokens, len(self.decoder)),
+                "cross": make(1 + self.n_tokens, len(self.decoder))}
+
+    @staticmethod
+    def _memory_end(caches):
+        return caches["cross"][0].end

@@ -1,0 +1,103 @@
+"""Generation orders, set-size schedules, and RAR's annealing ratio.
+
+An *order* is a permutation of the N grid cells per sample (``[B, N]``, cell = r * W + c);
+a *schedule* splits the N tokens of an order into consecutive sets, one per step.
+"""
+import math
+
+import torch
+
+SCHEDULES = ("ar", "constant", "cosine", "random", "randar")
+
+
+def make_order(order, batch, n, generator=None, device="cpu"):
+    """``"raster"``, ``"random"`` (a fresh permutation per sample, from ``generator``) or a
+    permutation tensor ``[N]``/``[B, N]``; returns ``[B, N]`` int64."""
+    if isinstance(order, str):
+        if order == "raster":
+            return torch.arange(n, device=device).expand(batch, n).clone()
+        if order == "random":
+            keys = torch.rand(batch, n, generator=generator, device=generator.device if generator else "cpu")
+            return keys.argsort(-1).to(device)
+        raise ValueError(f"order must be 'raster', 'random' or a tensor, got {order!r}")
+    order = torch.as_tensor(order, device=device).long()
+    order = order.expand(batch, n) if order.dim() == 1 else order
+    if order.shape != (batch, n):
+        raise ValueError(f"order must be [N] or [B, N] = [{batch}, {n}], got {list(order.shape)}")
+    if not torch.equal(order.sort(-1).values, torch.arange(n, device=device).expand(batch, n)):
+        raise ValueError(f"order must be a permutation of 0..{n - 1} in every row")
+    return order
+
+
+def _steps(steps, n, name):
+    if steps is None:
+        raise ValueError(f"schedule {name!r} needs steps")
+    if not 1 <= steps <= n:
+        raise ValueError(f"steps must be in [1, {n}] for {n} tokens, got {steps}")
+    return steps
+
+
+def set_sizes(schedule, n, steps=None, generator=None):
+    """Sizes of the consecutive sets (positive ints summing to n).
+
+    - ``"ar"``: one token per step (n steps).
+    - ``"constant"``: ``steps`` near-equal sets.
+    - ``"cosine"``: MaskGIT's schedule: after step t, ``floor(n cos(pi/2 t/steps))`` remain.
+    - ``"random"``: ``steps`` positive sizes drawn uniformly among all such splits (SAR's
+      rand(N, K)).
+    - ``"randar"``: RandAR's cumulative cosine schedule: after step t, ``int((1 - cos(pi/2
+      t/steps)) n + 1)`` tokens are decoded (at least one per step); steps=88 at n=256 gives
+      88 steps, one token per step for steps 1-24.
+    - a list of sizes, used as given.
+    """
+    if n < 1:
+        raise ValueError(f"need at least one token to schedule, got n={n}")
+    if not isinstance(schedule, str):
+        sizes = [int(s) for s in schedule]
+        if any(s < 1 for s in sizes) or sum(sizes) != n:
+            raise ValueError(f"explicit set sizes must be positive and sum to {n}, got {sizes}")
+        return sizes
+    if schedule == "ar":
+        return [1] * n
+    if schedule == "constant":
+        k = _steps(steps, n, schedule)
+        return [n // k + (i < n % k) for i in range(k)]
+    if schedule == "random":
+        k = _steps(steps, n, schedule)
+        cuts = torch.randperm(n - 1, generator=generator)[: k - 1].sort().values + 1
+        bounds = [0, *cuts.tolist(), n]
+        return [b - a for a, b in zip(bounds, bounds[1:])]
+    if schedule in ("cosine", "randar"):
+        k = _steps(steps, n, schedule)
+        sizes, done = [], 0
+        for t in range(1, k + 1):
+            if schedule == "cosine":
+                target = n - math.floor(n * math.cos(math.pi / 2 * t / k))
+            else:
+                target = min(int((1 - math.cos(math.pi / 2 * t / k)) * n + 1), n)
+            # at least one token now, and at least one left for each later step
+            take = min(max(target - done, 1), n - done - (k - t if schedule == "cosine" else 0))
+            if take <= 0:
+                break
+            sizes.append(take)
+            done += take
+        if done < n:
+            sizes[-1] += n - done
+        return sizes
+    raise ValueError(f"schedule must be one of {SCHEDULES} or a list of sizes, got {schedule!r}")
+
+
+def set_ids(sizes, device="cpu"):
+    """Set index (1-based) of each position of an order split into ``sizes``: ``[N]``."""
+    return torch.repeat_interleave(torch.arange(1, len(sizes) + 1, device=device),
+                                   torch.tensor(sizes, device=device))
+
+
+def rar_ratio(step, start, end):
+    """RAR's probability of a random order: 1 before ``start``, 0 after ``end``, linear
+    in between."""
+    if step < start:
+        return 1.0
+    if step >= end:
+        return 0.0
+    return 1.0 - (step - start) / (end - start)

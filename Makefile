@@ -1,3 +1,4 @@
+# make demo   fresh machine -> .venv, pinned torch, build, then the main job (demo_out/)
 # make test   fresh machine -> .venv, pinned torch, build, CUDA compile check, pytest
 # make bench  CPU microbenchmarks with ratios (benchmarks/RESULTS.md records them)
 PYTHON ?= python3
@@ -7,13 +8,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-torch-$(TORCH_VERSION)
 export MAX_JOBS ?= 2
 
-.PHONY: test build cuda-check bench clean
+.PHONY: test build cuda-check bench demo clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" ninja setuptools wheel numpy \
-		pytest hypothesis pytest-benchmark
+		pytest hypothesis pytest-benchmark safetensors tqdm scikit-learn scipy pillow
 	touch $@
 
 build: $(STAMP)
@@ -33,6 +34,9 @@ bench: build
 	$(PY) -m pytest benchmarks -q -rs --benchmark-columns=median,iqr,rounds \
 		--benchmark-group-by=group --benchmark-sort=name --benchmark-json=benchmarks/last.json
 	$(PY) benchmarks/report.py
+
+demo: build
+	$(PY) -m sarkernels demo --out demo_out
 
 clean:
 	rm -rf build *.egg-info sarkernels/*.so

@@ -50,6 +50,8 @@ setup(
     packages=find_packages(include=["sarkernels", "sarkernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch"],
+    # the main job (train/sample/demo): checkpoints, progress bars, data, metrics, pictures
+    extras_require={"demo": ["safetensors", "tqdm", "scikit-learn", "scipy", "pillow", "numpy"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
 )

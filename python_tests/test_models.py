@@ -160,6 +160,7 @@ def test_training_step_learns_and_compiles(kind):
     tokens, labels = torch.randint(0, 17, (4, 16)), torch.randint(0, 10, (4,))
     gen = lambda: torch.Generator().manual_seed(0)
     eager = m.loss(tokens, labels, generator=gen())
+    assert torch.isfinite(eager)
     eager.backward()
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
     if kind == "randar":

@@ -10,19 +10,25 @@ from .. import orders
 
 
 class ClassEmbedding(nn.Module):
-    """``num_classes + 1`` rows; the last is the null class (CFG). In training, labels are
-    replaced by the null class with probability ``dropout`` (LlamaGen's LabelEmbedder)."""
+    """``num_classes + 1`` rows; the last is the null class that classifier-free guidance
+    conditions on (training drops labels to it through the layout's ``drop_label``)."""
 
-    def __init__(self, num_classes, dim, dropout=0.1):
+    def __init__(self, num_classes, dim):
         super().__init__()
-        self.num_classes, self.dropout = num_classes, dropout
+        self.num_classes = num_classes
         self.embedding_table = nn.Embedding(num_classes + 1, dim)
 
     def forward(self, labels):
-        if self.training and self.dropout > 0:
-            drop = torch.rand(labels.shape, device=labels.device) < self.dropout
-            labels = torch.where(drop, self.num_classes, labels)
         return self.embedding_table(labels)[:, None]
+
+
+def drop_labels(labels, drop, num_classes):
+    """Labels with the rows where ``drop`` is True replaced by the null class."""
+    return torch.where(drop.to(labels.device), num_classes, labels)
+
+
+def label_drops(batch, p, generator=None):
+    return torch.rand(batch, generator=generator) < p
 
 
 def init_weights(module, std=0.02):

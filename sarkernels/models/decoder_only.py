@@ -6,6 +6,7 @@ step are embedded (``_feed``) and where the cache resumes after a step (``_resum
 """
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..nn import Block, KVCache, Rope
 from ..rope import CLASS_TOKEN
@@ -31,7 +32,7 @@ class DecoderOnly(nn.Module):
         self.vocab_size, self.num_classes, self.grid_size = vocab_size, num_classes, grid_size
         self.n_tokens, self.n_head = grid_size * grid_size, n_head
         self.tok_embeddings = nn.Embedding(vocab_size, dim)
-        self.cls_embedding = common.ClassEmbedding(num_classes, dim, class_dropout)
+        self.cls_embedding = common.ClassEmbedding(num_classes, dim)
         self.token_dropout = nn.Dropout(token_dropout)
         self.layers = nn.ModuleList(Block(dim, n_head, n_kv_head, dropout=dropout,
                                           multiple_of=multiple_of) for _ in range(n_layer))
@@ -48,6 +49,15 @@ class DecoderOnly(nn.Module):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {list(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+    def loss(self, tokens, labels, layout=None, generator=None):
+        """Mean cross-entropy of every token under a training ``layout`` (see
+        :meth:`training_layout`; drawn from ``generator`` when None)."""
+        layout = self.training_layout(len(tokens), generator) if layout is None else layout
+        order = layout["order"].to(tokens.device)
+        labels = common.drop_labels(labels, layout["drop_label"], self.num_classes)
+        logits = self(tokens, labels, order)
+        return F.cross_entropy(logits.flatten(0, 1).float(), tokens.gather(1, order).flatten())
 
     def trunk(self, x, cells, start=0, caches=None):
         """Causal (by slot) layers over slots ``start ..``; returns the normed states."""

@@ -8,9 +8,9 @@ forward re-writes the temporary query slots so the cache always holds the traini
 """
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .. import ops, orders
+from . import common
 from .decoder_only import DecoderOnly
 
 
@@ -33,12 +33,10 @@ class RandARTransformer(DecoderOnly):
         h = self.trunk(seq, self._cells_with_class(order.repeat_interleave(2, 1)))
         return self.output(h[:, 1::2])
 
-    def loss(self, tokens, labels, order=None, generator=None):
-        """Cross-entropy of every token given a random order (drawn per sample if None)."""
-        if order is None:
-            order = orders.make_order("random", *tokens.shape, generator, tokens.device)
-        logits = self(tokens, labels, order)
-        return F.cross_entropy(logits.flatten(0, 1).float(), tokens.gather(1, order).flatten())
+    def training_layout(self, batch, generator=None):
+        """Per-sample random orders and label drops for a batch (rows can be sliced)."""
+        return dict(order=orders.make_order("random", batch, self.n_tokens, generator),
+                    drop_label=common.label_drops(batch, self.config["class_dropout"], generator))
 
     def _default_schedule(self, schedule, steps, remaining):
         schedule = "randar" if schedule is None else schedule

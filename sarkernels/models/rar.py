@@ -6,9 +6,9 @@ per step (raster by default) with a KV cache.
 """
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .. import ops, orders
+from . import common
 from .decoder_only import DecoderOnly
 
 
@@ -31,15 +31,13 @@ class RARTransformer(DecoderOnly):
         h = self.trunk(seq, self._cells_with_class(order))
         return self.output(h[:, :-1])
 
-    def loss(self, tokens, labels, random_ratio=1.0, generator=None):
+    def training_layout(self, batch, generator=None, random_ratio=1.0):
         """Each sample's order is random with probability ``random_ratio`` (see
-        :func:`sarkernels.orders.rar_ratio`), raster otherwise."""
-        b, n = tokens.shape
-        order = orders.make_order("random", b, n, generator, tokens.device)
-        raster = torch.rand(b, 1, generator=generator).to(tokens.device) >= random_ratio
-        order = torch.where(raster, torch.arange(n, device=tokens.device), order)
-        logits = self(tokens, labels, order)
-        return F.cross_entropy(logits.flatten(0, 1).float(), tokens.gather(1, order).flatten())
+        :func:`sarkernels.orders.rar_ratio`), raster otherwise; plus label drops."""
+        order = orders.make_order("random", batch, self.n_tokens, generator)
+        raster = torch.rand(batch, 1, generator=generator) >= random_ratio
+        return dict(order=torch.where(raster, torch.arange(self.n_tokens), order),
+                    drop_label=common.label_drops(batch, self.config["class_dropout"], generator))
 
     def _default_schedule(self, schedule, steps, remaining):
         if schedule not in (None, "ar"):

@@ -49,7 +49,7 @@ class SARTransformer(nn.Module):
         self.vocab_size, self.num_classes, self.grid_size = vocab_size, num_classes, grid_size
         self.n_tokens, self.n_head = grid_size * grid_size, n_head
         self.tok_embeddings = nn.Embedding(vocab_size, dim)
-        self.cls_embedding = common.ClassEmbedding(num_classes, dim, class_dropout)
+        self.cls_embedding = common.ClassEmbedding(num_classes, dim)
         self.token_pos = nn.Embedding(self.n_tokens, dim)   # encoder: where a token sits
         self.query_pos = nn.Embedding(self.n_tokens, dim)   # decoder: the target position
         block = dict(num_heads=n_head, num_kv_heads=n_kv_head, dropout=dropout,
@@ -103,8 +103,9 @@ class SARTransformer(nn.Module):
         memory = self.encode(x, enc_sets, enc_cells)
         return self.output(self.decode(order, sets, memory, enc_sets, enc_cells))
 
-    def training_sets(self, batch, generator=None):
-        """Per-sample set ids ``[B, N]`` and loss mask (False on a MAR given prefix)."""
+    def training_layout(self, batch, generator=None):
+        """Per-sample order, set ids ``[B, N]``, loss mask (False on a MAR given prefix) and
+        label drops; rows can be sliced (data-parallel shards)."""
         n, cfg = self.n_tokens, self.config
         rows, masks = [], []
         for _ in range(batch):
@@ -118,15 +119,16 @@ class SARTransformer(nn.Module):
                 mask = torch.ones(n, dtype=torch.bool)
             rows.append(orders.set_ids(sizes))
             masks.append(mask)
-        return torch.stack(rows), torch.stack(masks)
+        return dict(order=orders.make_order(cfg["train_order"], batch, n, generator),
+                    sets=torch.stack(rows), mask=torch.stack(masks),
+                    drop_label=common.label_drops(batch, cfg["class_dropout"], generator))
 
-    def loss(self, tokens, labels, generator=None):
-        b, n = tokens.shape
-        order = orders.make_order(self.config["train_order"], b, n, generator, tokens.device)
-        sets, mask = (t.to(tokens.device) for t in self.training_sets(b, generator))
+    def loss(self, tokens, labels, layout=None, generator=None):
+        layout = self.training_layout(len(tokens), generator) if layout is None else layout
+        order, sets, mask = (layout[k].to(tokens.device) for k in ("order", "sets", "mask"))
+        labels = common.drop_labels(labels, layout["drop_label"], self.num_classes)
         logits = self(tokens, labels, order, sets)
-        target = tokens.gather(1, order)
-        return F.cross_entropy(logits[mask].float(), target[mask])
+        return F.cross_entropy(logits[mask].float(), tokens.gather(1, order)[mask])
 
     # ------------------------------------------------------------------ generation
 

@@ -1,0 +1,153 @@
+"""The main job's command line: train/resume/checkpoints, 2-process training, sample, demo,
+and clear errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sarkernels import checkpoint
+from sarkernels.train import TrainConfig, train
+
+TINY = dict(dim=32, heads=2, layers=1, batch=8, warmup=2, ckpt_every=5, dropout=0.0)
+
+
+def cli(*args, check=True, env=None):
+    res = subprocess.run([sys.executable, "-m", "sarkernels", *args], capture_output=True,
+                         text=True, env=env)
+    if check:
+        assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def weights(run):
+    return load_file(os.path.join(checkpoint.resolve(run), "model.safetensors"))
+
+
+@pytest.mark.parametrize("model", ["sar", "randar", "rar"])
+def test_resume_continues_exactly(tmp_path, model):
+    cfg = lambda run: TrainConfig(model=model, steps=10, out=str(tmp_path / run), **TINY)
+    straight = train(cfg("a"), progress=False)
+    train(cfg("b"), progress=False)
+    # as if the run had been killed after its step-5 checkpoint
+    shutil.rmtree(tmp_path / "b" / "step-000010")
+    (tmp_path / "b" / "latest").write_text("step-000005")
+    resumed = train(cfg("b"), resume=True, progress=False)
+    assert os.path.basename(straight) == os.path.basename(resumed) == "step-000010"
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+
+
+def test_checkpoint_layout_and_reload(tmp_path):
+    final = train(TrainConfig(model="randar", steps=12, out=str(tmp_path), **TINY), progress=False)
+    steps = sorted(d for d in os.listdir(tmp_path) if d.startswith("step-"))
+    assert steps == ["step-000010", "step-000012"]  # older ones pruned, no temp folders
+    assert open(tmp_path / "latest").read() == "step-000012"
+    config = json.load(open(os.path.join(final, "config.json")))
+    assert config["model"] == "randar" and config["step"] == 12
+    model, _, _ = checkpoint.load(str(tmp_path))
+    for k, v in weights(tmp_path).items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
+def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    model = train(TrainConfig(model="rar", steps=5, out=str(tmp_path), **TINY), progress=False)
+    before = weights(tmp_path)
+
+    def dies(*args, **kwargs):
+        with open(args[1], "wb") as f:
+            f.write(b"partial")  # a half-written file, then the process is killed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_file", dies)
+    m, config, _ = checkpoint.load(str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(str(tmp_path), 10, m, config)
+    assert open(tmp_path / "latest").read() == os.path.basename(model)
+    assert not os.path.exists(tmp_path / "step-000010")
+    after = weights(tmp_path)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    common = ["--model", "randar", "--steps", "6", "--dim", "32", "--heads", "2", "--layers", "1",
+              "--batch", "8", "--warmup", "2", "--dropout", "0.0", "--no-progress"]
+    cli("train", *common, "--out", str(tmp_path / "one"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", "-m", "sarkernels", "train", *common,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_sample_cli_and_inpainting(tmp_path):
+    run = str(tmp_path / "run")
+    train(TrainConfig(model="sar", steps=3, out=run, **TINY), progress=False)
+    out = tmp_path / "grid.png"
+    cli("sample", "--ckpt", run, "--recipe", "mar", "--labels", "3,1,4", "--n", "2", "--out", str(out))
+    from PIL import Image
+    assert Image.open(out).size[0] > 3 * 48
+    digit = Image.new("L", (8, 8), 0)
+    digit.putpixel((2, 3), 255)
+    digit.save(tmp_path / "digit.png")
+    cli("sample", "--ckpt", run, "--labels", "7", "--image", str(tmp_path / "digit.png"),
+        "--mask", "top", "--out", str(tmp_path / "inpaint.png"))
+    assert os.path.exists(tmp_path / "inpaint.png")
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    run = str(tmp_path / "run")
+    train(TrainConfig(model="randar", steps=2, out=run, **TINY), progress=False)
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint.resolve(run), bad)
+    with open(bad / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(checkpoint.resolve(run), mismatched)
+    config = json.load(open(mismatched / "config.json"))
+    config["model_config"]["dim"] = 64
+    json.dump(config, open(mismatched / "config.json", "w"))
+    cases = [
+        (["sample", "--ckpt", str(tmp_path / "nowhere")], "does not exist"),
+        (["sample", "--ckpt", str(tmp_path)], "not a sarkernels checkpoint"),
+        (["sample", "--ckpt", str(bad)], "corrupt"),
+        (["sample", "--ckpt", str(mismatched)], "do not match its config"),
+        (["sample", "--ckpt", run, "--recipe", "zigzag"], "unknown recipe"),
+        (["sample", "--ckpt", run, "--recipe", "mar"], "recipe 'mar' is for sar"),
+        (["sample", "--ckpt", run, "--labels", "3,12"], "--labels must be in"),
+        (["sample", "--ckpt", run, "--labels", "a"], "comma-separated integers"),
+        (["sample", "--ckpt", run, "--image", str(tmp_path / "none.png")], "cannot read image"),
+        (["train", "--model", "sar", "--resume", "--out", str(tmp_path / "empty")], "does not exist"),
+        (["train", "--data", "cifar", "--out", str(tmp_path / "x")], "unknown dataset"),
+    ]
+    for args, message in cases:
+        res = cli(*args, check=False)
+        assert res.returncode == 2, (args, res.stderr)
+        assert "Traceback" not in res.stderr and message in res.stderr, (args, res.stderr)
+        assert res.stderr.startswith("sarkernels: error:")
+
+
+@pytest.mark.slow
+def test_demo_quick(tmp_path):
+    out = tmp_path / "demo"
+    res = cli("demo", "--quick", "--out", str(out))
+    assert "best recipe" in res.stdout
+    report = json.load(open(out / "report.json"))
+    assert [(r["model"], r["recipe"]) for r in report["recipes"]] == [
+        ("sar", "ar"), ("sar", "sar-ts"), ("sar", "mar"), ("randar", "randar-parallel"),
+        ("randar", "randar-ar")]
+    steps = {r["recipe"]: r["steps"] for r in report["recipes"]}
+    assert steps == {"ar": 64, "sar-ts": 16, "mar": 4, "randar-parallel": 22, "randar-ar": 64}
+    assert report["judge_held_out_accuracy"] > 0.9
+    for name in ("samples.png", "inpainting.png", "report.md"):
+        assert os.path.getsize(out / name) > 0

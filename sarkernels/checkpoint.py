@@ -1,0 +1,92 @@
+"""Checkpoints: ``RUN/step-NNNNNN/`` holds ``model.safetensors``, ``config.json`` and
+``train_state.pt`` (optimizer, scheduler, RNG, step); ``RUN/latest`` names the newest.
+Each step directory is written under a temporary name and renamed into place, and
+``latest`` is replaced atomically, so an interrupted run never leaves a truncated
+checkpoint behind a name."""
+import json
+import os
+import shutil
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import data
+from .models import RandARTransformer, RARTransformer, SARTransformer
+
+MODELS = {"sar": SARTransformer, "randar": RandARTransformer, "rar": RARTransformer}
+KEEP = 2
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that is missing, corrupt or does not match its config."""
+
+
+def save(run_dir, step, model, config, train_state=None):
+    final = os.path.join(run_dir, f"step-{step:06d}")
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(tmp, "model.safetensors"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump({**config, "step": step}, f, indent=2)
+    if train_state is not None:
+        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    latest_tmp = os.path.join(run_dir, f"latest.tmp-{os.getpid()}")
+    with open(latest_tmp, "w") as f:
+        f.write(os.path.basename(final))
+    os.replace(latest_tmp, os.path.join(run_dir, "latest"))
+    steps = sorted(d for d in os.listdir(run_dir) if d.startswith("step-") and ".tmp-" not in d)
+    for old in steps[:-KEEP]:
+        shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
+    return final
+
+
+def resolve(path):
+    """A step directory, or a run directory (its ``latest``)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            path = os.path.join(path, f.read().strip())
+    for name in ("model.safetensors", "config.json"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise CheckpointError(f"{path!r} is not a sarkernels checkpoint (no {name})")
+    return path
+
+
+def load(path, device="cpu"):
+    """Returns ``(model, config, step_dir)``, the model in eval mode on ``device``."""
+    path = resolve(path)
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        kind = config["model"]
+        model = MODELS[kind](**config["model_config"])
+        data.tokenizer_from_config(config["tokenizer"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}/config.json is corrupt or unknown: {exc}") from None
+    try:
+        state = load_file(os.path.join(path, "model.safetensors"))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}/model.safetensors is corrupt: {exc}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise CheckpointError(f"{path}: weights do not match its config ({' '.join(first)})") from None
+    return model.to(device).eval(), config, path
+
+
+def load_train_state(step_dir):
+    path = os.path.join(step_dir, "train_state.pt")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{step_dir} has no train_state.pt: cannot resume from it")
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # any unpickling failure means a corrupt file
+        raise CheckpointError(f"{path} is corrupt: {exc}") from None

@@ -1,0 +1,96 @@
+"""Sampling recipes, labelled PNG grids, and known cells from an image and a mask."""
+import torch
+
+# name -> (models it applies to, generate() keywords, description)
+RECIPES = {
+    "ar": (("sar", "randar", "rar"), dict(order="raster", schedule="ar"),
+           "AR: raster order, one token per step"),
+    "sar-ts": (("sar",), dict(order="random", schedule="random", steps=16),
+               "SAR-TS: random order, 16 sets of random sizes"),
+    "mar": (("sar",), dict(order="random", schedule="cosine", steps=4),
+            "MAR-like: random order, 4 sets (cosine)"),
+    "randar-parallel": (("randar",), dict(order="random", schedule="randar"),
+                        "RandAR parallel decoding: random order, RandAR schedule"),
+    "randar-ar": (("randar",), dict(order="random", schedule="ar"),
+                  "RandAR: random order, one token per step"),
+}
+
+
+def recipe(name, kind):
+    """generate() keywords of recipe ``name`` for a model of ``kind``."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+    kinds, kw, _ = RECIPES[name]
+    if kind not in kinds:
+        raise ValueError(f"recipe {name!r} is for {'/'.join(kinds)} models, not {kind}")
+    return dict(kw)
+
+
+def parse_labels(text, num_classes):
+    try:
+        labels = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--labels must be comma-separated integers, got {text!r}") from None
+    if not labels or min(labels) < 0 or max(labels) >= num_classes:
+        raise ValueError(f"--labels must be in [0, {num_classes}), got {text!r}")
+    return torch.tensor(labels)
+
+
+def image_grid(rows, path, row_titles=None, col_titles=None, cell=48):
+    """Writes a PNG of images ``rows[r][c]`` (``[1, H, W]`` in [0, 1]), with titles."""
+    from PIL import Image, ImageDraw
+
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    left = 8 + 7 * max((len(t) for t in row_titles or []), default=0)
+    top = 18 if col_titles else 0
+    pad = 4
+    canvas = Image.new("L", (left + n_cols * (cell + pad), top + n_rows * (cell + pad)), 255)
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        y = top + r * (cell + pad)
+        if row_titles:
+            draw.text((4, y + cell // 2 - 6), row_titles[r], fill=0)
+        for c, img in enumerate(row):
+            pixels = (img[0].clamp(0, 1) * 255).round().byte().numpy()
+            tile = Image.fromarray(255 - pixels).resize((cell, cell), Image.NEAREST)  # ink dark
+            canvas.paste(tile, (left + c * (cell + pad), y))
+    for c, title in enumerate(col_titles or []):
+        draw.text((left + c * (cell + pad) + cell // 2 - 3, 3), str(title), fill=0)
+    canvas.save(path)
+
+
+def half_mask(name, grid):
+    """Cells to keep for ``left``/``right``/``top``/``bottom`` (the rest is generated)."""
+    r, c = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    keep = {"left": c < grid // 2, "right": c >= grid // 2, "top": r < grid // 2,
+            "bottom": r >= grid // 2}
+    if name not in keep:
+        raise ValueError(f"mask must be left, right, top, bottom or a mask image, got {name!r}")
+    return keep[name].flatten()
+
+
+def load_grey(path, grid):
+    """An image file as ``[grid, grid]`` intensities in [0, 1] (ink bright, like the data)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(path).convert("L").resize((grid, grid), Image.BILINEAR)
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"cannot read image {path!r}: {exc}") from None
+    return torch.tensor(list(img.getdata()), dtype=torch.float32).view(grid, grid) / 255
+
+
+def known_from_image(image_path, mask, tokenizer, invert=False):
+    """``(positions, tokens)`` of the cells to keep from an image. ``mask`` is a half name
+    or a mask image (bright = keep). ``invert`` for dark ink on a light background."""
+    pixels = load_grey(image_path, 8)
+    if invert:
+        pixels = 1 - pixels
+    tokens = tokenizer.encode((pixels * 16)[None])[0]
+    grid = tokenizer.grid_size
+    keep = half_mask(mask, grid) if mask in ("left", "right", "top", "bottom") else \
+        (load_grey(mask, grid) > 0.5).flatten()
+    if keep.all() or not keep.any():
+        raise ValueError("the mask must keep some cells and leave some to generate")
+    positions = keep.nonzero().flatten()
+    return positions, tokens[positions]

@@ -2,6 +2,8 @@
 class we asked for (class-conditional accuracy), and a Frechet distance between generated
 and held-out real images in the classifier's hidden-layer feature space. The same distance
 between two real sets is the floor."""
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,8 @@ class DigitsJudge:
         fa, fb = self.features(images_a), self.features(images_b)
         mu_a, mu_b = fa.mean(0), fb.mean(0)
         cov_a, cov_b = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
-        root = linalg.sqrtm(cov_a @ cov_b)
+        with warnings.catch_warnings():  # dead ReLU units make the covariances singular
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            root = linalg.sqrtm(cov_a @ cov_b)
         root = root.real if np.iscomplexobj(root) else root
         return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))

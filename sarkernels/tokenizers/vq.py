@@ -1,0 +1,253 @@
+"""LlamaGen's VQ image tokenizer (VQ-16: 256x256 RGB <-> 16x16 codes of a 16384 x 8
+l2-normalised codebook), with the official state_dict keys and shapes, so
+``load_state_dict(official["model"], strict=True)`` works."""
+import os
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+PRESETS = {
+    "VQ-16": dict(ch_mult=(1, 1, 2, 2, 4)),
+    "VQ-8": dict(ch_mult=(1, 2, 2, 4)),
+}
+
+
+def _norm(c):
+    return nn.GroupNorm(32 if c % 32 == 0 else 1, c, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = _norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        if c_in != c_out:
+            self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head attention over the h*w positions, 1x1 projections."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = _norm(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        h = self.norm(x)
+        b, c, hh, ww = x.shape
+        q, k, v = (t.flatten(2).transpose(1, 2)[:, None] for t in (self.q(h), self.k(h), self.v(h)))
+        out = F.scaled_dot_product_attention(q, k, v)[:, 0]  # scale c^-0.5
+        return x + self.proj_out(out.transpose(1, 2).reshape(b, c, hh, ww))
+
+
+class Downsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # pad right and bottom only
+
+
+class Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _level(res, attn=None, resample=None, resample_name=None):
+    block = nn.Module()
+    block.res = nn.ModuleList(res)
+    block.attn = nn.ModuleList(attn or [])
+    if resample is not None:
+        setattr(block, resample_name, resample)
+    return block
+
+
+class Encoder(nn.Module):
+    def __init__(self, ch, ch_mult, num_res_blocks, z_channels):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        c_in, last = ch, len(ch_mult) - 1
+        self.conv_blocks = nn.ModuleList()
+        for i, mult in enumerate(ch_mult):
+            res = []
+            for _ in range(num_res_blocks):
+                res.append(ResnetBlock(c_in, ch * mult))
+                c_in = ch * mult
+            self.conv_blocks.append(_level(
+                res, [AttnBlock(c_in) for _ in res] if i == last else None,
+                Downsample(c_in) if i != last else None, "downsample"))
+        self.mid = nn.ModuleList([ResnetBlock(c_in, c_in), AttnBlock(c_in), ResnetBlock(c_in, c_in)])
+        self.norm_out = _norm(c_in)
+        self.conv_out = nn.Conv2d(c_in, z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for block in self.conv_blocks:
+            for i, res in enumerate(block.res):
+                h = res(h)
+                if len(block.attn):
+                    h = block.attn[i](h)
+            if hasattr(block, "downsample"):
+                h = block.downsample(h)
+        for layer in self.mid:
+            h = layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, ch, ch_mult, num_res_blocks, z_channels):
+        super().__init__()
+        c_in = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, c_in, 3, padding=1)
+        self.mid = nn.ModuleList([ResnetBlock(c_in, c_in), AttnBlock(c_in), ResnetBlock(c_in, c_in)])
+        self.conv_blocks = nn.ModuleList()
+        for i, mult in enumerate(reversed(ch_mult)):  # stored widest level first
+            res = []
+            for _ in range(num_res_blocks + 1):
+                res.append(ResnetBlock(c_in, ch * mult))
+                c_in = ch * mult
+            self.conv_blocks.append(_level(
+                res, [AttnBlock(c_in) for _ in res] if i == 0 else None,
+                Upsample(c_in) if i != len(ch_mult) - 1 else None, "upsample"))
+        self.norm_out = _norm(c_in)
+        self.conv_out = nn.Conv2d(c_in, 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.conv_in(z)
+        for layer in self.mid:
+            h = layer(h)
+        for block in self.conv_blocks:
+            for i, res in enumerate(block.res):
+                h = res(h)
+                if len(block.attn):
+                    h = block.attn[i](h)
+            if hasattr(block, "upsample"):
+                h = block.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, codebook_size, embed_dim):
+        super().__init__()
+        self.embedding = nn.Embedding(codebook_size, embed_dim)
+        nn.init.uniform_(self.embedding.weight, -1 / codebook_size, 1 / codebook_size)
+        self.register_buffer("codebook_used", torch.zeros(65536))  # kept for weight compatibility
+
+    def codebook(self):
+        return F.normalize(self.embedding.weight, dim=-1)
+
+    def nearest(self, z):
+        """``z [B, C, h, w]`` -> code indices ``[B, h*w]`` (l2-normalised, squared distance)."""
+        flat = F.normalize(z.permute(0, 2, 3, 1).flatten(0, 2), dim=-1)
+        book = self.codebook()
+        dist = (flat ** 2).sum(1, keepdim=True) + (book ** 2).sum(1) - 2 * flat @ book.T
+        return dist.argmin(1).view(z.shape[0], -1)
+
+
+class VQTokenizer(nn.Module):
+    """``encode(images [B, 3, H, W] in [-1, 1]) -> codes [B, h*w]``; ``decode(codes, grid)``
+    -> images in [-1, 1]. Also the digits tokenizer's interface (``vocab_size``,
+    ``grid_size``, ``config()``; ``decode`` there returns [0, 1])."""
+
+    name = "vq"
+
+    def __init__(self, codebook_size=16384, codebook_embed_dim=8, ch=128, ch_mult=(1, 1, 2, 2, 4),
+                 z_channels=256, num_res_blocks=2, image_size=256):
+        super().__init__()
+        self.settings = dict(codebook_size=codebook_size, codebook_embed_dim=codebook_embed_dim,
+                             ch=ch, ch_mult=tuple(ch_mult), z_channels=z_channels,
+                             num_res_blocks=num_res_blocks, image_size=image_size)
+        self.encoder = Encoder(ch, ch_mult, num_res_blocks, z_channels)
+        self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels)
+        self.quantize = VectorQuantizer(codebook_size, codebook_embed_dim)
+        self.quant_conv = nn.Conv2d(z_channels, codebook_embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(codebook_embed_dim, z_channels, 1)
+        self.vocab_size = codebook_size
+        self.grid_size = image_size // 2 ** (len(ch_mult) - 1)
+        self.checkpoint_path = None
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown VQ preset {name!r}; choose from {list(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_checkpoint(cls, path, preset="VQ-16", **overrides):
+        """Reads a LlamaGen ``.pt`` (``{"model": state_dict}``, loaded with
+        ``weights_only=True``) or a ``.safetensors`` state_dict."""
+        if not os.path.isfile(path):
+            raise ValueError(f"VQ checkpoint {path!r} does not exist")
+        try:
+            if path.endswith(".safetensors"):
+                from safetensors.torch import load_file
+                state = load_file(path)
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # any unreadable file is the user's bad path
+            raise ValueError(f"{path!r} is not a readable VQ checkpoint: {exc}") from None
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        if not isinstance(state, dict) or "quantize.embedding.weight" not in state:
+            raise ValueError(f"{path!r} is not a LlamaGen VQ checkpoint (no quantize.embedding.weight)")
+        size, dim = state["quantize.embedding.weight"].shape
+        model = cls.from_preset(preset, codebook_size=size, codebook_embed_dim=dim, **overrides)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"{path!r} does not match the {preset} architecture: "
+                             f"{str(exc).splitlines()[0]}") from None
+        model.checkpoint_path = os.path.abspath(path)
+        return model.eval()
+
+    def config(self):
+        return {"name": self.name, "checkpoint": self.checkpoint_path, **self.settings,
+                "ch_mult": list(self.settings["ch_mult"])}
+
+    @torch.no_grad()
+    def encode(self, images):
+        return self.quantize.nearest(self.quant_conv(self.encoder(images)))
+
+    @torch.no_grad()
+    def decode_codes(self, codes, grid=None):
+        """codes ``[B, h*w]`` -> images ``[B, 3, H, W]`` in [-1, 1]."""
+        h, w = grid or (self.grid_size, self.grid_size)
+        z = self.quantize.codebook()[codes].view(codes.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        return self.decoder(self.post_quant_conv(z)).clamp(-1, 1)
+
+    def decode(self, codes, grid=None):
+        """The token-dataset interface: images in [0, 1]."""
+        return (self.decode_codes(codes, grid) + 1) / 2
+
+    @staticmethod
+    def to_uint8(images):
+        """[-1, 1] -> uint8 ``[B, H, W, 3]`` (x * 127.5 + 128, clamped)."""
+        return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+    @staticmethod
+    def from_pil(images, size=256):
+        """PIL images -> ``[B, 3, size, size]`` in [-1, 1] (resize shorter side, center crop)."""
+        import numpy as np
+
+        out = []
+        for img in images:
+            img = img.convert("RGB")
+            scale = size / min(img.size)
+            img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))),
+                             resample=3)  # bicubic
+            left, top = (img.width - size) // 2, (img.height - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+            out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+        return torch.stack(out).float() / 127.5 - 1

@@ -5,6 +5,7 @@ Mistakes a user can make (paths, checkpoints, recipes, labels, arguments) end wi
 """
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 
@@ -43,6 +44,24 @@ def _sample_parser(sub):
     p.add_argument("--invert", action="store_true", help="the image has dark ink on light paper")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="samples.png")
+    p.add_argument("--model", choices=["randar", "rar"], default="randar",
+                   help="architecture of an official .safetensors --ckpt")
+    p.add_argument("--preset", default="L", help="official checkpoints: B, L, XL or XXL (heads)")
+    p.add_argument("--heads", type=int, help="official checkpoints: override the preset's heads")
+    p.add_argument("--vq", help="LlamaGen VQ checkpoint to decode codes into pictures")
+    p.add_argument("--image-size", type=int, default=256, help="the VQ's image size")
+
+
+def _tokenize_parser(sub):
+    p = sub.add_parser("tokenize", help="turn an image folder (a subfolder per class) into tokens")
+    p.add_argument("--images", required=True)
+    p.add_argument("--vq", required=True, help="LlamaGen VQ checkpoint (.pt or .safetensors)")
+    p.add_argument("--image-size", type=int, default=256, help="center-crop size (256 for VQ-16)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--flip", action="store_true", help="also add horizontally flipped copies")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def _demo_parser(sub):
@@ -58,8 +77,21 @@ def _sample(args):
 
     from . import checkpoint, data, sample
 
-    model, config, path = checkpoint.load(args.ckpt, args.device)
-    tok = data.tokenizer_from_config(config["tokenizer"])
+    from .models.decoder_only import PRESETS
+    from .tokenizers import VQTokenizer
+
+    vq = VQTokenizer.from_checkpoint(args.vq, args.image_size).to(args.device) if args.vq else None
+    if os.path.isfile(args.ckpt) and args.ckpt.endswith(".safetensors"):  # official weights
+        if vq is None:
+            raise ValueError("an official checkpoint makes VQ codes: pass --vq to decode them")
+        if args.heads is None and args.preset not in PRESETS:
+            raise ValueError(f"unknown --preset {args.preset!r}; choose from {list(PRESETS)}")
+        heads = args.heads or PRESETS[args.preset]["n_head"]
+        model = checkpoint.load_official(args.ckpt, args.model, heads, vq.grid_size, args.device)
+        config, path, tok = {"model": args.model, "num_classes": model.num_classes}, args.ckpt, vq
+    else:
+        model, config, path = checkpoint.load(args.ckpt, args.device)
+        tok = vq or data.tokenizer_from_config(config["tokenizer"])
     labels = sample.parse_labels(args.labels, config["num_classes"])
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -72,13 +104,15 @@ def _sample(args):
     tokens = model.generate(batch.to(args.device), cfg_scale=args.cfg, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p,
                             generator=torch.Generator().manual_seed(args.seed), **kw).cpu()
-    images = tok.decode(tokens).view(args.n, len(labels), *tok.decode(tokens[:1]).shape[1:])
+    images = tok.decode(tokens.to(args.device)).cpu()
+    images = images.view(args.n, len(labels), *images.shape[1:])
     rows = [list(r) for r in images]
     titles = [f"sample {i}" for i in range(args.n)]
     if args.image:
         known = torch.zeros(tok.grid_size ** 2, dtype=torch.long)
         known[kw["known"][0]] = kw["known"][1]
-        rows.insert(0, [tok.decode(known[None])[0]] * len(labels))
+        kept = tok.decode(known[None].to(args.device)).cpu()[0]
+        rows.insert(0, [kept] * len(labels))
         titles.insert(0, "kept cells")
     sample.image_grid(rows, args.out, row_titles=titles, col_titles=labels.tolist())
     print(f"wrote {args.out}: {name} from {path}")
@@ -92,6 +126,7 @@ def main(argv=None):
     _train_parser(sub)
     _sample_parser(sub)
     _demo_parser(sub)
+    _tokenize_parser(sub)
     args = parser.parse_args(argv)
 
     from .checkpoint import CheckpointError
@@ -108,6 +143,13 @@ def main(argv=None):
             print(f"checkpoint: {train(cfg, resume=args.resume, progress=not args.no_progress)}")
         elif args.command == "sample":
             _sample(args)
+        elif args.command == "tokenize":
+            from .tokenize import tokenize_folder
+            from .tokenizers import VQTokenizer
+            vq = VQTokenizer.from_checkpoint(args.vq, args.image_size)
+            out = tokenize_folder(args.images, vq, args.out, args.batch, args.flip, args.device,
+                                  progress=not args.no_progress)
+            print(f"wrote {out}; train on it with: python -m sarkernels train --data {out}")
         elif args.command == "demo":
             from . import demo
             report = demo.run(args.out, args.device, args.quick, args.cfg)

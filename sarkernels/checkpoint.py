@@ -82,6 +82,36 @@ def load(path, device="cpu"):
     return model.to(device).eval(), config, path
 
 
+def load_official(path, kind="randar", n_head=16, grid_size=16, device="cpu"):
+    """An official RandAR ``.safetensors`` state_dict (or one with its key pattern): width,
+    depth, vocabulary, classes and FFN size are read from the tensors; ``n_head`` comes from
+    the preset (L: 16, XL: 20, XXL: 24)."""
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, FileNotFoundError) as exc:
+        raise CheckpointError(f"{path!r} is not a readable safetensors file: {exc}") from None
+    try:
+        vocab, dim = state["tok_embeddings.weight"].shape
+        classes = state["cls_embedding.embedding_table.weight"].shape[0] - 1
+        n_layer = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
+        hidden = state["layers.0.feed_forward.w1.weight"].shape[0]
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path!r} does not have RandAR's key pattern ({exc})") from None
+    from .nn import find_multiple
+    multiple = next((m for m in (256, 128, 64, 32, 16, 8, 1)
+                     if find_multiple(int(2 * 4 * dim / 3), m) == hidden), None)
+    if multiple is None or dim % n_head:
+        raise CheckpointError(f"{path!r}: FFN size {hidden} or width {dim} does not fit "
+                              f"{n_head} heads of a LlamaGen block")
+    model = MODELS[kind](vocab_size=vocab, num_classes=classes, grid_size=grid_size, dim=dim,
+                         n_layer=n_layer, n_head=n_head, multiple_of=multiple)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path!r} does not load strictly: {str(exc).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
 def load_train_state(step_dir):
     path = os.path.join(step_dir, "train_state.pt")
     if not os.path.isfile(path):

@@ -5,6 +5,7 @@ A tokenizer has ``name``, ``vocab_size``, ``grid_size``, ``encode(images) -> [B,
 ``decode(tokens) -> images`` in [0, 1] ``[B, C, H, W]`` and ``config()`` (enough to rebuild
 it with :func:`tokenizer_from_config`); a VQ tokenizer can stand in for it.
 """
+import os
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +43,12 @@ class DigitsTokenizer:
 
 
 def tokenizer_from_config(config):
-    if config.get("name") != "digits":
-        raise ValueError(f"unknown tokenizer {config.get('name')!r}")
-    return DigitsTokenizer(config["grid"])
+    if config.get("name") == "digits":
+        return DigitsTokenizer(config["grid"])
+    if config.get("name") == "vq":
+        from .tokenizers import VQHandle
+        return VQHandle(config)
+    raise ValueError(f"unknown tokenizer {config.get('name')!r}")
 
 
 @dataclass
@@ -75,6 +79,13 @@ def digits(grid=8, split="train", held_out=360, seed=0):
 
 
 def load(name, grid=8, split="train"):
+    """``"digits"``, or a token folder written by ``python -m sarkernels tokenize``."""
+    if os.path.isfile(os.path.join(name, "meta.json")):
+        if split != "train":
+            raise ValueError(f"token folder {name!r} has only a training split")
+        from .tokenize import load_token_folder
+        return load_token_folder(name)
     if name != "digits":
-        raise ValueError(f"unknown dataset {name!r} (available: digits)")
+        raise ValueError(f"unknown dataset {name!r} (use digits or a token folder from "
+                         "'python -m sarkernels tokenize')")
     return digits(grid, split)

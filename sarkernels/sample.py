@@ -37,25 +37,28 @@ def parse_labels(text, num_classes):
 
 
 def image_grid(rows, path, row_titles=None, col_titles=None, cell=48):
-    """Writes a PNG of images ``rows[r][c]`` (``[1, H, W]`` in [0, 1]), with titles."""
+    """Writes a PNG of images ``rows[r][c]`` (``[C, H, W]`` in [0, 1]; one channel is
+    digit ink, drawn dark on white; three are RGB), with titles."""
     from PIL import Image, ImageDraw
 
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    cell = max(cell, rows[0][0].shape[-1])
     left = 8 + 7 * max((len(t) for t in row_titles or []), default=0)
     top = 18 if col_titles else 0
     pad = 4
-    canvas = Image.new("L", (left + n_cols * (cell + pad), top + n_rows * (cell + pad)), 255)
+    canvas = Image.new("RGB", (left + n_cols * (cell + pad), top + n_rows * (cell + pad)), "white")
     draw = ImageDraw.Draw(canvas)
     for r, row in enumerate(rows):
         y = top + r * (cell + pad)
         if row_titles:
-            draw.text((4, y + cell // 2 - 6), row_titles[r], fill=0)
+            draw.text((4, y + cell // 2 - 6), row_titles[r], fill="black")
         for c, img in enumerate(row):
-            pixels = (img[0].clamp(0, 1) * 255).round().byte().numpy()
-            tile = Image.fromarray(255 - pixels).resize((cell, cell), Image.NEAREST)  # ink dark
-            canvas.paste(tile, (left + c * (cell + pad), y))
+            pixels = (img.clamp(0, 1) * 255).round().byte()
+            tile = Image.fromarray(pixels.permute(1, 2, 0).numpy(), "RGB") if len(pixels) == 3 \
+                else Image.fromarray(255 - pixels[0].numpy()).convert("RGB")
+            canvas.paste(tile.resize((cell, cell), Image.NEAREST), (left + c * (cell + pad), y))
     for c, title in enumerate(col_titles or []):
-        draw.text((left + c * (cell + pad) + cell // 2 - 3, 3), str(title), fill=0)
+        draw.text((left + c * (cell + pad) + cell // 2 - 3, 3), str(title), fill="black")
     canvas.save(path)
 
 
@@ -80,13 +83,26 @@ def load_grey(path, grid):
     return torch.tensor(list(img.getdata()), dtype=torch.float32).view(grid, grid) / 255
 
 
+def image_tokens(image_path, tokenizer, invert=False):
+    """An image file through the tokenizer: ``[N]`` tokens."""
+    if tokenizer.name == "digits":
+        pixels = load_grey(image_path, 8)
+        return tokenizer.encode(((1 - pixels) if invert else pixels)[None] * 16)[0]
+    from PIL import Image, UnidentifiedImageError
+
+    from .tokenizers import VQTokenizer
+    try:
+        image = Image.open(image_path)
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"cannot read image {image_path!r}: {exc}") from None
+    vq = tokenizer.model() if hasattr(tokenizer, "model") else tokenizer
+    return vq.encode(VQTokenizer.from_pil([image], vq.settings["image_size"]))[0]
+
+
 def known_from_image(image_path, mask, tokenizer, invert=False):
     """``(positions, tokens)`` of the cells to keep from an image. ``mask`` is a half name
-    or a mask image (bright = keep). ``invert`` for dark ink on a light background."""
-    pixels = load_grey(image_path, 8)
-    if invert:
-        pixels = 1 - pixels
-    tokens = tokenizer.encode((pixels * 16)[None])[0]
+    or a mask image (bright = keep). ``invert`` for dark ink on a light background (digits)."""
+    tokens = image_tokens(image_path, tokenizer, invert)
     grid = tokenizer.grid_size
     keep = half_mask(mask, grid) if mask in ("left", "right", "top", "bottom") else \
         (load_grey(mask, grid) > 0.5).flatten()

@@ -122,6 +122,27 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     return draw.to(logits.device).view(logits.shape[:-1])
 
 
+def guidance_batch(labels, num_classes, cfg_scale):
+    """The batch every step runs: the labels, then (with CFG) the null class for each;
+    and how many copies of the sample rows that is."""
+    if cfg_scale is None:
+        return labels, 1
+    return torch.cat([labels, torch.full_like(labels, num_classes)]), 2
+
+
+def with_progress(steps, enabled):
+    if not enabled:
+        return steps
+    from tqdm.auto import tqdm
+    return tqdm(steps, desc="generate", leave=False)
+
+
+def from_preset(cls, presets, name, overrides):
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose from {list(presets)}")
+    return cls(**{**presets[name], **overrides})
+
+
 def guided(logits, cfg_scale, done, n):
     """Classifier-free guidance on a doubled batch (conditional rows first), the scale
     ramping linearly from 1 to ``cfg_scale`` with the fraction ``done / n`` decoded."""

@@ -46,9 +46,7 @@ class DecoderOnly(nn.Module):
     @classmethod
     def from_preset(cls, name, **overrides):
         """``from_preset("L", vocab_size=16384)``; presets B, L, XL, XXL (LlamaGen widths)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {list(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return common.from_preset(cls, PRESETS, name, overrides)
 
     def loss(self, tokens, labels, layout=None, generator=None):
         """Mean cross-entropy of every token under a training ``layout`` (see
@@ -93,9 +91,7 @@ class DecoderOnly(nn.Module):
         plan = common.make_plan(len(labels), self.n_tokens, self.vocab_size, order=order,
                                 schedule=schedule, steps=steps, known=known,
                                 generator=generator, device=device)
-        if cfg_scale is not None:
-            labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
-        reps = 2 if cfg_scale is not None else 1
+        labels, reps = common.guidance_batch(labels, self.num_classes, cfg_scale)
         cls = self.cls_embedding.embedding_table(labels)[:, None]
         caches = None
         if use_kv_cache:
@@ -104,11 +100,7 @@ class DecoderOnly(nn.Module):
             caches = [KVCache(len(labels), kv_heads, self._max_slots(), head_dim,
                               self.output.weight.dtype, device) for _ in self.layers]
         decoded, start = plan.num_known, 0
-        steps_iter = plan.sizes
-        if progress:
-            from tqdm.auto import tqdm
-            steps_iter = tqdm(steps_iter, desc="generate", leave=False)
-        for step, n in enumerate(steps_iter):
+        for step, n in enumerate(common.with_progress(plan.sizes, progress)):
             x, cells = self._feed(start, decoded, n, cls, plan.cells.repeat(reps, 1),
                                   plan.tokens.repeat(reps, 1))
             h = self.trunk(x, cells, start, caches)

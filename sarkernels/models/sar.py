@@ -64,9 +64,7 @@ class SARTransformer(nn.Module):
 
     @classmethod
     def from_preset(cls, name, **overrides):
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {list(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return common.from_preset(cls, PRESETS, name, overrides)
 
     # ------------------------------------------------------------------ passes
 
@@ -148,9 +146,7 @@ class SARTransformer(nn.Module):
                                 schedule=schedule, steps=steps, known=known,
                                 generator=generator, device=device)
         sizes = ([plan.num_known] if plan.num_known else []) + plan.sizes
-        reps = 2 if cfg_scale is not None else 1
-        if cfg_scale is not None:
-            labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+        labels, reps = common.guidance_batch(labels, self.num_classes, cfg_scale)
         b2 = len(labels)
         cls = self.cls_embedding.embedding_table(labels)[:, None]
         cells = plan.cells.repeat(reps, 1)
@@ -161,11 +157,7 @@ class SARTransformer(nn.Module):
                                  caches["encoder"], 0)
             memory_sets, memory_cells = sets.new_zeros(b2, 1), cells.new_full((b2, 1), CLASS_TOKEN)
         pos = 0
-        steps_iter = list(enumerate(sizes))
-        if progress:
-            from tqdm.auto import tqdm
-            steps_iter = tqdm(steps_iter, desc="generate", leave=False)
-        for step, size in steps_iter:
+        for step, size in enumerate(common.with_progress(sizes, progress)):
             span = slice(pos, pos + size)
             if use_kv_cache:
                 h = self.decode(cells[:, span], sets[:, span], memory, memory_sets, memory_cells,

@@ -13,6 +13,20 @@ PRESETS = {
 }
 
 
+def _architecture(state):
+    """VQTokenizer arguments read from a state_dict's shapes."""
+    ch = state["encoder.conv_in.weight"].shape[0]
+    levels = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.conv_blocks.")})
+    return dict(
+        codebook_size=state["quantize.embedding.weight"].shape[0],
+        codebook_embed_dim=state["quantize.embedding.weight"].shape[1], ch=ch,
+        ch_mult=tuple(state[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch
+                      for i in levels),
+        z_channels=state["encoder.conv_out.weight"].shape[0],
+        num_res_blocks=len({k.split(".")[4] for k in state
+                            if k.startswith("encoder.conv_blocks.0.res.")}))
+
+
 def _norm(c):
     return nn.GroupNorm(32 if c % 32 == 0 else 1, c, eps=1e-6, affine=True)
 
@@ -65,13 +79,24 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _level(res, attn=None, resample=None, resample_name=None):
-    block = nn.Module()
-    block.res = nn.ModuleList(res)
-    block.attn = nn.ModuleList(attn or [])
-    if resample is not None:
-        setattr(block, resample_name, resample)
-    return block
+class Level(nn.Module):
+    """One resolution: res blocks (each followed by attention where present), then the
+    resampling layer, stored as ``downsample`` or ``upsample`` (the official key names)."""
+
+    def __init__(self, res, attn=False, resample=None, resample_name=None):
+        super().__init__()
+        self.res = nn.ModuleList(res)
+        self.attn = nn.ModuleList(AttnBlock(r.conv2.out_channels) for r in res) if attn else nn.ModuleList()
+        self.resample_name = resample_name if resample is not None else None
+        if resample is not None:
+            self.add_module(resample_name, resample)
+
+    def forward(self, h):
+        for i, res in enumerate(self.res):
+            h = res(h)
+            if len(self.attn):
+                h = self.attn[i](h)
+        return getattr(self, self.resample_name)(h) if self.resample_name else h
 
 
 class Encoder(nn.Module):
@@ -85,22 +110,16 @@ class Encoder(nn.Module):
             for _ in range(num_res_blocks):
                 res.append(ResnetBlock(c_in, ch * mult))
                 c_in = ch * mult
-            self.conv_blocks.append(_level(
-                res, [AttnBlock(c_in) for _ in res] if i == last else None,
-                Downsample(c_in) if i != last else None, "downsample"))
+            self.conv_blocks.append(Level(res, i == last, Downsample(c_in) if i != last else None,
+                                          "downsample"))
         self.mid = nn.ModuleList([ResnetBlock(c_in, c_in), AttnBlock(c_in), ResnetBlock(c_in, c_in)])
         self.norm_out = _norm(c_in)
         self.conv_out = nn.Conv2d(c_in, z_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
-        for block in self.conv_blocks:
-            for i, res in enumerate(block.res):
-                h = res(h)
-                if len(block.attn):
-                    h = block.attn[i](h)
-            if hasattr(block, "downsample"):
-                h = block.downsample(h)
+        for level in self.conv_blocks:
+            h = level(h)
         for layer in self.mid:
             h = layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -118,9 +137,9 @@ class Decoder(nn.Module):
             for _ in range(num_res_blocks + 1):
                 res.append(ResnetBlock(c_in, ch * mult))
                 c_in = ch * mult
-            self.conv_blocks.append(_level(
-                res, [AttnBlock(c_in) for _ in res] if i == 0 else None,
-                Upsample(c_in) if i != len(ch_mult) - 1 else None, "upsample"))
+            self.conv_blocks.append(Level(res, i == 0,
+                                          Upsample(c_in) if i != len(ch_mult) - 1 else None,
+                                          "upsample"))
         self.norm_out = _norm(c_in)
         self.conv_out = nn.Conv2d(c_in, 3, 3, padding=1)
 
@@ -128,13 +147,8 @@ class Decoder(nn.Module):
         h = self.conv_in(z)
         for layer in self.mid:
             h = layer(h)
-        for block in self.conv_blocks:
-            for i, res in enumerate(block.res):
-                h = res(h)
-                if len(block.attn):
-                    h = block.attn[i](h)
-            if hasattr(block, "upsample"):
-                h = block.upsample(h)
+        for level in self.conv_blocks:
+            h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -185,9 +199,10 @@ class VQTokenizer(nn.Module):
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
-    def from_checkpoint(cls, path, preset="VQ-16", **overrides):
+    def from_checkpoint(cls, path, image_size=256):
         """Reads a LlamaGen ``.pt`` (``{"model": state_dict}``, loaded with
-        ``weights_only=True``) or a ``.safetensors`` state_dict."""
+        ``weights_only=True``) or a ``.safetensors`` state_dict. The architecture (VQ-16,
+        VQ-8 or another width/depth) is read from the tensors' shapes."""
         if not os.path.isfile(path):
             raise ValueError(f"VQ checkpoint {path!r} does not exist")
         try:
@@ -198,16 +213,15 @@ class VQTokenizer(nn.Module):
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # any unreadable file is the user's bad path
             raise ValueError(f"{path!r} is not a readable VQ checkpoint: {exc}") from None
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]
         if not isinstance(state, dict) or "quantize.embedding.weight" not in state:
             raise ValueError(f"{path!r} is not a LlamaGen VQ checkpoint (no quantize.embedding.weight)")
-        size, dim = state["quantize.embedding.weight"].shape
-        model = cls.from_preset(preset, codebook_size=size, codebook_embed_dim=dim, **overrides)
         try:
+            model = cls(**_architecture(state), image_size=image_size)
             model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ValueError(f"{path!r} does not match the {preset} architecture: "
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{path!r} does not match LlamaGen's VQ architecture: "
                              f"{str(exc).splitlines()[0]}") from None
         model.checkpoint_path = os.path.abspath(path)
         return model.eval()
@@ -251,3 +265,33 @@ class VQTokenizer(nn.Module):
             img = img.crop((left, top, left + size, top + size))
             out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
         return torch.stack(out).float() / 127.5 - 1
+
+
+class VQHandle:
+    """A VQ tokenizer known by its config (as stored with token datasets and checkpoints);
+    the weights are read from ``config["checkpoint"]`` on the first encode/decode."""
+
+    name = "vq"
+
+    def __init__(self, config):
+        self._config = dict(config)
+        self.vocab_size = config["codebook_size"]
+        self.grid_size = config["image_size"] // 2 ** (len(config["ch_mult"]) - 1)
+        self._model = None
+
+    def config(self):
+        return dict(self._config)
+
+    def model(self, path=None):
+        if self._model is None:
+            path = path or self._config.get("checkpoint")
+            if not path:
+                raise ValueError("this VQ tokenizer has no checkpoint path: pass --vq")
+            self._model = VQTokenizer.from_checkpoint(path, self._config["image_size"])
+        return self._model
+
+    def encode(self, images):
+        return self.model().encode(images)
+
+    def decode(self, codes, grid=None):
+        return self.model().decode(codes, grid)

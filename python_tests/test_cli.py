@@ -105,6 +105,15 @@ def test_sample_cli_and_inpainting(tmp_path):
     assert os.path.exists(tmp_path / "inpaint.png")
 
 
+def test_grid_16_trains_and_samples(tmp_path):
+    run = str(tmp_path / "run16")
+    cli("train", "--model", "sar", "--grid", "16", "--steps", "2", "--dim", "32", "--heads", "2",
+        "--layers", "1", "--batch", "4", "--out", run, "--no-progress")
+    model, config, _ = checkpoint.load(run)
+    assert config["tokenizer"] == {"name": "digits", "grid": 16} and model.n_tokens == 256
+    cli("sample", "--ckpt", run, "--recipe", "mar", "--labels", "5", "--out", str(tmp_path / "g.png"))
+
+
 def test_errors_are_one_clear_line(tmp_path):
     run = str(tmp_path / "run")
     train(TrainConfig(model="randar", steps=2, out=run, **TINY), progress=False)

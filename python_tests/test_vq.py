@@ -30,6 +30,10 @@ def test_round_trip_shapes_and_code_range():
     out = vq.decode_codes(codes)
     assert out.shape == (3, 3, 16, 16) and out.min() >= -1 and out.max() <= 1
     assert vq.to_uint8(out).shape == (3, 16, 16, 3)
+    pil = vq.to_pil(out)
+    assert pil[0].size == (16, 16) and pil[0].mode == "RGB"
+    back = vq.from_pil(pil, 16)  # uint8 round trip: within half a level
+    assert (back - out).abs().max() <= 1 / 127.5 + 1e-6
 
 
 def test_nearest_code_matches_brute_force_on_unit_sphere():

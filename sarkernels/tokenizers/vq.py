@@ -250,6 +250,13 @@ class VQTokenizer(nn.Module):
         """[-1, 1] -> uint8 ``[B, H, W, 3]`` (x * 127.5 + 128, clamped)."""
         return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
+    @classmethod
+    def to_pil(cls, images):
+        """[-1, 1] images -> a list of RGB PIL images."""
+        from PIL import Image
+
+        return [Image.fromarray(x.cpu().numpy(), "RGB") for x in cls.to_uint8(images)]
+
     @staticmethod
     def from_pil(images, size=256):
         """PIL images -> ``[B, 3, size, size]`` in [-1, 1] (resize shorter side, center crop)."""

@@ -82,7 +82,7 @@ def test_two_processes_match_one(tmp_path):
     cli("train", *common, "--out", str(tmp_path / "one"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", "-m", "sarkernels", "train", *common,
+                          "--standalone", "-m", "sarkernels", "train", *common,
                           "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")

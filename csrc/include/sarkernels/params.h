@@ -35,6 +35,14 @@ struct SetAttentionBwdParams {
   void* dv;
 };
 
+// Split-KV decode scratch: per split, each query row's normalised partial output and lse.
+struct DecodeWorkspace {
+  float* out;  // [num_splits, B, Hq, Lq, D]
+  float* lse;  // [num_splits, B, Hq, Lq]
+  int num_splits;
+  int64_t split_len;  // keys per split
+};
+
 // caches [B, H, S, D] (unit stride on D), new k/v [B, H, n, D], slots int64 [B, n].
 struct KVCacheAppendParams {
   void* k_cache;

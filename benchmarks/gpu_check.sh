@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One device call: build for the local GPU, compile-check the torch-free kernels (ptxas
+# usage), run the CUDA tests, then the GPU benchmarks; writes results.md and results.json
+# into OUTDIR (default gpu_results). Needs a CUDA torch, nvcc and no network.
+#   bash benchmarks/gpu_check.sh "$OUT"
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-gpu_results}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+step() { echo "== $*"; }
+
+step build
+if ! $PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+    tail -40 "$OUT/build.log"; exit 1
+fi
+$PY -m sarkernels info --json > "$OUT/info.json"
+$PY -m sarkernels info
+
+step ptxas
+{ cmake -S . -B build/cuda-check > /dev/null && cmake --build build/cuda-check --target cuda_compile_check; } \
+    > "$OUT/ptxas.log" 2>&1
+echo "ptxas exit $? ($(grep -c 'Compiling entry' "$OUT/ptxas.log") entries; spills: $(grep -c '[1-9][0-9]* bytes spill' "$OUT/ptxas.log"))"
+
+step cuda tests
+$PY -m pytest python_tests -m cuda -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -5
+TESTS=${PIPESTATUS[0]}
+
+step generation, RandAR-L shapes, bf16, batch 64
+$PY benchmarks/generation.py --config L --device cuda --dtype bfloat16 --batch 64 --skip-recompute \
+    --repeats 3 2>&1 | tee "$OUT/generation.md"
+
+step VQ-16 decode, bf16, batch 64
+for flags in "" "--channels-last" "--channels-last --compile"; do
+    $PY benchmarks/vq_decode.py --device cuda --dtype bfloat16 --batch 64 $flags 2>&1 | tail -1
+done | tee "$OUT/vq_decode.md"
+
+{
+    echo "# GPU check, $(date -u +%Y-%m-%d), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+    echo; echo '```'; $PY -m sarkernels info; echo '```'
+    echo; echo "CUDA tests exit status: $TESTS"; tail -1 "$OUT/tests.log"
+    echo; echo "## Generation"; cat "$OUT/generation.md"
+    echo; echo "## VQ-16 decode"; cat "$OUT/vq_decode.md"
+} > "$OUT/results.md"
+$PY - "$OUT" "$TESTS" <<'PY'
+import json, sys
+out, tests = sys.argv[1], int(sys.argv[2])
+read = lambda name: open(f"{out}/{name}").read()
+json.dump({"info": json.loads(read("info.json")), "cuda_tests_exit": tests,
+           "generation": read("generation.md"), "vq_decode": read("vq_decode.md")},
+          open(f"{out}/results.json", "w"), indent=2)
+PY
+cat "$OUT/results.md"
+exit "$TESTS"

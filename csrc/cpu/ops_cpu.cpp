@@ -151,14 +151,13 @@ void kv_cache_append_op(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tens
   kv_cache_append(p);
 }
 
-InterleaveParams interleave_params(const at::Tensor& tokens, const at::Tensor& positions,
-                                   const at::Tensor& instruction, int64_t prefix_len,
-                                   int64_t num_heads, int64_t grid_h, int64_t grid_w,
-                                   double rope_base, bool merge) {
-  TORCH_CHECK(tokens.dim() == 3 && positions.dim() == 2 && positions.size(0) == tokens.size(0) &&
-                  positions.size(1) == tokens.size(1),
+// Checks the shapes of one interleave (tokens [B, N, d]) and fills everything but pointers.
+InterleaveParams interleave_params(int64_t batch, int64_t num_tokens, int64_t d,
+                                   const at::Tensor& positions, const at::Tensor& instruction,
+                                   int64_t prefix_len, int64_t num_heads, int64_t grid_h,
+                                   int64_t grid_w, double rope_base, bool merge) {
+  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == batch && positions.size(1) == num_tokens,
               "interleave_position_instructions: tokens [B, N, D] and positions [B, N] expected");
-  const int64_t d = tokens.size(2);
   if (num_heads == 0) {
     TORCH_CHECK(instruction.dim() == 2 && instruction.size(1) == d,
                 "interleave_position_instructions: a table instruction must be [P, ", d, "]");
@@ -168,11 +167,11 @@ InterleaveParams interleave_params(const at::Tensor& tokens, const at::Tensor& p
                 "interleave_position_instructions: a vector instruction must be [", d,
                 "] with D divisible by 4 * num_heads and a positive grid");
   }
-  TORCH_CHECK(!merge || prefix_len > 0 || tokens.size(1) == 0,
+  TORCH_CHECK(!merge || prefix_len > 0 || num_tokens == 0,
               "interleave_position_instructions: merge=True needs a prefix");
   InterleaveParams p{};
-  p.batch = tokens.size(0);
-  p.num_tokens = tokens.size(1);
+  p.batch = batch;
+  p.num_tokens = num_tokens;
   p.dim = d;
   p.prefix_len = prefix_len;
   p.table_rows = num_heads == 0 ? instruction.size(0) : 0;
@@ -189,7 +188,9 @@ at::Tensor interleave_op(const at::Tensor& tokens, const at::Tensor& positions,
                       int64_t num_heads, int64_t grid_h, int64_t grid_w, double rope_base,
                       bool merge) {
   const int64_t c_len = prefix ? prefix->size(1) : 0;
-  InterleaveParams p = interleave_params(tokens, positions, instruction, c_len, num_heads,
+  TORCH_CHECK(tokens.dim() == 3, "interleave_position_instructions: tokens must be [B, N, D]");
+  InterleaveParams p = interleave_params(tokens.size(0), tokens.size(1), tokens.size(2), positions,
+                                         instruction, c_len, num_heads,
                                          grid_h, grid_w, rope_base, merge);
   const at::ScalarType dt = tokens.scalar_type();
   TORCH_CHECK(instruction.scalar_type() == dt && (!prefix || prefix->scalar_type() == dt),
@@ -226,8 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interleave_backward_op(
               "interleave_position_instructions_backward: grad ", grad.sizes(),
               " does not match positions ", positions.sizes(), " and prefix_len ", prefix_len);
   const at::Tensor g = grad.contiguous(), pos = positions.to(at::kLong);
-  const at::Tensor tokens_shape = at::empty({b, n, grad.size(2)}, grad.options());
-  InterleaveParams p = interleave_params(tokens_shape, pos, instruction, prefix_len, num_heads,
+  InterleaveParams p = interleave_params(b, n, grad.size(2), pos, instruction, prefix_len, num_heads,
                                          grid_h, grid_w, rope_base, merge);
   p.positions = pos.data_ptr<int64_t>();
   fill_strides(p.positions_strides, pos, 2);

@@ -161,7 +161,7 @@ class SARTransformer(nn.Module):
             span = slice(pos, pos + size)
             if use_kv_cache:
                 h = self.decode(cells[:, span], sets[:, span], memory, memory_sets, memory_cells,
-                                caches["decoder"], pos, caches["cross"], self._memory_end(caches))
+                                caches["decoder"], pos, caches["cross"], caches["cross"][0].end)
             else:
                 tokens = plan.tokens.repeat(reps, 1)
                 x, enc_sets, enc_cells = self._encoder_inputs(cls, tokens[:, :pos], cells[:, :pos],
@@ -192,7 +192,3 @@ class SARTransformer(nn.Module):
         return {"encoder": make(1 + self.n_tokens, len(self.encoder)),
                 "decoder": make(self.n_tokens, len(self.decoder)),
                 "cross": make(1 + self.n_tokens, len(self.decoder))}
-
-    @staticmethod
-    def _memory_end(caches):
-        return caches["cross"][0].end

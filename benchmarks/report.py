@@ -11,7 +11,7 @@ for b in data["benchmarks"]:
     groups.setdefault(b["group"], {})[who] = b["stats"]["median"] * 1e3
 print(f"machine: {data['machine_info'].get('cpu', {}).get('brand_raw', '?')}, "
       f"{data['machine_info'].get('cpu', {}).get('count', '?')} cpus; {data['datetime']}")
-print(f"| case | who | median ms | competitor / ours |\n|---|---|---|---|")
+print("| case | who | median ms | competitor / ours |\n|---|---|---|---|")
 for group, rows in groups.items():
     ours = rows.get("ours")
     for who, ms in sorted(rows.items(), key=lambda kv: kv[0] != "ours"):

@@ -111,7 +111,7 @@ def test_sar_model_obeys_the_masks():
 
 def test_randar_loads_official_key_pattern_strictly():
     m = make("randar")
-    d, h = 64, SMALL["grid_size"]
+    d = 64
     hidden = m.layers[0].feed_forward.w1.weight.shape[0]
     official = {"pos_instruct_embeddings": (1, d), "cls_embedding.embedding_table.weight": (11, d),
                 "tok_embeddings.weight": (17, d), "norm.weight": (d,), "output.weight": (17, d)}

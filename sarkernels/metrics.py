@@ -5,7 +5,6 @@ between two real sets is the floor."""
 import warnings
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from scipy import linalg
 

@@ -7,11 +7,7 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define SK_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define SK_HOST_DEVICE inline
-#endif
+#include "sarkernels/macros.h"
 
 namespace sarkernels {
 

@@ -5,6 +5,9 @@
 
 namespace sarkernels {
 
+// Element type of a kernel's floating-point operands; the one way dtypes reach kernels.
+enum class DType : int { kFloat32, kFloat64, kFloat16, kBFloat16 };
+
 // q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] with unit stride on D; sets are contiguous int64
 // [B, Lq] and [B, Lk].
 struct SetAttentionParams {

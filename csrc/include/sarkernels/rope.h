@@ -8,7 +8,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "sarkernels/mask.h"  // SK_HOST_DEVICE
+#include "sarkernels/macros.h"
 
 namespace sarkernels {
 

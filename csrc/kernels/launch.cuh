@@ -1,0 +1,43 @@
+// Launching a kernel: one plan (grid, block, dynamic shared memory) per kernel, computed by
+// a host function beside the kernel, and one launch() that runs it on the current CUDA
+// stream (nvcc) or under the SIMT executor (host compiler).
+#pragma once
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "kernels/platform.cuh"
+
+namespace sarkernels::kernels {
+
+struct LaunchPlan {
+  dim3 grid;
+  dim3 block;
+  size_t smem = 0;  // dynamic shared memory, bytes
+};
+
+template <typename... KArgs, typename... Args>
+void launch(const char* name, const LaunchPlan& plan, cudaStream_t stream,
+            void (*kernel)(KArgs...), Args&&... args) {
+  if (size_t(plan.grid.x) * plan.grid.y * plan.grid.z == 0) return;
+#if SK_EMULATED
+  (void)stream;
+  ::sarkernels::simt::launch(name, plan.grid, plan.block, plan.smem, kernel,
+                             std::forward<Args>(args)...);
+#else
+  auto check = [name](cudaError_t e) {
+    if (e != cudaSuccess) {
+      throw std::runtime_error(std::string("sarkernels: CUDA kernel ") + name +
+                               " failed to launch: " + cudaGetErrorString(e));
+    }
+  };
+  if (plan.smem > 48 * 1024) {
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(plan.smem)));
+  }
+  kernel<<<plan.grid, plan.block, plan.smem, stream>>>(std::forward<Args>(args)...);
+  check(cudaGetLastError());
+#endif
+}
+
+}  // namespace sarkernels::kernels

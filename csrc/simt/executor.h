@@ -1,0 +1,90 @@
+// The SIMT executor: runs CUDA kernels written against csrc/kernels/ on the CPU.
+//
+// A block's threads run as cooperative fibers on one OS thread; a fiber runs until it
+// reaches a barrier, a warp collective or its end, then the scheduler resumes the next one
+// in the schedule's order. Errors (a barrier or collective that cannot complete, an
+// unaligned 16-byte access, a collective called differently by lanes of one mask) stop the
+// launch and are thrown from launch() as SimtError naming the kernel, block and thread.
+// Torch-free; kernels never include this directly (csrc/kernels/primitives.cuh does).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <type_traits>
+
+namespace sarkernels::simt {
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+struct SimtError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// The identity of the running fiber (valid inside a kernel only).
+struct ThreadInfo {
+  dim3 thread_idx, block_idx, block_dim, grid_dim;
+};
+const ThreadInfo& self();
+
+// The block's dynamic shared memory, filled with NaN bytes (0xff) at block start.
+unsigned char* shared_memory();
+
+// __syncthreads: completes when every live thread of the block has arrived at the same
+// call site (file:line, named in errors).
+void sync_threads(const char* file, int line);
+
+// A warp-level collective. Every lane of `mask` calls it with the same `name` and `fn`,
+// its own input bytes and an output buffer. When the last lane arrives, fn runs once with
+// every participating lane's pointers (nullptr for lanes outside `mask`); then all resume.
+using CollectiveFn = void (*)(const void* const* ins, void* const* outs, unsigned mask);
+void warp_collective(const char* name, unsigned mask, const void* in, void* out,
+                     CollectiveFn fn);
+
+// cp.async: the 16-byte copy is queued and lands at cp_async_wait(n) once at most n newer
+// groups are pending (zero_fill writes zeros instead of reading src).
+void cp_async16(void* dst, const void* src, bool zero_fill);
+void cp_async_commit();
+void cp_async_wait(int pending);
+
+// Report a misaligned 16-byte access (it faults on the GPU), and an address outside the
+// block's shared memory where the instruction needs shared memory (ldmatrix, cp.async).
+void check_aligned16(const void* p, const char* what);
+void check_shared(const void* p, size_t bytes, const char* what);
+
+// Stops the launch with an error naming the kernel, block and thread.
+[[noreturn]] void fail(const std::string& what);
+
+enum class Schedule { kForward, kReverse, kRandom };
+struct Options {
+  Schedule schedule = Schedule::kForward;
+  uint64_t seed = 0;     // for kRandom
+  int threads = 1;       // OS threads running blocks
+};
+Options options();
+void set_options(const Options& o);
+
+// Runs every block of the grid; body(thread) is called once per thread (fiber).
+void run_grid(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes,
+              void (*body)(const void* ctx), const void* ctx);
+
+template <typename... KArgs, typename... Args>
+void launch(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes,
+            void (*fn)(KArgs...), Args&&... args) {
+  struct Ctx {
+    void (*fn)(KArgs...);
+    std::tuple<std::decay_t<KArgs>...> args;
+  } ctx{fn, {std::forward<Args>(args)...}};
+  run_grid(kernel, grid, block, shared_bytes,
+           [](const void* c) {
+             const Ctx& x = *static_cast<const Ctx*>(c);
+             std::apply(x.fn, x.args);  // each thread gets its own copy of the by-value args
+           },
+           &ctx);
+}
+
+}  // namespace sarkernels::simt

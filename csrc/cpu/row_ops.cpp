@@ -50,16 +50,21 @@ void mask_row(double* row, const int64_t* k_sets, int64_t n, int64_t limit) {
   mask_row_impl(row, k_sets, n, limit);
 }
 
+// A NaN anywhere makes the max NaN: a row of NaN scores must not look empty (max -inf).
 SK_CLONES float row_max(const float* row, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t c = 0; c < n; ++c) m = row[c] > m ? row[c] : m;
-  return m;
+  int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+  for (int64_t c = 0; c < n; ++c) {
+    m = row[c] > m ? row[c] : m;
+    nan |= row[c] != row[c];
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
 double row_max(const double* row, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
-  for (int64_t c = 0; c < n; ++c) m = std::max(m, row[c]);
+  for (int64_t c = 0; c < n; ++c) m = row[c] > m || row[c] != row[c] ? row[c] : m;
   return m;
 }
 

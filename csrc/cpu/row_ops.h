@@ -14,6 +14,7 @@ namespace sarkernels::cpu {
 void mask_row(float* row, const int64_t* k_sets, int64_t n, int64_t limit);
 void mask_row(double* row, const int64_t* k_sets, int64_t n, int64_t limit);
 
+// NaN if any element is NaN.
 float row_max(const float* row, int64_t n);
 double row_max(const double* row, int64_t n);
 

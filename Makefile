@@ -1,5 +1,5 @@
 # make demo   fresh machine -> .venv, pinned torch, build, then the main job (demo_out/)
-# make test   fresh machine -> .venv, pinned torch, build, CUDA compile check, pytest
+# make test   fresh machine -> .venv, pinned torch, build (with _simt), CUDA compile check, pytest
 # make bench  CPU microbenchmarks with ratios (benchmarks/RESULTS.md records them)
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
@@ -27,6 +27,8 @@ cuda-check: $(STAMP)
 		cmake --build build/cuda-check --target cuda_compile_check; \
 	else echo "nvcc not found: CUDA compile check skipped"; fi
 
+# the tests also run the CUDA kernels on the CPU: build sarkernels._simt too
+test: export SARKERNELS_SIMT = 1
 test: build cuda-check
 	$(PY) -m pytest python_tests -q
 

@@ -30,9 +30,9 @@ struct KernelOps {
                                                           const at::Tensor& k_sets, bool strict,
                                                           double scale) {
     const typename Target::Guard guard(q.device());
-    TORCH_CHECK(q.dim() == 4 && q.size(3) >= 1 && q.size(3) <= 256,
-                "set_attention: the decode kernel takes head dims 1..256, got q ", q.sizes());
     AttentionInputs in = attention_inputs(q, k, v, q_sets, k_sets, strict, scale, q.scalar_type());
+    TORCH_CHECK(in.p.head_dim <= 256, "set_attention: the decode kernel takes head dims up to "
+                "256, got q ", q.sizes());
     DecodeWorkspace w = kernels::decode_splits(in.p);
     const int64_t out_elems = w.num_splits * in.p.batch * in.p.heads_q * in.p.len_q * in.p.head_dim;
     at::Tensor ws = at::empty({kernels::decode_workspace_elems(in.p, w)}, in.lse.options());

@@ -124,7 +124,7 @@ def test_decode_attention_every_head_dim(d):
 def test_decode_attention_refuses_head_dims_above_256():
     q = torch.randn(1, 1, 2, 264)
     sets = torch.zeros(1, 2, dtype=torch.long)
-    with pytest.raises(RuntimeError, match="head dims 1..256"):
+    with pytest.raises(RuntimeError, match="head dims up to 256"):
         torch.ops.sarkernels_simt.set_attention(q, q, q, sets, sets, False, 1.0)
 
 

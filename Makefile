@@ -21,9 +21,9 @@ build: $(STAMP)
 	$(PY) -m pip install -q --no-build-isolation -e .
 	$(PY) -m sarkernels info
 
-cuda-check:
+cuda-check: $(STAMP)
 	@if command -v nvcc >/dev/null 2>&1; then \
-		cmake -S . -B build/cuda-check >/dev/null && \
+		cmake -S . -B build/cuda-check -DPython3_EXECUTABLE=$(abspath $(PY)) >/dev/null && \
 		cmake --build build/cuda-check --target cuda_compile_check; \
 	else echo "nvcc not found: CUDA compile check skipped"; fi
 

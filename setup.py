@@ -32,7 +32,7 @@ def want_cuda():
 
 def extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = ["csrc/ops.cpp"] + rel("csrc/cpu/*.cpp")
+    sources = ["csrc/ops.cpp", "csrc/tensor_params.cpp"] + rel("csrc/cpu/*.cpp")
     macros = [("SARKERNELS_TORCH_VERSION", f'"{torch.__version__}"')]
     common = dict(include_dirs=[os.path.join(ROOT, "csrc/include"), os.path.join(ROOT, "csrc")],
                   extra_link_args=["-fopenmp"])

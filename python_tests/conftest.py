@@ -12,9 +12,11 @@ settings.register_profile("dev", max_examples=15, **_shared)
 settings.load_profile("ci")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-HAS_KERNELS = "cpu" in ops.kernel_devices()
-# Every test that takes `backend` runs on the compiled CPU kernels and on the reference.
-BACKENDS = ["kernels", "reference"] if HAS_KERNELS else ["reference"]
+HAS_KERNELS = ops.backends()["cpu"]["usable"]
+HAS_SIMT = ops.backends()["simt"]["usable"]
+# Every test that takes `backend` runs on the compiled CPU kernels, the CUDA kernels under
+# the SIMT executor (where built) and the reference.
+BACKENDS = ["kernels"] * HAS_KERNELS + ["simt"] * HAS_SIMT + ["reference"]
 
 
 def pytest_collection_modifyitems(config, items):

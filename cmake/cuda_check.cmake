@@ -1,0 +1,35 @@
+# One source of the CUDA compile check: nvcc compiles SRC to OBJ (never linked), ptxas
+# resource usage goes to LOG, one summary line is printed, and any register spill fails.
+# Run as: cmake -DNVCC=... -DSRC=... -DOBJ=... -DLOG=... -DFLAGS="a;b;..." -P cuda_check.cmake
+execute_process(COMMAND ${NVCC} -c ${SRC} -o ${OBJ} ${FLAGS} -Xptxas=-v
+                RESULT_VARIABLE rc OUTPUT_FILE ${LOG} ERROR_FILE ${LOG})
+file(STRINGS ${LOG} lines)
+set(entries 0)
+set(max_regs 0)
+set(spills "")
+set(entry "")
+foreach(line IN LISTS lines)
+  if(line MATCHES "Compiling entry function '([^']*)' for '([^']*)'")
+    math(EXPR entries "${entries} + 1")
+    set(entry "${CMAKE_MATCH_1} (${CMAKE_MATCH_2})")
+  elseif(line MATCHES "Used ([0-9]+) registers")
+    if(CMAKE_MATCH_1 GREATER max_regs)
+      set(max_regs ${CMAKE_MATCH_1})
+    endif()
+  elseif(line MATCHES "([0-9]+) bytes spill stores, ([0-9]+) bytes spill loads" AND
+         NOT (CMAKE_MATCH_1 EQUAL 0 AND CMAKE_MATCH_2 EQUAL 0))
+    list(APPEND spills "${entry}: ${line}")
+  endif()
+endforeach()
+get_filename_component(name ${SRC} NAME)
+if(NOT rc EQUAL 0)
+  file(READ ${LOG} text)
+  message(FATAL_ERROR "nvcc failed on ${name}:\n${text}")
+endif()
+list(LENGTH spills n_spills)
+message(STATUS "${name}: ${entries} entries, max ${max_regs} registers, ${n_spills} with spills "
+               "(ptxas log: ${LOG})")
+if(n_spills GREATER 0)
+  string(REPLACE ";" "\n" spills "${spills}")
+  message(FATAL_ERROR "register spills in ${name}:\n${spills}")
+endif()

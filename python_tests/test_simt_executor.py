@@ -15,7 +15,11 @@ import torch
 
 simt = pytest.importorskip("sarkernels._simt", reason="built only with SARKERNELS_SIMT=1")
 pytestmark = pytest.mark.asan
-ASAN = simt.build_info["asan"]
+# `make simt-asan` sets SARKERNELS_SIMT=asan: there the ASan tests must run (and fail if the
+# module loaded is not the ASan build); elsewhere they need that build.
+needs_asan = pytest.mark.skipif(
+    not simt.build_info["asan"] and os.environ.get("SARKERNELS_SIMT") != "asan",
+    reason="needs the AddressSanitizer build of _simt (make simt-asan)")
 
 SCHEDULES = [("forward", 0), ("reverse", 0), ("random", 1), ("random", 2)]
 HALF_TYPES = [torch.bfloat16, torch.float16]
@@ -305,21 +309,24 @@ def test_bad_options_are_rejected():
 
 
 # ---------------------------------------------------------------- AddressSanitizer
-# ASan aborts the process at the first error: each planted access runs in a subprocess
-# with this process's environment (LD_PRELOAD of libasan, PYTHONPATH of the ASan build).
+# ASan aborts the process at the first error: each planted access runs in a subprocess with
+# this process's environment (LD_PRELOAD of libasan) and package, away from the working
+# directory (which may hold another build of the package).
 
-def run_planted(code):
+def run_planted(code, tmp_path):
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(simt.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-c", "import torch, sarkernels._simt as s; " + code],
-                          capture_output=True, text=True, env=dict(os.environ), timeout=600)
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
 
 
-@pytest.mark.skipif(not ASAN, reason="needs the AddressSanitizer build of _simt (make simt-asan)")
-def test_asan_reports_an_out_of_bounds_global_write():
-    r = run_planted("s.oob_write(torch.zeros(10))")
+@needs_asan
+def test_asan_reports_an_out_of_bounds_global_write(tmp_path):
+    r = run_planted("s.oob_write(torch.zeros(10))", tmp_path)
     assert r.returncode != 0 and "AddressSanitizer: heap-buffer-overflow" in r.stderr, r.stderr[-3000:]
 
 
-@pytest.mark.skipif(not ASAN, reason="needs the AddressSanitizer build of _simt (make simt-asan)")
-def test_asan_reports_a_shared_memory_overflow():
-    r = run_planted("s.shared_overflow()")
+@needs_asan
+def test_asan_reports_a_shared_memory_overflow(tmp_path):
+    r = run_planted("s.shared_overflow()", tmp_path)
     assert r.returncode != 0 and "AddressSanitizer: use-after-poison" in r.stderr, r.stderr[-3000:]

@@ -41,9 +41,10 @@ void sync_threads(const char* file, int line);
 // A warp-level collective. Every lane of `mask` calls it with the same `name` and `fn`,
 // its own input bytes and an output buffer. When the last lane arrives, fn runs once with
 // every participating lane's pointers (nullptr for lanes outside `mask`); then all resume.
+// file:line, the kernel's call site, only serves error messages.
 using CollectiveFn = void (*)(const void* const* ins, void* const* outs, unsigned mask);
 void warp_collective(const char* name, unsigned mask, const void* in, void* out,
-                     CollectiveFn fn);
+                     CollectiveFn fn, const char* file = nullptr, int line = 0);
 
 // cp.async: the 16-byte copy is queued and lands at cp_async_wait(n) once at most n newer
 // groups are pending (zero_fill writes zeros instead of reading src).

@@ -1,10 +1,19 @@
 // The SIMT executor: runs CUDA kernels written against csrc/kernels/ on the CPU.
 //
 // A block's threads run as cooperative fibers on one OS thread; a fiber runs until it
-// reaches a barrier, a warp collective or its end, then the scheduler resumes the next one
-// in the schedule's order. Errors (a barrier or collective that cannot complete, an
-// unaligned 16-byte access, a collective called differently by lanes of one mask) stop the
-// launch and are thrown from launch() as SimtError naming the kernel, block and thread.
+// reaches a barrier, a warp collective or its end, then the runnable fiber first in the
+// schedule's order runs: thread ranks ascending (forward), descending (reverse) or in a
+// seeded random permutation drawn per block and redrawn at each __syncthreads (random).
+// So between two synchronisation points threads run one after another in that order, and a
+// read of shared memory another thread writes without a barrier in between gives different
+// results under different schedules. Results are deterministic for a schedule and seed,
+// whatever the number of OS threads (but for the order of atomics between blocks).
+// Errors (a barrier or collective that cannot complete, a collective whose mask names an
+// exited or nonexistent lane, lanes of one mask calling different collectives, an
+// unaligned 16-byte access) stop the launch and are thrown from launch() as SimtError
+// naming the kernel, block and thread (the lowest-numbered failing block's, also when blocks
+// run on several OS threads). A block with no runnable thread left is reported as a deadlock
+// listing where every thread waits.
 // Torch-free; kernels never include this directly (csrc/kernels/primitives.cuh does).
 #pragma once
 #include <cstddef>

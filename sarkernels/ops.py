@@ -100,7 +100,10 @@ def build_info():
 @contextlib.contextmanager
 def use_backend(name):
     """Within the block (this thread or task only), run every op with ``name``: one of
-    ``"auto"``, ``"kernels"``, ``"reference"`` or ``"simt"`` (see the module docstring)."""
+    ``"auto"``, ``"kernels"``, ``"reference"`` or ``"simt"`` (see the module docstring).
+
+    A ``torch.compile``d graph keeps the backend it was traced under; call
+    ``torch.compiler.reset()`` before compiling under another one."""
     if name not in BACKENDS:
         raise ValueError(f"use_backend: name must be one of {', '.join(map(repr, BACKENDS))}, "
                          f"got {name!r}")

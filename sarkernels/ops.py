@@ -26,7 +26,7 @@ from . import reference
 from .rope import grid_shape, rope_2d
 
 __all__ = ["set_attention", "kv_cache_append", "interleave_position_instructions", "rope_2d",
-           "use_backend", "backends", "build_info"]
+           "use_backend", "current_backend", "backends", "build_info"]
 
 
 def _load(name):
@@ -112,6 +112,11 @@ def use_backend(name):
         yield
     finally:
         _backend.reset(token)
+
+
+def current_backend():
+    """The backend :func:`use_backend` selected in this thread/task (``"auto"`` outside)."""
+    return _backend.get()
 
 
 # Dynamo cannot trace ContextVar.get: a compiled graph takes the backend current when it
@@ -265,8 +270,9 @@ def kv_cache_append(k_cache, v_cache, k, v, slots, *, check=True):
 
     ``check``: on CUDA tensors, reading the kernel's error flag costs a device-to-host copy
     (a sync); ``check=False``, and any call while a CUDA graph is being captured, skips it:
-    a bad slot then writes nothing but raises nothing. On CPU (every backend) the check is
-    free and always made.
+    a bad slot then writes nothing but raises nothing. The compiled CPU and simt kernels
+    check for free, always; the reference backend checks only with ``check=True`` (the
+    check reads values on the host).
     """
     fn = "kv_cache_append"
     _check_float(fn, "k_cache", k_cache)
@@ -294,7 +300,7 @@ def kv_cache_append(k_cache, v_cache, k, v, slots, *, check=True):
     if ops is not None:
         ops.kv_cache_append(k_cache, v_cache, k, v, slots, check)
     else:
-        reference.kv_cache_append(k_cache, v_cache, k, v, slots)
+        reference.kv_cache_append(k_cache, v_cache, k, v, slots, check)
 
 
 # ---------------------------------------------------------------- interleave
@@ -359,7 +365,7 @@ def interleave_position_instructions(tokens, positions, instruction, *, num_head
             tokens, positions, instruction, prefix, num_heads, grid[0], grid[1],
             float(rope_base), merge, check)
     return reference.interleave_position_instructions(
-        tokens, positions, instruction, num_heads, grid_size, rope_base, prefix, merge)
+        tokens, positions, instruction, num_heads, grid_size, rope_base, prefix, merge, check)
 
 
 # ---------------------------------------------------------------- registration

@@ -199,7 +199,7 @@ class Generation:
     def _session(self, batch, reps, use_kv_cache, sampling, graphs, compile):
         w = self.output.weight  # graphs hold the kernels of the ops backend they captured
         key = (batch, reps, use_kv_cache, sampling, graphs, compile, w.device, w.dtype,
-               ops._backend["name"])
+               ops.current_backend())
         cached = getattr(self, "_generation_session", None)
         if cached is not None and cached[0] == key:
             return cached[1]

@@ -30,7 +30,7 @@ class RandARTransformer(DecoderOnly):
         x = self.token_dropout(self.tok_embeddings(tokens.gather(1, order)))
         seq = ops.interleave_position_instructions(
             x, order, self.pos_instruct_embeddings[0].to(x.dtype), num_heads=self.n_head,
-            grid_size=self.grid_size, prefix=self.cls_embedding(labels).to(x.dtype))
+            grid_size=self.grid_size, prefix=self.cls_embedding(labels).to(x.dtype), check=False)
         h = self.trunk(seq, self._cells_with_class(order.repeat_interleave(2, 1)))
         return self.output(h[:, 1::2])
 
@@ -54,7 +54,7 @@ class RandARTransformer(DecoderOnly):
     def _instructions(self, cells):
         b, length = cells.shape
         heads = self.pos_instruct_embeddings.view(1, self.n_head, 1, -1).expand(b, -1, length, -1)
-        return ops.rope_2d(heads, cells, self.grid_size).transpose(1, 2).flatten(2)
+        return ops.rope_2d(heads, cells, self.grid_size, check=False).transpose(1, 2).flatten(2)
 
     def _slots(self, start, decoded, n):
         """Slots ``start ..`` of the committed layout up to ``decoded`` tokens (slot 0 the

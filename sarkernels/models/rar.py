@@ -28,7 +28,7 @@ class RARTransformer(DecoderOnly):
         x = self.token_dropout(self.tok_embeddings(tokens.gather(1, order)))
         seq = ops.interleave_position_instructions(
             x, order, self.target_aware.to(x.dtype), prefix=self.cls_embedding(labels).to(x.dtype),
-            merge=True)
+            merge=True, check=False)
         h = self.trunk(seq, self._cells_with_class(order))
         return self.output(h[:, :-1])
 

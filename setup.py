@@ -3,6 +3,10 @@
 SARKERNELS_CUDA=0|1 forces the CUDA decision (1 fails loudly if it cannot be honoured).
 The decision never looks at torch.cuda.is_available(): GPU build hosts often have no GPU.
 TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0a"; MAX_JOBS limits parallel compilation.
+
+SARKERNELS_SIMT=1 also builds sarkernels._simt: the CUDA kernels compiled for the CPU under
+the SIMT executor (csrc/simt/), for tests. SARKERNELS_SIMT=asan builds only _simt, with
+AddressSanitizer (`make simt-asan` puts it beside a copy of the package and its _C).
 """
 import glob
 import os
@@ -42,6 +46,26 @@ def extension():
                          extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}, **common)
 
 
+def simt_extension(asan):
+    sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc/simt/*.cpp")))
+    # hidden: the emulated kernels' symbols must never interpose with _C's
+    cxx = ["-std=c++20", "-fvisibility=hidden"]
+    cxx += ["-fsanitize=address", "-fno-omit-frame-pointer", "-O1"] if asan else ["-O2"]
+    return CppExtension("sarkernels._simt", sources,
+                        include_dirs=[os.path.join(ROOT, "csrc/include"), os.path.join(ROOT, "csrc")],
+                        extra_compile_args={"cxx": cxx},
+                        extra_link_args=["-fsanitize=address"] if asan else [])
+
+
+def extensions():
+    simt = os.environ.get("SARKERNELS_SIMT", "0")
+    if simt not in ("0", "1", "asan"):
+        raise RuntimeError(f"SARKERNELS_SIMT must be 0, 1 or asan, got {simt!r}")
+    if simt == "asan":
+        return [simt_extension(asan=True)]
+    return [extension()] + ([simt_extension(asan=False)] if simt == "1" else [])
+
+
 setup(
     name="sarkernels",
     version="0.1.0",
@@ -52,6 +76,6 @@ setup(
     install_requires=["torch"],
     # the main job (train/sample/demo): checkpoints, progress bars, data, metrics, pictures
     extras_require={"demo": ["safetensors", "tqdm", "scikit-learn", "scipy", "pillow", "numpy"]},
-    ext_modules=[extension()],
+    ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
 )

@@ -63,9 +63,8 @@ __global__ void __launch_bounds__(kRowThreads)
   const int64_t row = int64_t(blockIdx.x) * kRowThreads + threadIdx.x;
   if (row >= p.batch * p.heads_q * p.len_q) return;
   const int64_t i = row % p.len_q, bh = row / p.len_q, b = bh / p.heads_q, h = bh % p.heads_q;
-  const int64_t at = b * p.out_batch_stride + h * p.out_head_stride + i * p.out_row_stride;
-  const T* o = static_cast<const T*>(p.out) + at;
-  const T* dout = static_cast<const T*>(g.dout) + at;
+  const T* o = static_cast<const T*>(p.out) + out_offset(p, b, h, i);
+  const T* dout = static_cast<const T*>(g.dout) + out_offset(p, b, h, i);
   Acc dot = 0;
   for (int c = 0; c < D; c += kPer) {
     const uint4 ob = load16(o + c), db = load16(dout + c);
@@ -74,7 +73,7 @@ __global__ void __launch_bounds__(kRowThreads)
     memcpy(dv, &db, 16);
     SK_UNROLL for (int j = 0; j < kPer; ++j) dot += to_float(ov[j]) * to_float(dv[j]);
   }
-  const int64_t lse_at = b * p.lse_batch_stride + h * p.lse_head_stride + i;
+  const int64_t lse_at = lse_offset(p, b, h, i);
   const Acc lse = static_cast<const Acc*>(p.lse)[lse_at];
   const bool empty = lse == Acc(-INFINITY);  // such a row's lse gradient goes nowhere
   if (g.dlse != nullptr && !empty) dot -= static_cast<const Acc*>(g.dlse)[lse_at];
@@ -104,8 +103,9 @@ struct DkdvLayout {
   static constexpr size_t kBytes = kScratch + kWarps * kFragScratch<T, BM> * sizeof(Acc);
 };
 
+// Register budget of one block per SM, as in the dQ kernel below.
 template <typename T, int D, int BN, int BM, bool kAtomicDq>
-__global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads)
+__global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads, 1)
     set_attention_dkdv_kernel(SetAttentionBwdParams g, AttentionBwdWorkspace w) {
   using Acc = acc_t<T>;
   using Lay = DkdvLayout<T, D, BN, BM, kAtomicDq>;
@@ -137,10 +137,8 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads)
     row_set[i] = r < nk ? k_sets[r] : 0;
   }
 
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + k0 * p.k_row_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + k0 * p.v_row_stride;
-  load_rows_async<Lay::kThreads, BN, D>(k_tile, k, p.k_row_stride, nk);
-  load_rows_async<Lay::kThreads, BN, D>(v_tile, v, p.v_row_stride, nk);
+  load_rows_async<Lay::kThreads, BN, D>(k_tile, k_row<T>(p, b, hk, k0), p.k_row_stride, nk);
+  load_rows_async<Lay::kThreads, BN, D>(v_tile, v_row<T>(p, b, hk, k0), p.v_row_stride, nk);
   cp_async_commit();
 
   const Acc scale = Acc(p.scale) * ExpBase<Acc>::kPerNat;
@@ -158,19 +156,16 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads)
       [&](int64_t t, int rep, int st) {
         const int64_t h = hk * group + rep, q0 = t * BM, row = first_row(t, rep);
         const int nq = queries_in(t);
-        load_rows_async<Lay::kThreads, BM, D>(
-            q_tiles + st * BM * kLd,
-            static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + q0 * p.q_row_stride,
-            p.q_row_stride, nq);
-        load_rows_async<Lay::kThreads, BM, D>(
-            dout_tiles + st * BM * kLd,
-            static_cast<const T*>(g.dout) + b * p.out_batch_stride + h * p.out_head_stride + q0 * p.out_row_stride,
-            p.out_row_stride, nq);
+        load_rows_async<Lay::kThreads, BM, D>(q_tiles + st * BM * kLd, q_row<T>(p, b, h, q0),
+                                              p.q_row_stride, nq);
+        const T* dout = static_cast<const T*>(g.dout) + out_offset(p, b, h, q0);
+        load_rows_async<Lay::kThreads, BM, D>(dout_tiles + st * BM * kLd, dout, p.out_row_stride,
+                                              nq);
         load_values<Lay::kThreads, BM>(q_set_tiles + st * BM, q_sets + q0, nq, int64_t(0));
-        load_values<Lay::kThreads, BM>(lse_tiles + st * BM, static_cast<const Acc*>(w.lse) + row, nq,
-                                       Acc(INFINITY));
-        load_values<Lay::kThreads, BM>(delta_tiles + st * BM, static_cast<const Acc*>(w.delta) + row,
-                                       nq, Acc(0));
+        const Acc* lse = static_cast<const Acc*>(w.lse) + row;
+        const Acc* delta = static_cast<const Acc*>(w.delta) + row;
+        load_values<Lay::kThreads, BM>(lse_tiles + st * BM, lse, nq, Acc(INFINITY));
+        load_values<Lay::kThreads, BM>(delta_tiles + st * BM, delta, nq, Acc(0));
       },
       [&](int64_t t, int rep, int st, IdRange queries) {
         const int nq = queries_in(t);
@@ -203,10 +198,12 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads)
           sync_threads();
           Acc* dq_rows = static_cast<Acc*>(w.dq_accum) + first_row(t, rep) * D;
           for (int slab = warp; slab < BM / 16 && 16 * slab < nq; slab += Lay::kWarps) {
-            SK_UNROLL for (int c0 = 0; c0 < D; c0 += 32) {  // 32 columns at a time: dK, dV stay live
+            // 32 columns at a time, so that dK and dV stay in registers
+            SK_UNROLL for (int c0 = 0; c0 < D; c0 += 32) {
               Frag<Acc, 32> dq;
               dq.zero();
-              gemm_smem_a<T, 32, BN, BFrom::kRowsK>(dq, ds_tile + 16 * slab * kDsLd, kDsLd, k_tile + c0, kLd);
+              gemm_smem_a<T, 32, BN, BFrom::kRowsK>(dq, ds_tile + 16 * slab * kDsLd, kDsLd,
+                                                    k_tile + c0, kLd);
               SK_UNROLL for (int n = 0; n < 4; ++n) {
                 SK_UNROLL for (int e = 0; e < 4; ++e) {
                   const int r = 16 * slab + frag_row(e);
@@ -251,7 +248,8 @@ struct DqLayout {
   static constexpr size_t kBytes = kScratch + kWarps * kFragScratch<T, BN> * sizeof(acc_t<T>);
 };
 
-// One block per SM as the register budget: the default (occupancy-driven) budget spills.
+// Register budget of one block per SM: ptxas's default (occupancy-driven) budget spills
+// at some head dims.
 template <typename T, int D, int BM, int BN>
 __global__ void __launch_bounds__(DqLayout<T, D, BM, BN>::kThreads, 1)
     set_attention_dq_kernel(SetAttentionBwdParams g, AttentionBwdWorkspace w) {
@@ -263,7 +261,8 @@ __global__ void __launch_bounds__(DqLayout<T, D, BM, BN>::kThreads, 1)
   T* const q_tile = reinterpret_cast<T*>(smem + Lay::kQ);
   T* const q_rows = q_tile + 16 * warp_id() * kLd;  // this warp's
   const T* const dout_rows = reinterpret_cast<T*>(smem + Lay::kDout) + 16 * warp_id() * kLd;
-  Acc* const scratch = reinterpret_cast<Acc*>(smem + Lay::kScratch) + warp_id() * kFragScratch<T, BN>;
+  Acc* const scratch =
+      reinterpret_cast<Acc*>(smem + Lay::kScratch) + warp_id() * kFragScratch<T, BN>;
   const QueryBlock qb = query_block<BM>(p);
   const int64_t row0 = (qb.b * p.heads_q + qb.h) * p.len_q + qb.q0;
   Acc lse[2], delta[2];
@@ -273,14 +272,11 @@ __global__ void __launch_bounds__(DqLayout<T, D, BM, BN>::kThreads, 1)
     delta[i] = r < qb.nq ? static_cast<const Acc*>(w.delta)[row0 + r] : Acc(0);
   }
 
-  load_rows_async<Lay::kThreads, BM, D>(
-      q_tile,
-      static_cast<const T*>(p.q) + qb.b * p.q_batch_stride + qb.h * p.q_head_stride + qb.q0 * p.q_row_stride,
-      p.q_row_stride, qb.nq);
-  load_rows_async<Lay::kThreads, BM, D>(
-      reinterpret_cast<T*>(smem + Lay::kDout),
-      static_cast<const T*>(g.dout) + qb.b * p.out_batch_stride + qb.h * p.out_head_stride + qb.q0 * p.out_row_stride,
-      p.out_row_stride, qb.nq);
+  const T* dout = static_cast<const T*>(g.dout) + out_offset(p, qb.b, qb.h, qb.q0);
+  load_rows_async<Lay::kThreads, BM, D>(q_tile, q_row<T>(p, qb.b, qb.h, qb.q0), p.q_row_stride,
+                                        qb.nq);
+  load_rows_async<Lay::kThreads, BM, D>(reinterpret_cast<T*>(smem + Lay::kDout), dout,
+                                        p.out_row_stride, qb.nq);
   cp_async_commit();
   Frag<Acc, D> dq;
   dq.zero();
@@ -353,7 +349,8 @@ inline void set_attention_backward(const SetAttentionBwdParams& g, const Attenti
   const char* fn = "set_attention_backward";
   check_attention_operands(fn, p, dtype);
   const size_t e = dtype_size(dtype);
-  check_rows_aligned(fn, "dout", g.dout, {p.out_batch_stride, p.out_head_stride, p.out_row_stride}, e);
+  check_rows_aligned(fn, "dout", g.dout,
+                     {p.out_batch_stride, p.out_head_stride, p.out_row_stride}, e);
   for (const void* grad : {g.dq, g.dk, g.dv}) check_rows_aligned(fn, "dq/dk/dv", grad, {}, e);
   if (deterministic != (w.dq_accum == nullptr)) {
     throw std::invalid_argument(std::string(fn) + ": the workspace must have a dQ accumulator "
@@ -364,13 +361,14 @@ inline void set_attention_backward(const SetAttentionBwdParams& g, const Attenti
     constexpr int D = decltype(dim)::value;
     constexpr int BN = BwdTiles<T, D>::kKeys, BM = BwdTiles<T, D>::kQueries;
     const int64_t rows = p.batch * p.heads_q * p.len_q;
-    launch("set_attention_bwd_prep", row_plan(rows), stream, set_attention_bwd_prep_kernel<T, D>, g, w);
+    launch("set_attention_bwd_prep", row_plan(rows), stream, set_attention_bwd_prep_kernel<T, D>,
+           g, w);
     if (deterministic) {
       launch("set_attention_dkdv", dkdv_plan<T, D, BN, BM, false>(p), stream,
              set_attention_dkdv_kernel<T, D, BN, BM, false>, g, w);
       constexpr int QM = DqTiles<T, D>::kM, QN = DqTiles<T, D>::kN;
-      launch("set_attention_dq", dq_plan<T, D, QM, QN>(p), stream, set_attention_dq_kernel<T, D, QM, QN>,
-             g, w);
+      launch("set_attention_dq", dq_plan<T, D, QM, QN>(p), stream,
+             set_attention_dq_kernel<T, D, QM, QN>, g, w);
     } else {
       launch("set_attention_dkdv", dkdv_plan<T, D, BN, BM, true>(p), stream,
              set_attention_dkdv_kernel<T, D, BN, BM, true>, g, w);

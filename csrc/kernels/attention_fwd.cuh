@@ -89,13 +89,12 @@ __global__ void __launch_bounds__(FwdLayout<T, D, BM, BN>::kThreads)
   SK_DYNAMIC_SMEM(smem);
   T* const q_tile = reinterpret_cast<T*>(smem + Lay::kQ);
   T* const q_rows = q_tile + 16 * warp_id() * kLd;  // this warp's
-  Acc* const scratch = reinterpret_cast<Acc*>(smem + Lay::kScratch) + warp_id() * kFragScratch<T, BN>;
+  Acc* const scratch =
+      reinterpret_cast<Acc*>(smem + Lay::kScratch) + warp_id() * kFragScratch<T, BN>;
   const QueryBlock qb = query_block<BM>(p);
 
-  load_rows_async<Lay::kThreads, BM, D>(
-      q_tile,
-      static_cast<const T*>(p.q) + qb.b * p.q_batch_stride + qb.h * p.q_head_stride + qb.q0 * p.q_row_stride,
-      p.q_row_stride, qb.nq);
+  load_rows_async<Lay::kThreads, BM, D>(q_tile, q_row<T>(p, qb.b, qb.h, qb.q0), p.q_row_stride,
+                                        qb.nq);
   cp_async_commit();
   Frag<Acc, D> o;
   o.zero();
@@ -111,11 +110,10 @@ __global__ void __launch_bounds__(FwdLayout<T, D, BM, BN>::kThreads)
   softmax.finish(inv, lse);
   stage_frag<T, D>(q_rows, o, inv);  // the warp's own rows: no other warp reads them
   sync_threads();
-  store_rows<Lay::kThreads, D>(
-      static_cast<T*>(p.out) + qb.b * p.out_batch_stride + qb.h * p.out_head_stride + qb.q0 * p.out_row_stride,
-      p.out_row_stride, q_tile, qb.nq);
+  store_rows<Lay::kThreads, D>(static_cast<T*>(p.out) + out_offset(p, qb.b, qb.h, qb.q0),
+                               p.out_row_stride, q_tile, qb.nq);
   if (lane_id() % 4 == 0) {
-    Acc* lse_rows = static_cast<Acc*>(p.lse) + qb.b * p.lse_batch_stride + qb.h * p.lse_head_stride + qb.q0;
+    Acc* lse_rows = static_cast<Acc*>(p.lse) + lse_offset(p, qb.b, qb.h, qb.q0);
     SK_UNROLL for (int i = 0; i < 2; ++i) {
       const int r = 16 * warp_id() + frag_row(2 * i);
       if (r < qb.nq) lse_rows[r] = lse[i];

@@ -16,6 +16,31 @@
 
 namespace sarkernels::kernels::attention {
 
+// ---------------------------------------------------------------- operand rows
+// Row i of head h in batch b of each [B, H, L, D] operand (dout shares out's strides).
+
+template <typename T>
+SK_DEVICE const T* q_row(const SetAttentionParams& p, int64_t b, int64_t h, int64_t i) {
+  return static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+         i * p.q_row_stride;
+}
+template <typename T>
+SK_DEVICE const T* k_row(const SetAttentionParams& p, int64_t b, int64_t h, int64_t i) {
+  return static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride +
+         i * p.k_row_stride;
+}
+template <typename T>
+SK_DEVICE const T* v_row(const SetAttentionParams& p, int64_t b, int64_t h, int64_t i) {
+  return static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride +
+         i * p.v_row_stride;
+}
+SK_DEVICE int64_t out_offset(const SetAttentionParams& p, int64_t b, int64_t h, int64_t i) {
+  return b * p.out_batch_stride + h * p.out_head_stride + i * p.out_row_stride;
+}
+SK_DEVICE int64_t lse_offset(const SetAttentionParams& p, int64_t b, int64_t h, int64_t i) {
+  return b * p.lse_batch_stride + h * p.lse_head_stride + i;
+}
+
 // ---------------------------------------------------------------- shared-memory tiles
 // Row-major tiles of Cols elements per row, padded by 16 bytes: the 8 row addresses of an
 // ldmatrix then fall in distinct banks for every head dim, and each row stays 16-byte
@@ -56,7 +81,8 @@ template <typename T, int Cols>
 SK_DEVICE void stage_frag(T* rows, const Frag<acc_t<T>, Cols>& f, const acc_t<T> (&factor)[2]) {
   SK_UNROLL for (int n = 0; n < Cols / 8; ++n) {
     SK_UNROLL for (int e = 0; e < 4; ++e) {
-      rows[frag_row(e) * tile_ld<T, Cols> + frag_col(n, e)] = from_float<T>(f.x[n][e] * factor[e >> 1]);
+      rows[frag_row(e) * tile_ld<T, Cols> + frag_col(n, e)] =
+          from_float<T>(f.x[n][e] * factor[e >> 1]);
     }
   }
 }
@@ -181,8 +207,9 @@ SK_DEVICE void scale_and_mask(Frag<Acc, N>& s, Acc scale, bool partial,
       s.x[n][e] *= scale;
       if (partial) {
         const int c = frag_col(n, e);
-        const bool seen = c < n_cols && (RowsAreQueries ? visible(row_set[e >> 1], col_sets[c], strict)
-                                                        : visible(col_sets[c], row_set[e >> 1], strict));
+        const int64_t row = row_set[e >> 1];
+        const bool seen = c < n_cols && (RowsAreQueries ? visible(row, col_sets[c], strict)
+                                                        : visible(col_sets[c], row, strict));
         if (!seen) s.x[n][e] = -INFINITY;
       }
     }
@@ -249,8 +276,8 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock& 
                                  const T* q_rows, KeyStages<T, D, BN> ks, Body body) {
   using Acc = acc_t<T>;
   constexpr int kLd = tile_ld<T, D>;
-  const T* k = static_cast<const T*>(p.k) + qb.b * p.k_batch_stride + qb.hk * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + qb.b * p.v_batch_stride + qb.hk * p.v_head_stride;
+  const T* k = k_row<T>(p, qb.b, qb.hk, 0);
+  const T* v = v_row<T>(p, qb.b, qb.hk, 0);
   const int64_t* k_sets = p.k_sets + qb.b * p.len_k;
   const Acc scale = Acc(p.scale) * ExpBase<Acc>::kPerNat;
   auto keys_in = [&](int64_t t) { return clamp_rows(p.len_k - t * BN, BN); };
@@ -335,7 +362,8 @@ inline void check_attention_operands(const char* fn, const SetAttentionParams& p
   check_rows_aligned(fn, "q", p.q, {p.q_batch_stride, p.q_head_stride, p.q_row_stride}, e);
   check_rows_aligned(fn, "k", p.k, {p.k_batch_stride, p.k_head_stride, p.k_row_stride}, e);
   check_rows_aligned(fn, "v", p.v, {p.v_batch_stride, p.v_head_stride, p.v_row_stride}, e);
-  check_rows_aligned(fn, "out", p.out, {p.out_batch_stride, p.out_head_stride, p.out_row_stride}, e);
+  check_rows_aligned(fn, "out", p.out,
+                     {p.out_batch_stride, p.out_head_stride, p.out_row_stride}, e);
 }
 
 // One block per tile of a flattened (tile, batch * heads) grid, tiles fastest so the

@@ -150,6 +150,29 @@ def test_positions_outside_grid(backend, pos):
         sarkernels.interleave_position_instructions(tok, torch.tensor(pos), torch.randn(12, 8))
 
 
+@pytest.mark.parametrize("pos", [[[0, 12]], [[-2, 2]], [[3, 2**40]]])
+def test_rope_2d_rejects_what_interleave_rejects(backend, pos):
+    pos = torch.tensor(pos)
+    with pytest.raises(ValueError, match=r"rope_2d: positions\[0, \d\] = -?\d+ is outside "
+                                         r"\[0, 12\) and is not CLASS_TOKEN \(-1\)"):
+        sarkernels.rope_2d(torch.randn(1, 1, 2, 8), pos, (3, 4))
+    with pytest.raises(ValueError, match=r"interleave_position_instructions: positions\[0, \d\] "
+                                         r"= -?\d+ is outside \[0, 12\)"):
+        sarkernels.interleave_position_instructions(torch.randn(1, 2, 8), pos, torch.randn(8),
+                                                    num_heads=1, grid_size=(3, 4))
+
+
+@pytest.mark.parametrize("change,match,error", [
+    (dict(positions=torch.tensor([[0.0, 1.5]])), "positions must be an integer tensor", TypeError),
+    (dict(grid_size=(0, 4)), "grid_size must be", ValueError),
+    (dict(grid_size=2.5), "grid_size must be", ValueError)])
+def test_rope_2d_bad_input_names_the_argument(change, match, error):
+    args = dict(x=torch.randn(1, 1, 2, 8), positions=torch.tensor([[0, 1]]), grid_size=(3, 4))
+    args.update(change)
+    with pytest.raises(error, match=match):
+        sarkernels.rope_2d(**args)
+
+
 def good():
     return dict(tokens=torch.randn(2, 3, 8), positions=torch.tensor([[0, 1, 2], [3, 4, 5]]),
                 instruction=torch.randn(8), num_heads=2, grid_size=(3, 4))

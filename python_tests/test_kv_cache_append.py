@@ -59,6 +59,38 @@ def test_bad_slots_write_nothing(backend, slots, match):
     assert not k_cache.any() and not v_cache.any()
 
 
+def unwritable_caches(case):
+    buf = torch.zeros(2, 1, 2, 6, 8)
+    if case == "leaf_requires_grad":
+        return buf[0].clone().requires_grad_(), buf[1]
+    if case == "leaf_v_requires_grad":
+        return buf[0], buf[1].clone().requires_grad_()
+    if case == "same_tensor":
+        return buf[0], buf[0]
+    if case == "overlapping_views":
+        flat = torch.zeros(200)
+        return flat[:96].view(1, 2, 6, 8), flat[48:144].view(1, 2, 6, 8)
+    return buf[0], buf[1]  # "halves": two disjoint views of one buffer are fine
+
+
+@pytest.mark.parametrize("case,match", [
+    ("leaf_requires_grad", "k_cache is a leaf tensor that requires grad"),
+    ("leaf_v_requires_grad", "v_cache is a leaf tensor that requires grad"),
+    ("same_tensor", "k_cache and v_cache overlap in memory"),
+    ("overlapping_views", "k_cache and v_cache overlap in memory"),
+    ("halves", None)])
+def test_caches_the_op_cannot_write(backend, case, match):
+    k_cache, v_cache = unwritable_caches(case)
+    k, v, slots = torch.ones(1, 2, 2, 8), -torch.ones(1, 2, 2, 8), torch.tensor([[1, 4]])
+    if match is None:
+        sarkernels.kv_cache_append(k_cache, v_cache, k, v, slots)
+        assert k_cache[:, :, [1, 4]].eq(1).all() and v_cache[:, :, [1, 4]].eq(-1).all()
+        return
+    with pytest.raises(ValueError, match=match):
+        sarkernels.kv_cache_append(k_cache, v_cache, k, v, slots)
+    assert not k_cache.any() and not v_cache.any()
+
+
 BAD = [
     (lambda a: dict(k=a["k"].double(), v=a["v"].double()), "k must have dtype torch.float32"),
     (lambda a: dict(k=a["k"][:, :1], v=a["v"][:, :1]), r"k must be \[B=2, H=2, n, D=8\]"),

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -139,6 +141,31 @@ def test_randar_presets_match_official_sizes():
     assert shapes["layers.23.feed_forward.w2.weight"] == (1024, 2816)
     assert shapes["cls_embedding.embedding_table.weight"] == (1001, 1024)
     assert len(shapes) == 5 + 24 * 7
+
+
+def previous_randar_sizes(n, steps):
+    """The schedule before it followed the official sampler: the cosine target from step 1."""
+    sizes, done = [], 0
+    for t in range(1, steps + 1):
+        take = min(max(min(int((1 - math.cos(math.pi / 2 * t / steps)) * n + 1), n) - done, 1),
+                   n - done)
+        if take <= 0:
+            break
+        sizes.append(take)
+        done += take
+    sizes[-1] += n - done
+    return sizes
+
+
+def test_randar_greedy_decoding_at_88_steps_is_unchanged():
+    # Official-layout weights sampled with RandAR's default 88 steps over 256 tokens decode
+    # exactly as before the schedule followed the official sampler.
+    m = make("randar", grid_size=16)
+    greedy = lambda **kw: m.generate(torch.tensor([1, 2]), top_k=1,
+                                     generator=torch.Generator().manual_seed(0), **kw)
+    assert orders.set_sizes("randar", 256, 88) == previous_randar_sizes(256, 88)
+    assert torch.equal(greedy(), greedy(schedule=previous_randar_sizes(256, 88)))
+    assert previous_randar_sizes(16, 4) != orders.set_sizes("randar", 16, 4)
 
 
 def test_randar_training_layout_matches_generation_embedding():

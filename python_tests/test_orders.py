@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -13,12 +15,37 @@ def test_sizes_are_positive_and_sum_to_n(n, data):
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
     sizes = orders.set_sizes(schedule, n, steps, gen)
     assert sum(sizes) == n and min(sizes) >= 1
-    if schedule in ("constant", "random", "cosine"):
+    if schedule in ("constant", "random", "cosine") or (schedule == "randar" and steps > 1):
         assert len(sizes) == steps
     if schedule == "ar":
         assert sizes == [1] * n
     if schedule == "constant":
         assert max(sizes) - min(sizes) <= 1
+
+
+def official_randar_sizes(n, steps):
+    """The official sampler's loop: after each step it computes the NEXT step's query count
+    from the step counter, the first query index and the current count."""
+    sizes, first, count, step = [], 0, 1, 0
+    while first < n:
+        sizes.append(count)
+        step += 1
+        target = min(int((1.0 - math.cos(math.pi / 2.0 * (step + 1) / steps)) * n + 1), n)
+        first, count = first + count, min(max(target - first - count, 1), n - first - count)
+    return sizes
+
+
+@pytest.mark.parametrize("n,steps,want", [
+    (16, 4, [1, 4, 5, 6]), (16, 6, [1, 2, 2, 3, 4, 4]),
+    (64, 16, [1, 1, 1, 2, 3, 3, 4, 4, 5, 5, 5, 6, 6, 6, 6, 6])])
+def test_randar_schedule_matches_reference_examples(n, steps, want):
+    assert orders.set_sizes("randar", n, steps) == want
+
+
+@given(n=st.integers(1, 1024), data=st.data())
+def test_randar_schedule_equals_official_sampler(n, data):
+    steps = data.draw(st.integers(1, n))
+    assert orders.set_sizes("randar", n, steps) == official_randar_sizes(n, steps)
 
 
 def test_randar_schedule_step_counts():

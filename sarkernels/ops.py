@@ -10,7 +10,7 @@ import contextlib
 import torch
 
 from . import reference
-from .rope import rope_2d
+from .rope import grid_shape, rope_2d
 
 __all__ = ["set_attention", "kv_cache_append", "interleave_position_instructions", "rope_2d",
            "use_backend", "kernel_devices"]
@@ -131,6 +131,26 @@ def _check_attention(q, k, v, q_sets, k_sets):
         raise ValueError(f"{fn}: k_sets must be [B, Lk] = [{b}, {k.shape[2]}], got {_shape(k_sets)}")
 
 
+def _extent(t):
+    """The byte range ``[start, end)`` a tensor's elements lie in."""
+    span = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (span + 1) * t.element_size()
+
+
+def _check_caches(fn, k_cache, v_cache):
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.is_leaf and t.requires_grad:
+            raise ValueError(f"{fn}: {name} is a leaf tensor that requires grad, which an "
+                             f"in-place write would corrupt; pass a cache that does not "
+                             f"require grad")
+    if torch.compiler.is_compiling() or not k_cache.numel():
+        return  # memory addresses do not exist while tracing
+    (k0, k1), (v0, v1) = _extent(k_cache), _extent(v_cache)
+    if k0 < v1 and v0 < k1:
+        raise ValueError(f"{fn}: k_cache and v_cache overlap in memory (the same tensor or "
+                         f"views of one buffer); each cache needs its own memory")
+
+
 # ---------------------------------------------------------------- set attention
 
 def set_attention(q, k, v, q_sets, k_sets, *, strict=False, scale=None, return_lse=False):
@@ -139,7 +159,10 @@ def set_attention(q, k, v, q_sets, k_sets, *, strict=False, scale=None, return_l
 
     q ``[B, Hq, Lq, D]``, k and v ``[B, Hkv, Lk, D]`` (``Hq % Hkv == 0``: GQA/MQA), set ids
     ``[B, Lq]`` and ``[B, Lk]`` of any integer dtype, in any order. ``scale`` defaults to
-    ``1/sqrt(D)``. A query with no visible key outputs zeros (lse ``-inf``, zero gradients).
+    ``1/sqrt(D)``. A query with no visible key, or whose visible logits are all ``-inf``,
+    outputs zeros (lse ``-inf``, zero gradient for its q). Otherwise a NaN or ``+inf``
+    visible logit, or a NaN/inf in the value of a key it sees, makes its whole output row
+    and its lse NaN; keys a query does not see never change its row.
     Returns ``out [B, Hq, Lq, D]`` in q's dtype, or ``(out, lse)`` with ``lse [B, Hq, Lq]``
     in float32 (float64 for float64 inputs). Differentiable in q, k, v (and through lse).
     """
@@ -159,7 +182,9 @@ def kv_cache_append(k_cache, v_cache, k, v, slots):
 
     Caches ``[B, Hkv, S, D]``, k and v ``[B, Hkv, n, D]``, slots ``[B, n]`` integer. A slot
     outside ``[0, S)`` or repeated within a row raises ValueError and nothing is written.
-    Overwriting slots written by earlier calls is allowed. Returns None.
+    Overwriting slots written by earlier calls is allowed. The caches must not be leaves
+    that require grad and must not overlap in memory (not one tensor, nor views of one
+    buffer). Returns None.
     """
     fn = "kv_cache_append"
     _check_float(fn, "k_cache", k_cache)
@@ -182,6 +207,7 @@ def kv_cache_append(k_cache, v_cache, k, v, slots):
         raise ValueError(f"{fn}: slots must be [B, n] = [{b}, {k.shape[2]}], got {_shape(slots)}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError(f"{fn}: caches must have a unit stride on their last dim")
+    _check_caches(fn, k_cache, v_cache)
     if _kernels_for(k_cache.device):
         torch.ops.sarkernels.kv_cache_append(k_cache, v_cache, k, v, slots)
     else:
@@ -223,9 +249,7 @@ def interleave_position_instructions(tokens, positions, instruction, *, num_head
         raise ValueError(f"{fn}: merge=True adds instr_0 to the last prefix row, so it needs a "
                          "prefix with at least one row")
     if grid_size is not None:
-        grid_size = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
-        if len(grid_size) != 2 or min(grid_size) < 1:
-            raise ValueError(f"{fn}: grid_size must be (H, W) of positive ints, got {grid_size}")
+        grid_size = grid_shape(fn, grid_size)
     if instruction.dim() == 2:
         if instruction.shape[1] != d:
             raise ValueError(f"{fn}: a table instruction must be [P, D={d}], got "

@@ -45,9 +45,11 @@ def set_sizes(schedule, n, steps=None, generator=None):
     - ``"cosine"``: MaskGIT's schedule: after step t, ``floor(n cos(pi/2 t/steps))`` remain.
     - ``"random"``: ``steps`` positive sizes drawn uniformly among all such splits (SAR's
       rand(N, K)).
-    - ``"randar"``: RandAR's cumulative cosine schedule: after step t, ``int((1 - cos(pi/2
-      t/steps)) n + 1)`` tokens are decoded (at least one per step); steps=88 at n=256 gives
-      88 steps, one token per step for steps 1-24.
+    - ``"randar"``: the official RandAR sampler's schedule: step 1 decodes one token; step
+      t >= 2 brings the decoded count to ``min(int((1 - cos(pi/2 t/steps)) n + 1), n)``
+      (at least one token per step). n=16, steps=4 gives [1, 4, 5, 6]; steps=88 at n=256
+      gives 88 steps, one token per step for steps 1-24. Like the official sampler,
+      steps=1 still takes two steps when n > 1.
     - a list of sizes, used as given.
     """
     if n < 1:
@@ -67,22 +69,25 @@ def set_sizes(schedule, n, steps=None, generator=None):
         cuts = torch.randperm(n - 1, generator=generator)[: k - 1].sort().values + 1
         bounds = [0, *cuts.tolist(), n]
         return [b - a for a, b in zip(bounds, bounds[1:])]
-    if schedule in ("cosine", "randar"):
+    if schedule == "cosine":
         k = _steps(steps, n, schedule)
         sizes, done = [], 0
         for t in range(1, k + 1):
-            if schedule == "cosine":
-                target = n - math.floor(n * math.cos(math.pi / 2 * t / k))
-            else:
-                target = min(int((1 - math.cos(math.pi / 2 * t / k)) * n + 1), n)
+            target = n - math.floor(n * math.cos(math.pi / 2 * t / k))
             # at least one token now, and at least one left for each later step
-            take = min(max(target - done, 1), n - done - (k - t if schedule == "cosine" else 0))
-            if take <= 0:
-                break
+            take = min(max(target - done, 1), n - done - (k - t))
             sizes.append(take)
             done += take
-        if done < n:
-            sizes[-1] += n - done
+        return sizes
+    if schedule == "randar":
+        k = _steps(steps, n, schedule)
+        sizes, done, t = [1], 1, 1
+        while done < n:
+            t += 1
+            target = min(int((1 - math.cos(math.pi / 2 * t / k)) * n + 1), n)
+            take = min(max(target - done, 1), n - done)
+            sizes.append(take)
+            done += take
         return sizes
     raise ValueError(f"schedule must be one of {SCHEDULES} or a list of sizes, got {schedule!r}")
 

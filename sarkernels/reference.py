@@ -6,7 +6,7 @@ Low-precision inputs are computed in float32; float64 stays float64.
 """
 import torch
 
-from .rope import rope_2d
+from .rope import check_positions, rope_2d
 
 
 def work_dtype(dtype):
@@ -20,7 +20,8 @@ def visible(q_sets, k_sets, strict=False):
 
 
 def set_attention(q, k, v, q_sets, k_sets, strict=False, scale=None):
-    """Returns ``(out, lse)``; rows with no visible key give zeros and ``-inf``.
+    """Returns ``(out, lse)`` under :func:`sarkernels.set_attention`'s rule for empty rows
+    and NaN/inf.
 
     lse is float32 (float64 for float64 inputs). Gradients stay finite on empty rows.
     """
@@ -29,16 +30,20 @@ def set_attention(q, k, v, q_sets, k_sets, strict=False, scale=None):
     group = q.shape[1] // k.shape[1]
     k = k.to(work).repeat_interleave(group, 1)
     v = v.to(work).repeat_interleave(group, 1)
+    # A non-finite value acts as a NaN logit for the rows that see its key. It is zeroed in
+    # v itself: the other rows would meet it as weight 0 times NaN, which is NaN.
+    poisoned = ~torch.isfinite(v).all(-1)[:, :, None, :]
+    v = v.masked_fill(poisoned.transpose(-1, -2), 0.0)
     mask = visible(q_sets, k_sets, strict)[:, None]
-    s = (q.to(work) @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    s = (q.to(work) @ k.transpose(-1, -2) * scale).masked_fill(poisoned, float("nan"))
+    s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(-1, keepdim=True).detach() if s.shape[-1] else s.new_zeros(*s.shape[:-1], 1)
-    m = torch.where(torch.isfinite(m), m, 0.0)
+    m = m.masked_fill(m == float("-inf"), 0.0)  # a NaN or +inf max keeps the row NaN
     e = torch.exp(s - m)
     denom = e.sum(-1, keepdim=True)
-    seen = denom > 0
-    denom = torch.where(seen, denom, 1.0)
-    out = (e @ v) / denom
-    lse = torch.where(seen, m + torch.log(denom), float("-inf")).squeeze(-1)
+    empty = denom == 0
+    out = (e @ v) / denom.masked_fill(empty, 1.0)
+    lse = torch.where(empty, float("-inf"), m + torch.log(denom)).squeeze(-1)
     return out.to(q.dtype), lse
 
 
@@ -69,11 +74,7 @@ def instruction_rows(positions, instruction, num_heads=None, grid_size=None, rop
     """The instruction of every token, ``[B, N, D]``: a table row, or the shared vector
     rotated by the cell's 2D RoPE (one rotation per head of ``D / num_heads``)."""
     limit = instruction.shape[0] if instruction.dim() == 2 else grid_size[0] * grid_size[1]
-    bad = (positions < 0) | (positions >= limit)
-    if bad.any():
-        b, i = bad.nonzero()[0].tolist()
-        raise ValueError(f"interleave_position_instructions: positions[{b}, {i}] = "
-                         f"{positions[b, i].item()} is outside [0, {limit})")
+    check_positions("interleave_position_instructions", positions, limit)
     if instruction.dim() == 2:
         return instruction[positions]
     batch, n = positions.shape

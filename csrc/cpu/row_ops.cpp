@@ -5,6 +5,8 @@
 #include <cstring>
 #include <limits>
 
+#include "sarkernels/mask.h"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -15,8 +17,9 @@ namespace sarkernels::cpu {
 namespace {
 
 inline float exp_nonpositive(float x) {
-  // exp underflows below -87.3; those inputs (and -inf) return exactly 0.
-  const float xc = x < -87.0f ? -87.0f : x;
+  // exp underflows below -87.3; those inputs (and -inf) return exactly 0. NaN is clamped
+  // too, so the integer conversion below stays defined, and returned unchanged.
+  const float xc = x >= -87.0f ? x : -87.0f;
   const float big = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float n = (xc * 1.44269504088896341f + big) - big;
   const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723e-06f;
@@ -30,38 +33,41 @@ inline float exp_nonpositive(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return x < -87.0f ? 0.0f : p * scale;
+  return x < -87.0f ? 0.0f : (x == x ? p * scale : x);
 }
 
 template <typename T>
-inline void mask_row_impl(T* row, const int64_t* k_sets, int64_t n, int64_t limit) {
+inline void mask_row_impl(T* row, const int64_t* k_sets, int64_t n, int64_t q_set, bool strict) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) row[j] = k_sets[j] <= limit ? row[j] : neg_inf;
+  for (int64_t j = 0; j < n; ++j) row[j] = visible(q_set, k_sets[j], strict) ? row[j] : neg_inf;
+}
+
+template <typename T>
+inline T row_max_impl(const T* row, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+  int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+  for (int64_t c = 0; c < n; ++c) {
+    m = row[c] > m ? row[c] : m;
+    nan |= row[c] != row[c];
+  }
+  return nan ? std::numeric_limits<T>::quiet_NaN() : m;
 }
 
 }  // namespace
 
-SK_CLONES void mask_row(float* row, const int64_t* k_sets, int64_t n, int64_t limit) {
-  mask_row_impl(row, k_sets, n, limit);
+SK_CLONES void mask_row(float* row, const int64_t* k_sets, int64_t n, int64_t q_set, bool strict) {
+  mask_row_impl(row, k_sets, n, q_set, strict);
 }
 
-void mask_row(double* row, const int64_t* k_sets, int64_t n, int64_t limit) {
-  mask_row_impl(row, k_sets, n, limit);
+void mask_row(double* row, const int64_t* k_sets, int64_t n, int64_t q_set, bool strict) {
+  mask_row_impl(row, k_sets, n, q_set, strict);
 }
 
-SK_CLONES float row_max(const float* row, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t c = 0; c < n; ++c) m = row[c] > m ? row[c] : m;
-  return m;
-}
+SK_CLONES float row_max(const float* row, int64_t n) { return row_max_impl(row, n); }
 
-double row_max(const double* row, int64_t n) {
-  double m = -std::numeric_limits<double>::infinity();
-  for (int64_t c = 0; c < n; ++c) m = std::max(m, row[c]);
-  return m;
-}
+double row_max(const double* row, int64_t n) { return row_max_impl(row, n); }
 
 SK_CLONES float exp_shifted(float* row, int64_t n, float shift) {
   if (shift == -std::numeric_limits<float>::infinity()) {

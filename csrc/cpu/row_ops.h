@@ -10,15 +10,16 @@
 
 namespace sarkernels::cpu {
 
-// row[j] <- -inf where k_sets[j] > limit (limit from sarkernels::visible_limit).
-void mask_row(float* row, const int64_t* k_sets, int64_t n, int64_t limit);
-void mask_row(double* row, const int64_t* k_sets, int64_t n, int64_t limit);
+// row[j] <- -inf where key j is not visible to a query of set q_set (sarkernels::visible).
+void mask_row(float* row, const int64_t* k_sets, int64_t n, int64_t q_set, bool strict);
+void mask_row(double* row, const int64_t* k_sets, int64_t n, int64_t q_set, bool strict);
 
+// The row's maximum, or NaN if the row holds a NaN (max alone would skip it).
 float row_max(const float* row, int64_t n);
 double row_max(const double* row, int64_t n);
 
-// row[c] <- exp(row[c] - shift); returns the new row's sum. exp(-inf) is exactly 0;
-// shift = -inf (an empty row) gives a zero row.
+// row[c] <- exp(row[c] - shift); returns the new row's sum. exp(-inf) is exactly 0, NaN
+// stays NaN; shift = -inf (an empty row) gives a zero row.
 float exp_shifted(float* row, int64_t n, float shift);
 double exp_shifted(double* row, int64_t n, double shift);
 

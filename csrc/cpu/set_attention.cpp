@@ -119,7 +119,39 @@ void scores(const SetAttentionParams& p, const QTilePlan& plan, int64_t b, const
   for (const Range& part : plan.partial) {
     for (int64_t i = 0; i < rows; ++i) {
       mask_row(s + i * plan.cols + part.col, ks + part.k0, part.k1 - part.k0,
-               visible_limit(qs[q0 + i], p.strict));
+               qs[q0 + i], p.strict);
+    }
+  }
+}
+
+template <typename T>
+bool all_finite(const T* x, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) {
+    if (!std::isfinite(x[c])) return false;
+  }
+  return true;
+}
+
+// One output row the GEMM cannot settle: an empty row (zero, unless a key it sees holds a
+// non-finite value) or a row whose output came out non-finite. A non-finite value in a
+// key the row sees makes the row NaN, lse too; one in a key it does not see reached the
+// row only through 0 * NaN in the GEMM, so the row is recomputed from its visible keys.
+template <typename T>
+void settle_row(const SetAttentionParams& p, const QTilePlan& plan, const T* prob, const T* v,
+                int64_t q_set, const int64_t* k_sets, T inv_sum, T* out, T* lse) {
+  const int64_t d = p.head_dim;
+  std::fill(out, out + d, T(0));
+  for (const Range& run : plan.runs) {
+    for (int64_t j = run.k0; j < run.k1; ++j) {
+      if (!visible(q_set, k_sets[j], p.strict)) continue;
+      const T* vj = v + j * p.v_row_stride;
+      if (!all_finite(vj, d)) {
+        std::fill(out, out + d, std::numeric_limits<T>::quiet_NaN());
+        *lse = std::numeric_limits<T>::quiet_NaN();
+        return;
+      }
+      const T w = prob[run.col + j - run.k0] * inv_sum;
+      for (int64_t c = 0; c < d; ++c) out[c] += w * vj[c];
     }
   }
 }
@@ -152,13 +184,15 @@ void forward(const SetAttentionParams& p) {
       plan.build(p, tiles, b, q0, q0 + rows);
       s.resize(rows * plan.cols);
       scores(p, plan, b, q, k, q0, rows, s.data());
+      // A row is empty iff its sum is exactly 0 (no visible key, or only -inf logits); a
+      // NaN or +inf logit makes the sum, and so lse, NaN.
       std::vector<T> inv_sum(rows);
       for (int64_t i = 0; i < rows; ++i) {
         T* row = s.data() + i * plan.cols;
         const T m = row_max(row, plan.cols);
         const T sum = exp_shifted(row, plan.cols, m);
-        inv_sum[i] = sum > 0 ? T(1) / sum : T(0);
-        lse[i] = sum > 0 ? m + std::log(sum) : -std::numeric_limits<T>::infinity();
+        inv_sum[i] = sum == 0 ? T(0) : T(1) / sum;
+        lse[i] = sum == 0 ? -std::numeric_limits<T>::infinity() : m + std::log(sum);
       }
       if (plan.runs.empty()) {
         for (int64_t i = 0; i < rows; ++i) {
@@ -172,8 +206,18 @@ void forward(const SetAttentionParams& p) {
                 v + run.k0 * p.v_row_stride, p.v_row_stride, r == 0 ? T(0) : T(1), out,
                 p.out_row_stride);
       }
+      const int64_t* qs = p.q_sets + b * p.len_q;
+      const int64_t* ks = p.k_sets + b * p.len_k;
       for (int64_t i = 0; i < rows; ++i) {
-        for (int64_t c = 0; c < d; ++c) out[i * p.out_row_stride + c] *= inv_sum[i];
+        T* o = out + i * p.out_row_stride;
+        if (std::isnan(lse[i])) {
+          std::fill(o, o + d, std::numeric_limits<T>::quiet_NaN());
+          continue;
+        }
+        for (int64_t c = 0; c < d; ++c) o[c] *= inv_sum[i];
+        if (inv_sum[i] == 0 || !all_finite(o, d)) {
+          settle_row(p, plan, s.data() + i * plan.cols, v, qs[q0 + i], ks, inv_sum[i], o, lse + i);
+        }
       }
     }
   });
@@ -230,7 +274,10 @@ void backward(const SetAttentionBwdParams& g) {
             if (dlse) delta -= dlse[q0 + i];
             const T* pr = s.data() + i * plan.cols;
             T* dr = ds.data() + i * plan.cols;
-            for (int64_t c = 0; c < plan.cols; ++c) dr[c] = pr[c] * (dr[c] - delta);
+            // P = 0 (a key the row does not see) gives dS = 0 even where dP is NaN.
+            for (int64_t c = 0; c < plan.cols; ++c) {
+              dr[c] = pr[c] == 0 ? T(0) : pr[c] * (dr[c] - delta);
+            }
           }
           const T scale = static_cast<T>(p.scale);
           for (const Range& run : plan.runs) {

@@ -11,14 +11,10 @@
 
 namespace sarkernels {
 
-// The largest key set id a query of set q_set sees: the rule as a threshold, so a row's
-// test is one comparison per key.
-SK_HOST_DEVICE int64_t visible_limit(int64_t q_set, bool strict) {
-  return strict ? q_set - 1 : q_set;
-}
-
+// Compared directly, never as k_set <= q_set - 1: that threshold wraps for the smallest
+// int64 id and would make every key visible to a query that must see none.
 SK_HOST_DEVICE bool visible(int64_t q_set, int64_t k_set, bool strict) {
-  return k_set <= visible_limit(q_set, strict);
+  return strict ? k_set < q_set : k_set <= q_set;
 }
 
 enum class TileKind : int { kSkip = 0, kFull = 1, kPartial = 2 };

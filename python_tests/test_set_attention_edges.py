@@ -1,0 +1,149 @@
+"""set_attention on non-finite inputs and extreme set ids: one rule on every backend.
+
+A row with no visible key (or only -inf logits) is zero with lse -inf; a NaN or +inf
+visible logit, or a non-finite value of a visible key, makes the row and its lse NaN; keys
+a row does not see never affect it.
+"""
+import pytest
+import torch
+
+import sarkernels
+from conftest import attention_inputs
+
+NAN, INF = float("nan"), float("inf")
+I64, I32 = torch.iinfo(torch.int64), torch.iinfo(torch.int32)
+
+
+def rule_oracle(q, k, v, q_sets, k_sets, strict):
+    """The rule row by row in float64, with visibility decided on Python ints."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:3], -INF, dtype=torch.float64)
+    qs, ks = q_sets.tolist(), k_sets.tolist()
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            for i in range(q.shape[2]):
+                seen = [j for j, kj in enumerate(ks[b]) if (kj < qs[b][i] if strict else kj <= qs[b][i])]
+                if not seen:
+                    continue
+                kv, vv = k[b, h // group, seen], v[b, h // group, seen]
+                logits = kv @ q[b, h, i] * q.shape[-1] ** -0.5
+                if logits.isnan().any() or logits.isposinf().any() or not vv.isfinite().all():
+                    out[b, h, i], lse[b, h, i] = NAN, NAN
+                elif (logits > -INF).any():
+                    lse[b, h, i] = logits.logsumexp(0)
+                    out[b, h, i] = (logits - lse[b, h, i]).exp() @ vv
+    return out, lse
+
+
+def inputs(dtype):
+    """Two batch rows of 40 sorted set ids; batch row 1 starts with queries that see no key."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = attention_inputs(2, 2, 1, 40, 40, 16, gen, dtype)
+    sets = torch.randint(0, 12, (2, 40), generator=gen).sort(-1).values
+    q_sets = sets.clone()
+    q_sets[1, :3] = -1
+    return q, k, v, q_sets, sets
+
+
+def corrupt(case, q, k, v):
+    """Puts a NaN or inf into q, k or v (and, for inf in k, queries of every sign)."""
+    if case == "nan_q":
+        q[0, 0, 5, 3] = NAN
+        q[1, 1, 0, 2] = NAN  # a row with no visible key
+    elif case in ("inf_k", "neg_inf_k"):
+        k[:, 0, 0, 0] = INF if case == "inf_k" else -INF
+        q[:, :, :3, 0] = -1.0  # a -inf logit (weight 0) for inf, +inf (NaN row) for -inf
+        q[:, :, 20, 0] = 0.0  # 0 * inf is NaN
+    elif case == "nan_k":
+        k[0, 0, 12, 5] = NAN
+    elif case == "nan_v":
+        v[0, 0, 12, 5] = NAN
+        v[1, 0, 30, 0] = NAN
+    elif case == "inf_v":
+        v[0, 0, 3, 1] = INF
+        v[1, 0, 39, 2] = -INF
+
+
+CASES = ["nan_q", "inf_k", "neg_inf_k", "nan_k", "nan_v", "inf_v"]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES)
+def test_non_finite_inputs_follow_the_rule(backend, case, dtype, strict):
+    q, k, v, q_sets, k_sets = inputs(dtype)
+    corrupt(case, q, k, v)
+    out, lse = sarkernels.set_attention(q, k, v, q_sets, k_sets, strict=strict, return_lse=True)
+    want_out, want_lse = rule_oracle(q, k, v, q_sets, k_sets, strict)
+    nan_rows = want_lse.isnan()
+    assert nan_rows.any() and (~nan_rows & want_lse.isfinite()).any()  # the case bites
+    assert torch.equal(lse.isnan(), nan_rows) and torch.equal(out.isnan().all(-1), nan_rows)
+    assert not out[~nan_rows].isnan().any()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(out.double(), want_out, equal_nan=True, **tol)
+    torch.testing.assert_close(lse.double(), want_lse, equal_nan=True, **tol)
+
+
+def test_all_minus_inf_logits_make_an_empty_row(backend):
+    q, k, v, q_sets, k_sets = inputs(torch.float64)
+    k_sets[0], q_sets[0, 0] = torch.arange(40), 0  # query 0 sees key 0 alone
+    k[0, 0, 0, 0], q[0, :, 0, 0] = INF, -1.0
+    out, lse = sarkernels.set_attention(q, k, v, q_sets, k_sets, return_lse=True)
+    assert torch.equal(out[0, :, 0], torch.zeros_like(out[0, :, 0]))
+    assert lse[0, :, 0].isneginf().all()
+
+
+def test_a_non_finite_value_reaches_only_rows_that_see_it(backend):
+    q, k, v, q_sets, k_sets = inputs(torch.float64)
+    sees = k_sets[:, None, :] <= q_sets[:, :, None]  # [B, Lq, Lk]
+    blind = ~sees[0, :, 12]  # batch row 0's queries that do not see key 12
+    clean = [t.clone().requires_grad_() for t in (q, k, v)]
+    corrupt("nan_v", q, k, v)  # poisons key 12 of batch row 0 and key 30 of batch row 1
+    dirty = [t.clone().requires_grad_() for t in (q, k, v)]
+    results = []
+    for q_, k_, v_ in (clean, dirty):
+        out = sarkernels.set_attention(q_, k_, v_, q_sets, k_sets)
+        dq, = torch.autograd.grad(out[0, :, blind].sum(), q_)
+        results.append((out[0, :, blind], dq[0, :, blind]))
+    assert blind.any() and not blind.all()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    out = sarkernels.set_attention(*dirty, q_sets, k_sets)
+    empty = ~sees[1].any(-1)
+    assert empty.any() and torch.equal(out[1, :, empty], torch.zeros_like(out[1, :, empty]))
+
+
+def test_empty_row_with_nan_query_has_zero_gradient(backend):
+    q, k, v, q_sets, k_sets = inputs(torch.float64)
+    q[1, :, 0] = NAN  # batch row 1's first queries see no key
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = sarkernels.set_attention(q, k, v, q_sets, k_sets)
+    dq, = torch.autograd.grad(out[1].sum(), q)
+    assert torch.equal(dq[1, :, :3], torch.zeros_like(dq[1, :, :3]))
+    assert dq[1, :, 3:].isfinite().all()
+
+
+EXTREME = {torch.int64: [I64.min, I64.min + 1, -1, 0, 1, I64.max - 1, I64.max],
+           torch.int32: [I32.min, I32.min + 1, -1, 0, 1, I32.max - 1, I32.max]}
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("sort", [False, True])
+def test_extreme_set_ids(backend, id_dtype, strict, sort):
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = attention_inputs(2, 2, 2, 21, 35, 8, gen)
+    values = torch.tensor(EXTREME[id_dtype], dtype=id_dtype)
+    q_sets = values[torch.arange(21) % len(values)].expand(2, 21).clone()
+    k_sets = values[torch.randint(0, len(values), (2, 35), generator=gen)]
+    if sort:
+        q_sets, k_sets = q_sets.sort(-1).values, k_sets.sort(-1).values
+    out, lse = sarkernels.set_attention(q, k, v, q_sets, k_sets, strict=strict, return_lse=True)
+    want_out, want_lse = rule_oracle(q, k, v, q_sets, k_sets, strict)
+    torch.testing.assert_close(out, want_out, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse, want_lse, atol=1e-12, rtol=1e-12)
+    if strict:  # the smallest id sees nothing (q_set - 1 would wrap and show every key)
+        smallest = q_sets[0] == values[0]
+        assert smallest.any() and lse[:, :, smallest].isneginf().all()

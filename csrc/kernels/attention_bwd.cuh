@@ -44,17 +44,21 @@ SK_DEVICE void recompute_probs(Frag<Acc, N>& s, LseFn lse) {
   }
 }
 
-// dp <- dS = P * (dP - delta), with delta(n, e) that of fragment element (n, e).
+// dp <- dS = P * (dP - delta), with delta(n, e) that of fragment element (n, e). P = 0 (a
+// key the row does not see) gives 0 even where a non-finite value made dP NaN.
 template <typename Acc, int N, typename DeltaFn>
 SK_DEVICE void score_grads(Frag<Acc, N>& dp, const Frag<Acc, N>& prob, DeltaFn delta) {
   SK_UNROLL for (int n = 0; n < N / 8; ++n) {
-    SK_UNROLL for (int e = 0; e < 4; ++e) dp.x[n][e] = prob.x[n][e] * (dp.x[n][e] - delta(n, e));
+    SK_UNROLL for (int e = 0; e < 4; ++e) {
+      const Acc pr = prob.x[n][e];
+      dp.x[n][e] = pr == Acc(0) ? Acc(0) : pr * (dp.x[n][e] - delta(n, e));
+    }
   }
 }
 
 // ---------------------------------------------------------------- 1. prep
 
-template <typename T, int D>
+template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
     set_attention_bwd_prep_kernel(SetAttentionBwdParams g, AttentionBwdWorkspace w) {
   using Acc = acc_t<T>;
@@ -66,7 +70,7 @@ __global__ void __launch_bounds__(kRowThreads)
   const T* o = static_cast<const T*>(p.out) + out_offset(p, b, h, i);
   const T* dout = static_cast<const T*>(g.dout) + out_offset(p, b, h, i);
   Acc dot = 0;
-  for (int c = 0; c < D; c += kPer) {
+  for (int c = 0; c < p.head_dim; c += kPer) {
     const uint4 ob = load16(o + c), db = load16(dout + c);
     T ov[kPer], dv[kPer];
     memcpy(ov, &ob, 16);
@@ -80,8 +84,8 @@ __global__ void __launch_bounds__(kRowThreads)
   static_cast<Acc*>(w.delta)[row] = dot;
   static_cast<Acc*>(w.lse)[row] = empty ? Acc(INFINITY) : lse * ExpBase<Acc>::kPerNat;
   if (w.dq_accum != nullptr) {
-    Acc* acc = static_cast<Acc*>(w.dq_accum) + row * D;
-    for (int c = 0; c < D; c += 16 / int(sizeof(Acc))) store16(acc + c, uint4{0, 0, 0, 0});
+    Acc* acc = static_cast<Acc*>(w.dq_accum) + row * p.head_dim;
+    for (int c = 0; c < p.head_dim; c += 16 / int(sizeof(Acc))) store16(acc + c, uint4{0, 0, 0, 0});
   }
 }
 
@@ -137,8 +141,9 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
     row_set[i] = r < nk ? k_sets[r] : 0;
   }
 
-  load_rows_async<Lay::kThreads, BN, D>(k_tile, k_row<T>(p, b, hk, k0), p.k_row_stride, nk);
-  load_rows_async<Lay::kThreads, BN, D>(v_tile, v_row<T>(p, b, hk, k0), p.v_row_stride, nk);
+  const int dim = int(p.head_dim);
+  load_rows_async<Lay::kThreads, BN, D>(k_tile, k_row<T>(p, b, hk, k0), p.k_row_stride, nk, dim);
+  load_rows_async<Lay::kThreads, BN, D>(v_tile, v_row<T>(p, b, hk, k0), p.v_row_stride, nk, dim);
   cp_async_commit();
 
   const Acc scale = Acc(p.scale) * ExpBase<Acc>::kPerNat;
@@ -157,16 +162,17 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
         const int64_t h = hk * group + rep, q0 = t * BM, row = first_row(t, rep);
         const int nq = queries_in(t);
         load_rows_async<Lay::kThreads, BM, D>(q_tiles + st * BM * kLd, q_row<T>(p, b, h, q0),
-                                              p.q_row_stride, nq);
+                                              p.q_row_stride, nq, dim);
         const T* dout = static_cast<const T*>(g.dout) + out_offset(p, b, h, q0);
         load_rows_async<Lay::kThreads, BM, D>(dout_tiles + st * BM * kLd, dout, p.out_row_stride,
-                                              nq);
+                                              nq, dim);
         load_values<Lay::kThreads, BM>(q_set_tiles + st * BM, q_sets + q0, nq, int64_t(0));
         const Acc* lse = static_cast<const Acc*>(w.lse) + row;
         const Acc* delta = static_cast<const Acc*>(w.delta) + row;
         load_values<Lay::kThreads, BM>(lse_tiles + st * BM, lse, nq, Acc(INFINITY));
         load_values<Lay::kThreads, BM>(delta_tiles + st * BM, delta, nq, Acc(0));
       },
+      [](int) {},
       [&](int64_t t, int rep, int st, IdRange queries) {
         const int nq = queries_in(t);
         const T* q_tile = q_tiles + st * BM * kLd;
@@ -181,7 +187,7 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
           prob.zero();
           gemm_smem_a<T, BM, D, BFrom::kRowsN>(prob, k_tile + 16 * warp * kLd, kLd, q_tile, kLd);
           scale_and_mask<false>(prob, scale, kind == TileKind::kPartial, row_set,
-                                q_set_tiles + st * BM, nq, p.strict);
+                                q_set_tiles + st * BM, nq, p.strict, nullptr);
           recompute_probs(prob, [&](int n, int e) { return lse[frag_col(n, e)]; });
           gemm_smem_a<T, BM, D, BFrom::kRowsN>(ds, v_tile + 16 * warp * kLd, kLd, dout_tile, kLd);
           gemm_frag_a<T, D, BM, BFrom::kRowsK>(dv, prob, scratch, dout_tile, kLd);
@@ -196,10 +202,10 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
             }
           }
           sync_threads();
-          Acc* dq_rows = static_cast<Acc*>(w.dq_accum) + first_row(t, rep) * D;
+          Acc* dq_rows = static_cast<Acc*>(w.dq_accum) + first_row(t, rep) * dim;
           for (int slab = warp; slab < BM / 16 && 16 * slab < nq; slab += Lay::kWarps) {
             // 32 columns at a time, so that dK and dV stay in registers
-            SK_UNROLL for (int c0 = 0; c0 < D; c0 += 32) {
+            for (int c0 = 0; c0 < dim; c0 += 32) {
               Frag<Acc, 32> dq;
               dq.zero();
               gemm_smem_a<T, 32, BN, BFrom::kRowsK>(dq, ds_tile + 16 * slab * kDsLd, kDsLd,
@@ -207,7 +213,8 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
               SK_UNROLL for (int n = 0; n < 4; ++n) {
                 SK_UNROLL for (int e = 0; e < 4; ++e) {
                   const int r = 16 * slab + frag_row(e);
-                  if (r < nq) atomic_add(dq_rows + r * D + c0 + frag_col(n, e), dq.x[n][e]);
+                  const int c = c0 + frag_col(n, e);
+                  if (r < nq && c < dim) atomic_add(dq_rows + r * dim + c, dq.x[n][e]);
                 }
               }
             }
@@ -219,20 +226,20 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   stage_frag<T, D>(k_tile + 16 * warp * kLd, dk, dk_factor);
   stage_frag<T, D>(v_tile + 16 * warp * kLd, dv, dv_factor);
   sync_threads();
-  const int64_t at = ((b * p.heads_kv + hk) * p.len_k + k0) * D;
-  store_rows<Lay::kThreads, D>(static_cast<T*>(g.dk) + at, D, k_tile, nk);
-  store_rows<Lay::kThreads, D>(static_cast<T*>(g.dv) + at, D, v_tile, nk);
+  const int64_t at = ((b * p.heads_kv + hk) * p.len_k + k0) * dim;
+  store_rows<Lay::kThreads, D>(static_cast<T*>(g.dk) + at, dim, k_tile, nk, dim);
+  store_rows<Lay::kThreads, D>(static_cast<T*>(g.dv) + at, dim, v_tile, nk, dim);
 }
 
 // ---------------------------------------------------------------- 3. dQ
 
-template <typename T, int D>
+template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
     set_attention_dq_convert_kernel(SetAttentionBwdParams g, AttentionBwdWorkspace w) {
   using Acc = acc_t<T>;
   const SetAttentionParams& p = g.fwd;
   const int64_t i = (int64_t(blockIdx.x) * kRowThreads + threadIdx.x) * 8;
-  if (i >= p.batch * p.heads_q * p.len_q * D) return;
+  if (i >= p.batch * p.heads_q * p.len_q * p.head_dim) return;
   const Acc* acc = static_cast<const Acc*>(w.dq_accum) + i;
   T* dq = static_cast<T*>(g.dq) + i;
   SK_UNROLL for (int j = 0; j < 8; ++j) dq[j] = from_float<T>(acc[j] * Acc(p.scale));
@@ -273,10 +280,11 @@ __global__ void __launch_bounds__(DqLayout<T, D, BM, BN>::kThreads, 1)
   }
 
   const T* dout = static_cast<const T*>(g.dout) + out_offset(p, qb.b, qb.h, qb.q0);
+  const int dim = int(p.head_dim);
   load_rows_async<Lay::kThreads, BM, D>(q_tile, q_row<T>(p, qb.b, qb.h, qb.q0), p.q_row_stride,
-                                        qb.nq);
+                                        qb.nq, dim);
   load_rows_async<Lay::kThreads, BM, D>(reinterpret_cast<T*>(smem + Lay::kDout), dout,
-                                        p.out_row_stride, qb.nq);
+                                        p.out_row_stride, qb.nq, dim);
   cp_async_commit();
   Frag<Acc, D> dq;
   dq.zero();
@@ -294,7 +302,7 @@ __global__ void __launch_bounds__(DqLayout<T, D, BM, BN>::kThreads, 1)
   const Acc factor[2] = {Acc(p.scale), Acc(p.scale)};
   stage_frag<T, D>(q_rows, dq, factor);
   sync_threads();
-  store_rows<Lay::kThreads, D>(static_cast<T*>(g.dq) + row0 * D, D, q_tile, qb.nq);
+  store_rows<Lay::kThreads, D>(static_cast<T*>(g.dq) + row0 * dim, dim, q_tile, qb.nq, dim);
 }
 
 // ---------------------------------------------------------------- launch plans
@@ -361,7 +369,7 @@ inline void set_attention_backward(const SetAttentionBwdParams& g, const Attenti
     constexpr int D = decltype(dim)::value;
     constexpr int BN = BwdTiles<T, D>::kKeys, BM = BwdTiles<T, D>::kQueries;
     const int64_t rows = p.batch * p.heads_q * p.len_q;
-    launch("set_attention_bwd_prep", row_plan(rows), stream, set_attention_bwd_prep_kernel<T, D>,
+    launch("set_attention_bwd_prep", row_plan(rows), stream, set_attention_bwd_prep_kernel<T>,
            g, w);
     if (deterministic) {
       launch("set_attention_dkdv", dkdv_plan<T, D, BN, BM, false>(p), stream,
@@ -372,8 +380,8 @@ inline void set_attention_backward(const SetAttentionBwdParams& g, const Attenti
     } else {
       launch("set_attention_dkdv", dkdv_plan<T, D, BN, BM, true>(p), stream,
              set_attention_dkdv_kernel<T, D, BN, BM, true>, g, w);
-      launch("set_attention_dq_convert", row_plan(rows * D / 8), stream,
-             set_attention_dq_convert_kernel<T, D>, g, w);
+      launch("set_attention_dq_convert", row_plan(rows * p.head_dim / 8), stream,
+             set_attention_dq_convert_kernel<T>, g, w);
     }
   });
 }

@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(FwdLayout<T, D, BM, BN>::kThreads)
   const QueryBlock qb = query_block<BM>(p);
 
   load_rows_async<Lay::kThreads, BM, D>(q_tile, q_row<T>(p, qb.b, qb.h, qb.q0), p.q_row_stride,
-                                        qb.nq);
+                                        qb.nq, int(p.head_dim));
   cp_async_commit();
   Frag<Acc, D> o;
   o.zero();
@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(FwdLayout<T, D, BM, BN>::kThreads)
   stage_frag<T, D>(q_rows, o, inv);  // the warp's own rows: no other warp reads them
   sync_threads();
   store_rows<Lay::kThreads, D>(static_cast<T*>(p.out) + out_offset(p, qb.b, qb.h, qb.q0),
-                               p.out_row_stride, q_tile, qb.nq);
+                               p.out_row_stride, q_tile, qb.nq, int(p.head_dim));
   if (lane_id() % 4 == 0) {
     Acc* lse_rows = static_cast<Acc*>(p.lse) + lse_offset(p, qb.b, qb.h, qb.q0);
     SK_UNROLL for (int i = 0; i < 2; ++i) {

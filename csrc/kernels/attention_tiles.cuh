@@ -44,7 +44,8 @@ SK_DEVICE int64_t lse_offset(const SetAttentionParams& p, int64_t b, int64_t h, 
 // ---------------------------------------------------------------- shared-memory tiles
 // Row-major tiles of Cols elements per row, padded by 16 bytes: the 8 row addresses of an
 // ldmatrix then fall in distinct banks for every head dim, and each row stays 16-byte
-// aligned for cp.async.
+// aligned for cp.async. Cols is the kernel's head-dim capacity; a smaller head dim fills
+// the first head_dim columns and zeros the rest (zeros change no dot product).
 
 template <typename T, int Cols>
 inline constexpr int tile_ld = Cols + 16 / int(sizeof(T));
@@ -52,27 +53,65 @@ inline constexpr int tile_ld = Cols + 16 / int(sizeof(T));
 template <typename T, int Rows, int Cols>
 inline constexpr size_t tile_bytes = size_t(Rows) * tile_ld<T, Cols> * sizeof(T);
 
-// Issues (all Threads threads) cp.async copies of rows [0, Rows) of a Cols-wide tile from
-// src (row stride `stride`); rows from `valid` on are zero-filled, so no read of the tile
-// ever sees unwritten shared memory.
+// Issues (all Threads threads) cp.async copies of a Rows x Cols tile from src (row stride
+// `stride`); rows from `rows` on and columns from `cols` on are zero-filled, so no read of
+// the tile ever sees unwritten shared memory. Each thread copies the 16-byte chunks
+// i = thread_rank() + k * Threads (scrub_rows relies on it).
 template <int Threads, int Rows, int Cols, typename T>
-SK_DEVICE void load_rows_async(T* dst, const T* src, int64_t stride, int valid) {
+SK_DEVICE void load_rows_async(T* dst, const T* src, int64_t stride, int rows, int cols) {
   constexpr int kPer = 16 / int(sizeof(T)), kChunks = Cols / kPer;
   static_assert(Cols % kPer == 0, "tile rows are whole 16-byte chunks");
   for (int i = thread_rank(); i < Rows * kChunks; i += Threads) {
     const int r = i / kChunks, c = i % kChunks * kPer;
-    const bool in = r < valid;
+    const bool in = r < rows && c < cols;
     cp_async16(dst + r * tile_ld<T, Cols> + c, in ? src + r * stride + c : src, in);
   }
 }
 
-// Copies rows [0, valid) of a Cols-wide shared tile to dst (row stride `stride`).
+// Copies the first `rows` rows and `cols` columns of a shared tile to dst (row stride
+// `stride`).
 template <int Threads, int Cols, typename T>
-SK_DEVICE void store_rows(T* dst, int64_t stride, const T* src, int valid) {
-  constexpr int kPer = 16 / int(sizeof(T)), kChunks = Cols / kPer;
-  for (int i = thread_rank(); i < valid * kChunks; i += Threads) {
-    const int r = i / kChunks, c = i % kChunks * kPer;
+SK_DEVICE void store_rows(T* dst, int64_t stride, const T* src, int rows, int cols) {
+  constexpr int kPer = 16 / int(sizeof(T));
+  const int chunks = cols / kPer;
+  for (int i = thread_rank(); i < rows * chunks; i += Threads) {
+    const int r = i / chunks, c = i % chunks * kPer;
     store16(dst + r * stride + c, load16(src + r * tile_ld<T, Cols> + c));
+  }
+}
+
+SK_DEVICE bool is_finite(float x) {
+  uint32_t b;
+  memcpy(&b, &x, 4);
+  return (b & 0x7f800000u) != 0x7f800000u;
+}
+SK_DEVICE bool is_finite(double x) {
+  uint64_t b;
+  memcpy(&b, &x, 8);
+  return (b & 0x7ff0000000000000ull) != 0x7ff0000000000000ull;
+}
+
+// Once this thread's copies of a tile (load_rows_async) have landed, before the barrier
+// that publishes them: zeroes each of its chunks that holds a NaN or inf and flags the
+// chunk's row (flags[r] = 1, and flags[Rows] = 1 for the tile). A value tile scrubbed so
+// carries no NaN into rows whose weight for the key is 0; the flags make the key's score
+// NaN for the rows that see it.
+template <int Threads, int Rows, int Cols, typename T>
+SK_DEVICE void scrub_rows(T* tile, int* flags) {
+  constexpr int kPer = 16 / int(sizeof(T)), kChunks = Cols / kPer;
+  for (int i = thread_rank(); i < Rows * kChunks; i += Threads) {
+    const int r = i / kChunks, c = i % kChunks * kPer;
+    T* at = tile + r * tile_ld<T, Cols> + c;
+    const uint4 raw = load16(at);
+    T x[kPer];
+    memcpy(x, &raw, 16);
+    bool finite = true;
+    SK_UNROLL for (int j = 0; j < kPer; ++j) finite = finite && is_finite(to_float(x[j]));
+    if (!finite) {
+      store16(at, uint4{0, 0, 0, 0});
+      flags[r] = 1;  // other threads may store the same 1: no order dependence
+      flags[Rows] = 1;
+    }
   }
 }
 
@@ -133,9 +172,14 @@ SK_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; 
 // else. Every warp must compute the same ranges and decisions. Call after committing the
 // block's own loads (they land before the first body); returns with every copy landed
 // and a barrier passed.
-template <typename RangeFn, typename NeededFn, typename IssueFn, typename BodyFn>
+// landed(stage) runs in every thread once its own copies of the visit have landed, before
+// the barrier that makes everyone's visible; plain shared stores made by issue() are
+// visible to every thread's landed() and body().
+template <typename RangeFn, typename NeededFn, typename IssueFn, typename LandedFn,
+          typename BodyFn>
 SK_DEVICE void for_each_needed_tile(int64_t count, int repeats, RangeFn range_of,
-                                    NeededFn needed, IssueFn issue, BodyFn body) {
+                                    NeededFn needed, IssueFn issue, LandedFn landed,
+                                    BodyFn body) {
   IdRange next_range{};
   auto next_tile = [&](int64_t t) {
     for (; t < count; ++t) {
@@ -149,6 +193,7 @@ SK_DEVICE void for_each_needed_tile(int64_t count, int repeats, RangeFn range_of
   int rep = 0, stage = 0;
   if (tile < count) issue(tile, 0, 0);
   cp_async_commit();
+  sync_threads();  // plain stores of the first issue() precede every thread's landed()
   while (tile < count) {
     int64_t following = tile;
     int following_rep = rep + 1;
@@ -161,6 +206,7 @@ SK_DEVICE void for_each_needed_tile(int64_t count, int repeats, RangeFn range_of
     if (following < count) issue(following, following_rep, stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();  // everything but the group just issued has landed
+    landed(stage);
     sync_threads();
     body(tile, rep, stage, range);
     sync_threads();  // the stage is free for the loads issued next
@@ -194,17 +240,19 @@ struct ExpBase<double> {
   static SK_DEVICE double max(double a, double b) { return fmax(a, b); }
 };
 
-// s <- s * scale, and on partial tiles -inf where the set rule hides the pair or the
-// column lies past n_cols. Rows are queries (RowsAreQueries) or keys: row_set holds the
-// ids of this lane's two rows, col_sets (shared) those of the tile's columns. Scaling
-// first keeps a hidden pair at -inf whatever the scale's sign.
+// s <- s * scale; NaN in the columns flagged in nan_cols (nullable); and on partial tiles
+// -inf where the set rule hides the pair or the column lies past n_cols. Rows are queries
+// (RowsAreQueries) or keys: row_set holds the ids of this lane's two rows, col_sets
+// (shared) those of the tile's columns. Masking last keeps every hidden pair at -inf,
+// whatever the scale's sign or the column's flag.
 template <bool RowsAreQueries, typename Acc, int N>
 SK_DEVICE void scale_and_mask(Frag<Acc, N>& s, Acc scale, bool partial,
                               const int64_t (&row_set)[2], const int64_t* col_sets, int n_cols,
-                              bool strict) {
+                              bool strict, const int* nan_cols) {
   SK_UNROLL for (int n = 0; n < N / 8; ++n) {
     SK_UNROLL for (int e = 0; e < 4; ++e) {
       s.x[n][e] *= scale;
+      if (nan_cols != nullptr && nan_cols[frag_col(n, e)]) s.x[n][e] = Acc(NAN);
       if (partial) {
         const int c = frag_col(n, e);
         const int64_t row = row_set[e >> 1];
@@ -254,22 +302,27 @@ SK_DEVICE QueryBlock query_block(const SetAttentionParams& p) {
   return qb;
 }
 
-// Two stages each of K and V tiles (BN x D) and of the key tiles' set ids.
+// Two stages each of K and V tiles (BN x D), of the key tiles' set ids and of the flags
+// of keys whose value holds a NaN or inf (scrub_rows; BN + 1 per stage).
 template <typename T, int D, int BN>
 struct KeyStages {
-  static constexpr size_t kBytes = 4 * tile_bytes<T, BN, D> + 2 * BN * sizeof(int64_t);
+  static constexpr size_t kBytes =
+      4 * tile_bytes<T, BN, D> + 2 * BN * sizeof(int64_t) + 2 * (BN + 1) * sizeof(int);
   T* k;
   T* v;
   int64_t* sets;
+  int* bad;
 
   SK_DEVICE explicit KeyStages(unsigned char* at)
       : k(reinterpret_cast<T*>(at)),
         v(reinterpret_cast<T*>(at + 2 * tile_bytes<T, BN, D>)),
-        sets(reinterpret_cast<int64_t*>(at + 4 * tile_bytes<T, BN, D>)) {}
+        sets(reinterpret_cast<int64_t*>(at + 4 * tile_bytes<T, BN, D>)),
+        bad(reinterpret_cast<int*>(at + 4 * tile_bytes<T, BN, D> + 2 * BN * sizeof(int64_t))) {}
 };
 
 // For each key tile this warp's rows see: s = the warp's scores (Q K^T in ExpBase units,
-// hidden pairs -inf), then body(s, k_tile, v_tile) with the stage's shared tiles.
+// hidden pairs -inf, NaN for keys whose value is not finite), then body(s, k_tile, v_tile)
+// with the stage's shared tiles (the value tile scrubbed of non-finite values).
 // q_rows: the warp's 16 rows of the block's Q tile in shared memory, already issued.
 template <int Threads, typename T, int D, int BN, typename Body>
 SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock& qb,
@@ -288,11 +341,13 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock& 
       [&](int64_t t, int, int st) {
         const int nk = keys_in(t);
         load_rows_async<Threads, BN, D>(ks.k + st * BN * kLd, k + t * BN * p.k_row_stride,
-                                        p.k_row_stride, nk);
+                                        p.k_row_stride, nk, int(p.head_dim));
         load_rows_async<Threads, BN, D>(ks.v + st * BN * kLd, v + t * BN * p.v_row_stride,
-                                        p.v_row_stride, nk);
+                                        p.v_row_stride, nk, int(p.head_dim));
         load_values<Threads, BN>(ks.sets + st * BN, k_sets + t * BN, nk, int64_t(0));
+        load_values<Threads, BN + 1, int>(ks.bad + st * (BN + 1), nullptr, 0, 0);
       },
+      [&](int st) { scrub_rows<Threads, BN, D>(ks.v + st * BN * kLd, ks.bad + st * (BN + 1)); },
       [&](int64_t t, int, int st, IdRange keys) {
         const int nk = keys_in(t);
         const TileKind kind = warp_tile_kind(qb.warp_q, keys, p.strict, nk < BN);
@@ -300,17 +355,19 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock& 
         Frag<Acc, BN> s;
         s.zero();
         gemm_smem_a<T, BN, D, BFrom::kRowsN>(s, q_rows, kLd, ks.k + st * BN * kLd, kLd);
+        const int* bad = ks.bad + st * (BN + 1);
         scale_and_mask<true>(s, scale, kind == TileKind::kPartial, qb.row_set,
-                             ks.sets + st * BN, nk, p.strict);
+                             ks.sets + st * BN, nk, p.strict, bad[BN] ? bad : nullptr);
         body(s, ks.k + st * BN * kLd, ks.v + st * BN * kLd);
       });
 }
 
 // ---------------------------------------------------------------- host side
 
-// Head dims with a kernel (for every dtype); others take the reference.
+// Head dims with a kernel (for every dtype); others take the reference. Kernels exist for
+// 32, 64, 96 and 128; a smaller multiple of 8 runs in the next one up, zero-padded.
 inline bool set_attention_kernel_has_head_dim(int64_t d) {
-  return d == 32 || d == 64 || d == 96 || d == 128;
+  return d % 8 == 0 && 8 <= d && d <= 128;
 }
 
 template <typename T>
@@ -318,19 +375,19 @@ struct TypeTag {
   using type = T;
 };
 
-// Calls f(TypeTag<T>{}, std::integral_constant<int, D>{}) for the dtype and head dim.
+// Calls f(TypeTag<T>{}, std::integral_constant<int, D>{}) for the dtype and the head-dim
+// capacity D of the kernel that serves head_dim.
 template <typename F>
 void dispatch(DType dtype, int64_t head_dim, const char* what, F&& f) {
+  if (!set_attention_kernel_has_head_dim(head_dim)) {
+    throw std::invalid_argument(std::string(what) + ": no kernel for head dim " +
+                                std::to_string(head_dim) + " (a multiple of 8 up to 128)");
+  }
   auto by_dim = [&](auto tag) {
-    switch (head_dim) {
-      case 32: return f(tag, std::integral_constant<int, 32>{});
-      case 64: return f(tag, std::integral_constant<int, 64>{});
-      case 96: return f(tag, std::integral_constant<int, 96>{});
-      case 128: return f(tag, std::integral_constant<int, 128>{});
-      default:
-        throw std::invalid_argument(std::string(what) + ": no kernel for head dim " +
-                                    std::to_string(head_dim) + " (32, 64, 96 or 128)");
-    }
+    if (head_dim <= 32) return f(tag, std::integral_constant<int, 32>{});
+    if (head_dim <= 64) return f(tag, std::integral_constant<int, 64>{});
+    if (head_dim <= 96) return f(tag, std::integral_constant<int, 96>{});
+    return f(tag, std::integral_constant<int, 128>{});
   };
   switch (dtype) {
     case DType::kFloat32: return by_dim(TypeTag<float>{});

@@ -80,15 +80,20 @@ SK_DEVICE void store_rows(T* dst, int64_t stride, const T* src, int rows, int co
   }
 }
 
-SK_DEVICE bool is_finite(float x) {
-  uint32_t b;
-  memcpy(&b, &x, 4);
-  return (b & 0x7f800000u) != 0x7f800000u;
-}
-SK_DEVICE bool is_finite(double x) {
-  uint64_t b;
-  memcpy(&b, &x, 8);
-  return (b & 0x7ff0000000000000ull) != 0x7ff0000000000000ull;
+// Whether a 16-byte chunk of T holds no NaN or inf (exponent bits not all ones).
+template <typename T>
+SK_DEVICE bool chunk_finite(uint4 raw) {
+  using Bits = std::conditional_t<sizeof(T) == 8, uint64_t,
+                                  std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
+  constexpr Bits kExp = sizeof(T) == 8   ? Bits(0x7ff0000000000000ull)
+                        : sizeof(T) == 4 ? Bits(0x7f800000u)
+                        : std::is_same_v<T, __half> ? Bits(0x7c00)
+                                                    : Bits(0x7f80);
+  Bits x[16 / sizeof(T)];
+  memcpy(x, &raw, 16);
+  bool finite = true;
+  SK_UNROLL for (int j = 0; j < int(16 / sizeof(T)); ++j) finite = finite && (x[j] & kExp) != kExp;
+  return finite;
 }
 
 // Once this thread's copies of a tile (load_rows_async) have landed, before the barrier
@@ -102,12 +107,7 @@ SK_DEVICE void scrub_rows(T* tile, int* flags) {
   for (int i = thread_rank(); i < Rows * kChunks; i += Threads) {
     const int r = i / kChunks, c = i % kChunks * kPer;
     T* at = tile + r * tile_ld<T, Cols> + c;
-    const uint4 raw = load16(at);
-    T x[kPer];
-    memcpy(x, &raw, 16);
-    bool finite = true;
-    SK_UNROLL for (int j = 0; j < kPer; ++j) finite = finite && is_finite(to_float(x[j]));
-    if (!finite) {
+    if (!chunk_finite<T>(load16(at))) {
       store16(at, uint4{0, 0, 0, 0});
       flags[r] = 1;  // other threads may store the same 1: no order dependence
       flags[Rows] = 1;

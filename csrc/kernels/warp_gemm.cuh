@@ -78,29 +78,31 @@ SK_DEVICE void mma_k_step(Frag<float, N>& c, const uint32_t (&a)[4], const T* x,
 }
 
 // c += A * B element by element; a(r, k) gives A. Like the mma path, products are summed
-// over k-steps of 16 before each is added to c: plain running sums over long K lose
-// several times the precision.
+// over k-steps of 16 before each is added to c (plain running sums over long K lose
+// several times the precision), 32 columns at a time to bound the registers.
 template <typename T, int N, int K, BFrom L, typename AFn>
 SK_DEVICE void scalar_gemm(Frag<acc_t<T>, N>& c, AFn a, const T* x, int ldx) {
   using Acc = acc_t<T>;
   static_assert(K % 16 == 0, "GEMMs take K in multiples of 16");
+  constexpr int kTiles = N / 8, kBlock = kTiles % 4 == 0 ? 4 : kTiles % 2 == 0 ? 2 : 1;
   const int r = frag_row(0), c0 = frag_col(0, 0);
-  SK_NO_UNROLL for (int k0 = 0; k0 < K; k0 += 16) {
-    Frag<Acc, N> step;
-    step.zero();
-    SK_NO_UNROLL for (int k = k0; k < k0 + 16; ++k) {
-      const Acc a0 = a(r, k), a1 = a(r + 8, k);
-      SK_UNROLL for (int n = 0; n < N / 8; ++n) {
-        SK_UNROLL for (int j = 0; j < 2; ++j) {
-          const int col = c0 + 8 * n + j;
-          const Acc bv = to_float(L == BFrom::kRowsN ? x[col * ldx + k] : x[k * ldx + col]);
-          step.x[n][j] += a0 * bv;
-          step.x[n][j + 2] += a1 * bv;
+  SK_UNROLL for (int n0 = 0; n0 < kTiles; n0 += kBlock) {
+    SK_NO_UNROLL for (int k0 = 0; k0 < K; k0 += 16) {
+      Acc step[kBlock][4] = {};
+      SK_NO_UNROLL for (int k = k0; k < k0 + 16; ++k) {
+        const Acc a0 = a(r, k), a1 = a(r + 8, k);
+        SK_UNROLL for (int n = 0; n < kBlock; ++n) {
+          SK_UNROLL for (int j = 0; j < 2; ++j) {
+            const int col = c0 + 8 * (n0 + n) + j;
+            const Acc bv = to_float(L == BFrom::kRowsN ? x[col * ldx + k] : x[k * ldx + col]);
+            step[n][j] += a0 * bv;
+            step[n][j + 2] += a1 * bv;
+          }
         }
       }
-    }
-    SK_UNROLL for (int n = 0; n < N / 8; ++n) {
-      SK_UNROLL for (int e = 0; e < 4; ++e) c.x[n][e] += step.x[n][e];
+      SK_UNROLL for (int n = 0; n < kBlock; ++n) {
+        SK_UNROLL for (int e = 0; e < 4; ++e) c.x[n0 + n][e] += step[n][e];
+      }
     }
   }
 }

@@ -14,22 +14,12 @@ from hypothesis import strategies as st
 
 import sarkernels
 from sarkernels import reference
-from conftest import assert_within, set_ids
+from conftest import HAS_SIMT, assert_within, bits, set_ids, simt_options
 
-simt = pytest.importorskip("sarkernels._simt", reason="built only with SARKERNELS_SIMT=1")
+pytestmark = pytest.mark.skipif(not HAS_SIMT, reason="sarkernels._simt not built (SARKERNELS_SIMT=1)")
 
 LOW = [torch.bfloat16, torch.float16]
 PATTERNS = ["sorted", "unsorted", "arange", "equal", "empty_rows", "cross"]
-
-
-@contextlib.contextmanager
-def options(schedule="forward", seed=0, threads=1):
-    previous = simt.options()
-    simt.set_options(schedule, seed, threads)
-    try:
-        yield
-    finally:
-        simt.set_options(**previous)
 
 
 @contextlib.contextmanager
@@ -113,16 +103,11 @@ def pytorch_same_precision(c, q_sets, k_sets):
     return fn
 
 
-def bits(t):
-    """The tensor's bits, so that equality also holds for NaNs."""
-    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
-
-
 def under_two_schedules(fn):
     """fn() under the forward schedule and a random one; the results' bits must agree."""
-    with options("forward"):
+    with simt_options("forward"):
         first = fn()
-    with options("random", seed=1):
+    with simt_options("random", seed=1):
         second = fn()
     for a, b in zip(first, second):
         assert torch.equal(bits(a), bits(b)), "results depend on the thread schedule"
@@ -174,7 +159,7 @@ def test_deterministic_backward_keeps_its_bits_on_threads(dtype):
     runs = []
     with sarkernels.use_backend("simt"), deterministic(True):
         for schedule, seed in (("forward", 0), ("random", 3)):
-            with options(schedule, seed, threads=2):
+            with simt_options(schedule, seed, threads=2):
                 runs.append(outputs_and_grads(ours(c, q_sets, k_sets), inputs, dtype, grads))
     for name, a, b in zip(NAMES, *runs):
         assert torch.equal(bits(a), bits(b)), f"{name} changed between runs"

@@ -18,20 +18,25 @@
 namespace sarkernels::kernels {
 namespace attention {
 
-// dK/dV blocks: keys per block (16 per warp) x queries per step; smaller query steps at
-// large head dims keep dK, dV, S^T and dP^T in registers.
+// dK/dV blocks: keys per block (16 per warp) x queries per step, and the columns of dK and
+// dV one block owns (kCols < D: several blocks per key tile, each recomputing P and dS,
+// so that dK and dV fit in registers). Smaller query steps at large head dims keep S^T and
+// dP^T in registers too; float64 takes small tiles for shared memory.
 template <typename T, int D>
 struct BwdTiles {
-  static constexpr int kKeys = kTensorCores<T> ? 64 : 32;
-  static constexpr int kQueries = kTensorCores<T> ? (D > 64 ? 32 : 64) : sizeof(T) == 8 ? 16 : 32;
+  static constexpr bool kDouble = sizeof(T) == 8;
+  static constexpr int kKeys = kTensorCores<T> ? 64 : kDouble && D > 128 ? 16 : 32;
+  static constexpr int kQueries = kTensorCores<T> ? (D > 64 ? 32 : 64) : kDouble ? 16 : 32;
+  static constexpr int kCols = D < (kDouble ? 32 : 128) ? D : kDouble ? 32 : 128;
 };
 
 // Deterministic dQ blocks: queries x keys, as the forward's but narrower key tiles at
-// large head dims (dQ, S and dP live in registers together).
+// large head dims (dQ, S and dP live in registers together), and one warp's queries for
+// float64 above head dim 128 (shared memory holds Q and dO).
 template <typename T, int D>
 struct DqTiles {
-  static constexpr int kM = FwdTiles<T>::kM;
-  static constexpr int kN = kTensorCores<T> && D > 64 ? 32 : FwdTiles<T>::kN;
+  static constexpr int kM = sizeof(T) == 8 && D > 128 ? 16 : FwdTiles<T, D>::kM;
+  static constexpr int kN = kTensorCores<T> && D > 64 ? 32 : FwdTiles<T, D>::kN;
 };
 
 constexpr int kRowThreads = 128;  // threads per block of the row-wise kernels
@@ -107,8 +112,9 @@ struct DkdvLayout {
   static constexpr size_t kBytes = kScratch + kWarps * kFragScratch<T, BM> * sizeof(Acc);
 };
 
-// Register budget of one block per SM, as in the dQ kernel below.
-template <typename T, int D, int BN, int BM, bool kAtomicDq>
+// Register budget of one block per SM, as in the dQ kernel below. DC: the dK/dV columns of
+// a block.
+template <typename T, int D, int BN, int BM, int DC, bool kAtomicDq>
 __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads, 1)
     set_attention_dkdv_kernel(SetAttentionBwdParams g, AttentionBwdWorkspace w) {
   using Acc = acc_t<T>;
@@ -127,9 +133,11 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   const int warp = warp_id();
   Acc* const scratch = reinterpret_cast<Acc*>(smem + Lay::kScratch) + warp * kFragScratch<T, BM>;
 
+  constexpr int kSplits = D / DC;
   const int64_t k_tiles = ceil_div(p.len_k, BN);
-  const int64_t bh = blockIdx.x / k_tiles, b = bh / p.heads_kv, hk = bh % p.heads_kv;
+  const int64_t bh = blockIdx.x / (k_tiles * kSplits), b = bh / p.heads_kv, hk = bh % p.heads_kv;
   const int64_t group = p.heads_q / p.heads_kv, k0 = blockIdx.x % k_tiles * BN;
+  const int split = int(blockIdx.x / k_tiles % kSplits), c0 = split * DC;
   const int nk = clamp_rows(p.len_k - k0, BN);
   const int64_t* k_sets = p.k_sets + b * p.len_k + k0;
   const int64_t* q_sets = p.q_sets + b * p.len_q;
@@ -147,7 +155,7 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   cp_async_commit();
 
   const Acc scale = Acc(p.scale) * ExpBase<Acc>::kPerNat;
-  Frag<Acc, D> dk, dv;
+  Frag<Acc, DC> dk, dv;  // columns c0 .. c0 + DC
   dk.zero();
   dv.zero();
   auto queries_in = [&](int64_t t) { return clamp_rows(p.len_q - t * BM, BM); };
@@ -190,11 +198,11 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
                                 q_set_tiles + st * BM, nq, p.strict, nullptr);
           recompute_probs(prob, [&](int n, int e) { return lse[frag_col(n, e)]; });
           gemm_smem_a<T, BM, D, BFrom::kRowsN>(ds, v_tile + 16 * warp * kLd, kLd, dout_tile, kLd);
-          gemm_frag_a<T, D, BM, BFrom::kRowsK>(dv, prob, scratch, dout_tile, kLd);
+          gemm_frag_a<T, DC, BM, BFrom::kRowsK>(dv, prob, scratch, dout_tile + c0, kLd);
           score_grads(ds, prob, [&](int n, int e) { return delta[frag_col(n, e)]; });
-          gemm_frag_a<T, D, BM, BFrom::kRowsK>(dk, ds, scratch, q_tile, kLd);
+          gemm_frag_a<T, DC, BM, BFrom::kRowsK>(dk, ds, scratch, q_tile + c0, kLd);
         }
-        if constexpr (kAtomicDq) {
+        if (kAtomicDq && split == 0) {
           // dS (queries x keys) gathered from every warp; then 16-query slabs of dS K.
           SK_UNROLL for (int n = 0; n < BM / 8; ++n) {
             SK_UNROLL for (int e = 0; e < 4; ++e) {
@@ -223,12 +231,13 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
       });
 
   const Acc dk_factor[2] = {Acc(p.scale), Acc(p.scale)}, dv_factor[2] = {1, 1};
-  stage_frag<T, D>(k_tile + 16 * warp * kLd, dk, dk_factor);
-  stage_frag<T, D>(v_tile + 16 * warp * kLd, dv, dv_factor);
+  stage_frag<T, D>(k_tile + 16 * warp * kLd + c0, dk, dk_factor);
+  stage_frag<T, D>(v_tile + 16 * warp * kLd + c0, dv, dv_factor);
   sync_threads();
-  const int64_t at = ((b * p.heads_kv + hk) * p.len_k + k0) * dim;
-  store_rows<Lay::kThreads, D>(static_cast<T*>(g.dk) + at, dim, k_tile, nk, dim);
-  store_rows<Lay::kThreads, D>(static_cast<T*>(g.dv) + at, dim, v_tile, nk, dim);
+  const int64_t at = ((b * p.heads_kv + hk) * p.len_k + k0) * dim + c0;
+  const int cols = clamp_rows(dim - c0, DC);
+  store_rows<Lay::kThreads, D>(static_cast<T*>(g.dk) + at, dim, k_tile + c0, nk, cols);
+  store_rows<Lay::kThreads, D>(static_cast<T*>(g.dv) + at, dim, v_tile + c0, nk, cols);
 }
 
 // ---------------------------------------------------------------- 3. dQ
@@ -311,16 +320,19 @@ inline LaunchPlan row_plan(int64_t rows) {
   return {dim3(unsigned(ceil_div(rows, kRowThreads))), dim3(kRowThreads), 0};
 }
 
-template <typename T, int D, int BN, int BM, bool kAtomicDq>
+template <typename T, int D, int BN, int BM, int DC, bool kAtomicDq>
 LaunchPlan dkdv_plan(const SetAttentionParams& p) {
   using Lay = DkdvLayout<T, D, BN, BM, kAtomicDq>;
-  return {flat_grid("set_attention_backward", ceil_div(p.len_k, BN), p.batch * p.heads_kv),
+  static_assert(Lay::kBytes <= kMaxSmem, "dK/dV tiles exceed shared memory");
+  return {flat_grid("set_attention_backward", ceil_div(p.len_k, BN) * (D / DC),
+                    p.batch * p.heads_kv),
           dim3(Lay::kThreads), Lay::kBytes};
 }
 
 template <typename T, int D, int BM, int BN>
 LaunchPlan dq_plan(const SetAttentionParams& p) {
   using Lay = DqLayout<T, D, BM, BN>;
+  static_assert(Lay::kBytes <= kMaxSmem, "dQ tiles exceed shared memory");
   return {flat_grid("set_attention_backward", ceil_div(p.len_q, BM), p.batch * p.heads_q),
           dim3(Lay::kThreads), Lay::kBytes};
 }
@@ -364,22 +376,23 @@ inline void set_attention_backward(const SetAttentionBwdParams& g, const Attenti
     throw std::invalid_argument(std::string(fn) + ": the workspace must have a dQ accumulator "
                                 "exactly when not deterministic");
   }
-  dispatch(dtype, p.head_dim, fn, [&](auto tag, auto dim) {
+  dispatch_head_dim(dtype, p.head_dim, fn, [&](auto tag, auto dim) {
     using T = typename decltype(tag)::type;
     constexpr int D = decltype(dim)::value;
     constexpr int BN = BwdTiles<T, D>::kKeys, BM = BwdTiles<T, D>::kQueries;
+    constexpr int DC = BwdTiles<T, D>::kCols;
     const int64_t rows = p.batch * p.heads_q * p.len_q;
     launch("set_attention_bwd_prep", row_plan(rows), stream, set_attention_bwd_prep_kernel<T>,
            g, w);
     if (deterministic) {
-      launch("set_attention_dkdv", dkdv_plan<T, D, BN, BM, false>(p), stream,
-             set_attention_dkdv_kernel<T, D, BN, BM, false>, g, w);
+      launch("set_attention_dkdv", dkdv_plan<T, D, BN, BM, DC, false>(p), stream,
+             set_attention_dkdv_kernel<T, D, BN, BM, DC, false>, g, w);
       constexpr int QM = DqTiles<T, D>::kM, QN = DqTiles<T, D>::kN;
       launch("set_attention_dq", dq_plan<T, D, QM, QN>(p), stream,
              set_attention_dq_kernel<T, D, QM, QN>, g, w);
     } else {
-      launch("set_attention_dkdv", dkdv_plan<T, D, BN, BM, true>(p), stream,
-             set_attention_dkdv_kernel<T, D, BN, BM, true>, g, w);
+      launch("set_attention_dkdv", dkdv_plan<T, D, BN, BM, DC, true>(p), stream,
+             set_attention_dkdv_kernel<T, D, BN, BM, DC, true>, g, w);
       launch("set_attention_dq_convert", row_plan(rows * p.head_dim / 8), stream,
              set_attention_dq_convert_kernel<T>, g, w);
     }

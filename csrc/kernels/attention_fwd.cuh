@@ -14,11 +14,13 @@ namespace sarkernels::kernels {
 namespace attention {
 
 // Queries x keys per block: tensor-core tiles for 16-bit inputs, smaller ones for the
-// scalar path (its shared tiles are 2-4x wider per element). 16 query rows per warp.
-template <typename T>
+// scalar path (its shared tiles are 2-4x wider per element) and for head dims above 128
+// (shared memory). 16 query rows per warp.
+template <typename T, int D>
 struct FwdTiles {
   static constexpr int kM = kTensorCores<T> ? 64 : 32;
-  static constexpr int kN = kTensorCores<T> ? 64 : sizeof(T) == 8 ? 16 : 32;
+  static constexpr int kN =
+      kTensorCores<T> ? (D > 128 ? 32 : 64) : sizeof(T) == 8 || D > 128 ? 16 : 32;
 };
 
 template <typename T, int D, int BM, int BN>
@@ -124,21 +126,24 @@ __global__ void __launch_bounds__(FwdLayout<T, D, BM, BN>::kThreads)
 template <typename T, int D, int BM, int BN>
 LaunchPlan fwd_plan(const SetAttentionParams& p) {
   using Lay = FwdLayout<T, D, BM, BN>;
+  static_assert(Lay::kBytes <= kMaxSmem, "forward tiles exceed shared memory");
   return {flat_grid("set_attention_forward", ceil_div(p.len_q, BM), p.batch * p.heads_q),
           dim3(Lay::kThreads), Lay::kBytes};
 }
 
 }  // namespace attention
 
+using attention::set_attention_kernel_has_head_dim;
+
 // out [B, Hq, Lq, D] in the inputs' dtype and lse [B, Hq, Lq] in float32 (float64 for
-// float64 inputs), at the strides in p (unit stride on D; rows 16-byte aligned). Head dims
-// 32, 64, 96 and 128 (set_attention_kernel_has_head_dim); anything else throws.
+// float64 inputs), at the strides in p (unit stride on D; rows 16-byte aligned). Head dims:
+// multiples of 8 up to 256 (set_attention_kernel_has_head_dim); anything else throws.
 inline void set_attention_forward(const SetAttentionParams& p, DType dtype, cudaStream_t stream) {
   using namespace attention;
   check_attention_operands("set_attention_forward", p, dtype);
-  dispatch(dtype, p.head_dim, "set_attention_forward", [&](auto tag, auto dim) {
+  dispatch_head_dim(dtype, p.head_dim, "set_attention_forward", [&](auto tag, auto dim) {
     using T = typename decltype(tag)::type;
-    constexpr int D = decltype(dim)::value, BM = FwdTiles<T>::kM, BN = FwdTiles<T>::kN;
+    constexpr int D = decltype(dim)::value, BM = FwdTiles<T, D>::kM, BN = FwdTiles<T, D>::kN;
     launch("set_attention_fwd", fwd_plan<T, D, BM, BN>(p), stream,
            set_attention_fwd_kernel<T, D, BM, BN>, p);
   });

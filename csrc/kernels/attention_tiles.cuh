@@ -9,6 +9,7 @@
 #include <string>
 #include <type_traits>
 
+#include "kernels/dispatch.cuh"
 #include "kernels/launch.cuh"
 #include "kernels/warp_gemm.cuh"
 #include "sarkernels/mask.h"
@@ -115,10 +116,11 @@ SK_DEVICE void scrub_rows(T* tile, int* flags) {
   }
 }
 
-// Writes the warp's fragment, times a per-row factor, as T into rows 0..15 of a tile.
-template <typename T, int Cols>
-SK_DEVICE void stage_frag(T* rows, const Frag<acc_t<T>, Cols>& f, const acc_t<T> (&factor)[2]) {
-  SK_UNROLL for (int n = 0; n < Cols / 8; ++n) {
+// Writes the warp's fragment (N columns), times a per-row factor, as T into rows 0..15 of
+// a Cols-wide tile.
+template <typename T, int Cols, int N>
+SK_DEVICE void stage_frag(T* rows, const Frag<acc_t<T>, N>& f, const acc_t<T> (&factor)[2]) {
+  SK_UNROLL for (int n = 0; n < N / 8; ++n) {
     SK_UNROLL for (int e = 0; e < 4; ++e) {
       rows[frag_row(e) * tile_ld<T, Cols> + frag_col(n, e)] =
           from_float<T>(f.x[n][e] * factor[e >> 1]);
@@ -364,38 +366,31 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock& 
 
 // ---------------------------------------------------------------- host side
 
-// Head dims with a kernel (for every dtype); others take the reference. Kernels exist for
-// 32, 64, 96 and 128; a smaller multiple of 8 runs in the next one up, zero-padded.
+// Head dims with a kernel (for every dtype). Kernels exist for 32, 64, 96, 128 and 256; a
+// smaller multiple of 8 runs in the next one up, zero-padded.
 inline bool set_attention_kernel_has_head_dim(int64_t d) {
-  return d % 8 == 0 && 8 <= d && d <= 128;
+  return d % 8 == 0 && 8 <= d && d <= 256;
 }
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
+// The most dynamic shared memory a block gets on the GPUs the kernels target (sm_90; an
+// sm_80 A100 has 163 KB: enough for every configuration but float64 above head dim 128).
+inline constexpr size_t kMaxSmem = 227 * 1024;
 
-// Calls f(TypeTag<T>{}, std::integral_constant<int, D>{}) for the dtype and the head-dim
+// Calls f(Type<T>{}, std::integral_constant<int, D>{}) for the dtype and the head-dim
 // capacity D of the kernel that serves head_dim.
 template <typename F>
-void dispatch(DType dtype, int64_t head_dim, const char* what, F&& f) {
+void dispatch_head_dim(DType dtype, int64_t head_dim, const char* what, F&& f) {
   if (!set_attention_kernel_has_head_dim(head_dim)) {
     throw std::invalid_argument(std::string(what) + ": no kernel for head dim " +
-                                std::to_string(head_dim) + " (a multiple of 8 up to 128)");
+                                std::to_string(head_dim) + " (a multiple of 8 up to 256)");
   }
-  auto by_dim = [&](auto tag) {
+  ::sarkernels::kernels::dispatch(dtype, [&](auto tag) {
     if (head_dim <= 32) return f(tag, std::integral_constant<int, 32>{});
     if (head_dim <= 64) return f(tag, std::integral_constant<int, 64>{});
     if (head_dim <= 96) return f(tag, std::integral_constant<int, 96>{});
-    return f(tag, std::integral_constant<int, 128>{});
-  };
-  switch (dtype) {
-    case DType::kFloat32: return by_dim(TypeTag<float>{});
-    case DType::kFloat64: return by_dim(TypeTag<double>{});
-    case DType::kFloat16: return by_dim(TypeTag<__half>{});
-    case DType::kBFloat16: return by_dim(TypeTag<__nv_bfloat16>{});
-  }
-  throw std::invalid_argument(std::string(what) + ": unknown dtype");
+    if (head_dim <= 128) return f(tag, std::integral_constant<int, 128>{});
+    return f(tag, std::integral_constant<int, 256>{});
+  });
 }
 
 inline size_t dtype_size(DType dtype) {
@@ -404,11 +399,15 @@ inline size_t dtype_size(DType dtype) {
 
 // Tiles move in 16-byte chunks: each operand's base and batch/head/row strides must keep
 // every row 16-byte aligned (true of contiguous and [B, L, H, D]-transposed tensors).
-inline void check_rows_aligned(const char* fn, const char* name, const void* base,
-                               std::initializer_list<int64_t> strides, size_t elem) {
+inline bool rows_aligned(const void* base, std::initializer_list<int64_t> strides, size_t elem) {
   bool ok = reinterpret_cast<uintptr_t>(base) % 16 == 0;
   for (int64_t s : strides) ok = ok && (s * int64_t(elem)) % 16 == 0;
-  if (!ok) {
+  return ok;
+}
+
+inline void check_rows_aligned(const char* fn, const char* name, const void* base,
+                               std::initializer_list<int64_t> strides, size_t elem) {
+  if (!rows_aligned(base, strides, elem)) {
     throw std::invalid_argument(std::string(fn) + ": " + name +
                                 " must have 16-byte aligned rows (base and strides)");
   }

@@ -10,8 +10,8 @@ Backends (:func:`use_backend`, per thread and task):
 - ``"simt"``: ``torch.ops.sarkernels_simt``, the CUDA kernels run on CPU tensors by the SIMT
   executor of ``sarkernels._simt`` (built with ``SARKERNELS_SIMT=1``).
 
-Where a backend has no backward kernel for set_attention (CUDA and simt until the training
-kernel lands), the backward recomputes the reference under autograd. :func:`backends`
+Where a backend has no backward kernel for set_attention, the backward recomputes the
+reference under autograd. :func:`backends`
 says what is compiled and usable and, per op, what runs. Checks that need only shapes,
 dtypes and devices happen here (they trace under ``torch.compile``); checks of values
 (slots, positions) happen inside the kernels and the reference.
@@ -46,8 +46,9 @@ _OPS = ("set_attention", "set_attention_backward", "kv_cache_append",
 _REQUIRED = tuple(op for op in _OPS if op != "set_attention_backward")
 # Which kernel set_attention's forward runs (the rule lives in csrc/kernel_ops.h).
 ATTENTION_RULE = ("cpu: the CPU kernels, forward and backward; cuda and simt: the split-KV "
-                  "decode kernel for every forward shape (no training kernel yet), backward "
-                  "by reference recompute")
+                  "decode kernel for at most 16 queries (or a head dim not a multiple of 8), "
+                  "the fused training kernel otherwise; backward: the fused backward kernel "
+                  "(deterministic dQ under torch.use_deterministic_algorithms)")
 # Implementation backends: op namespace, dispatch key, loaded module, load error.
 _IMPLS = {"cpu": ("sarkernels", "CPU", _C, LOAD_ERROR),
           "cuda": ("sarkernels", "CUDA", _C, LOAD_ERROR),

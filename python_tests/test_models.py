@@ -49,6 +49,17 @@ def test_kv_cache_equals_recompute(kind, kw):
     assert cached.shape == (3, 16) and cached.min() >= 0 and cached.max() < 17
 
 
+@pytest.mark.skipif("simt" not in sarkernels.ops.backends() or
+                    not sarkernels.ops.backends()["simt"]["usable"], reason="_simt not built")
+@pytest.mark.parametrize("kind,kw", [("randar", dict(cfg_scale=3.0)), ("rar", {}),
+                                     ("sar", dict(cfg_scale=2.0))])
+def test_kv_cache_equals_recompute_on_simt(kind, kw):
+    """Once per model on the CUDA kernels under the SIMT executor (decode, training
+    attention, cache writes, interleave): cached and recomputed generation agree."""
+    with sarkernels.use_backend("simt"):
+        test_kv_cache_equals_recompute(kind, kw)
+
+
 @pytest.mark.parametrize("kind", ["randar", "rar", "sar"])
 def test_known_cells_are_kept_and_seeded_runs_repeat(kind):
     m = make(kind)

@@ -152,6 +152,7 @@ def test_float_paths_are_tight(c):
         assert_within(g32, b32, w, torch.float32, name)
 
 
+@pytest.mark.asan  # the fused fwd/bwd kernels once under AddressSanitizer
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_deterministic_backward_keeps_its_bits_on_threads(dtype):
     c = dict(b=2, hq=4, hkv=2, lq=70, lk=70, d=64, pattern="sorted", strict=False, seed=5)

@@ -39,7 +39,7 @@ struct KernelOps {
     Target::poison(in.lse);
     const DType dt = dtype_of(q, "q");
     if (in.p.len_q > kDecodeMaxQueries &&
-        kernels::set_attention_kernel_has_head_dim(in.p.head_dim)) {
+        kernels::set_attention_kernel_has_head_dim(dt, in.p.head_dim)) {
       align_rows(in, strict, scale);
       kernels::set_attention_forward(in.p, dt, Target::stream(q));
       return {in.out, in.lse};
@@ -63,9 +63,9 @@ struct KernelOps {
       const at::Tensor& q_sets, const at::Tensor& k_sets, bool strict, double scale) {
     const typename Target::Guard guard(q.device());
     check_attention_backward(dout, dlse, q, out, lse);
-    TORCH_CHECK(kernels::set_attention_kernel_has_head_dim(q.size(3)),
+    TORCH_CHECK(kernels::set_attention_kernel_has_head_dim(dtype_of(q, "q"), q.size(3)),
                 "set_attention_backward: the kernels take head dims that are multiples of 8 up "
-                "to 256, got q ", q.sizes());
+                "to 128 (float64: 64), got q ", q.sizes(), " of ", q.scalar_type());
     const at::ScalarType dt = q.scalar_type(), acc = acc_type(dt);
     AttentionInputs in = attention_operands(q, k, v, q_sets, k_sets, dt);
     // out and dout share one layout, lse and dlse another (the kernels take one stride set each)

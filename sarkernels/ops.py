@@ -46,9 +46,11 @@ _OPS = ("set_attention", "set_attention_backward", "kv_cache_append",
 _REQUIRED = tuple(op for op in _OPS if op != "set_attention_backward")
 # Which kernel set_attention's forward runs (the rule lives in csrc/kernel_ops.h).
 ATTENTION_RULE = ("cpu: the CPU kernels, forward and backward; cuda and simt: the split-KV "
-                  "decode kernel for at most 16 queries (or a head dim not a multiple of 8), "
-                  "the fused training kernel otherwise; backward: the fused backward kernel "
-                  "(deterministic dQ under torch.use_deterministic_algorithms)")
+                  "decode kernel for at most 16 queries or a head dim the fused kernel lacks, "
+                  "the fused training kernel otherwise (head dims multiples of 8 up to 128, "
+                  "float64 up to 64); backward: the fused backward kernel there "
+                  "(deterministic dQ under torch.use_deterministic_algorithms), the reference "
+                  "recompute for other head dims")
 # Implementation backends: op namespace, dispatch key, loaded module, load error.
 _IMPLS = {"cpu": ("sarkernels", "CPU", _C, LOAD_ERROR),
           "cuda": ("sarkernels", "CUDA", _C, LOAD_ERROR),
@@ -386,6 +388,12 @@ def _recompute_attention_backward(dout, dlse, q, k, v, q_sets, k_sets, strict, s
     return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(got, leaves))
 
 
+def _fused_backward_covers(q):
+    """Head dims of the fused CUDA/simt backward (csrc/kernels/attention_tiles.cuh): larger
+    ones would spill registers."""
+    return q.shape[-1] % 8 == 0 and q.shape[-1] <= (64 if q.dtype == torch.float64 else 128)
+
+
 def _register(ns):
     """Fake impls and autograd of the ops in namespace `ns` (sarkernels, sarkernels_simt)."""
     lib, ops = ns + "::", getattr(torch.ops, ns)
@@ -407,7 +415,9 @@ def _register(ns):
         q, k, v, q_sets, k_sets, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        if _has_kernel(ns, "set_attention_backward", _dispatch_key(q.device)):
+        cpu_kernels = ns == "sarkernels" and q.device.type == "cpu"
+        if _has_kernel(ns, "set_attention_backward", _dispatch_key(q.device)) and \
+                (cpu_kernels or _fused_backward_covers(q)):
             dq, dk, dv = ops.set_attention_backward(
                 dout, dlse, q, k, v, out, lse, q_sets, k_sets, ctx.strict, ctx.scale)
         else:

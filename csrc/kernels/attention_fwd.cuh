@@ -137,7 +137,8 @@ using attention::set_attention_kernel_has_head_dim;
 
 // out [B, Hq, Lq, D] in the inputs' dtype and lse [B, Hq, Lq] in float32 (float64 for
 // float64 inputs), at the strides in p (unit stride on D; rows 16-byte aligned). Head dims:
-// multiples of 8 up to 256 (set_attention_kernel_has_head_dim); anything else throws.
+// multiples of 8 up to 128, float64 up to 64 (set_attention_kernel_has_head_dim); anything
+// else throws.
 inline void set_attention_forward(const SetAttentionParams& p, DType dtype, cudaStream_t stream) {
   using namespace attention;
   check_attention_operands("set_attention_forward", p, dtype);

@@ -366,30 +366,40 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock& 
 
 // ---------------------------------------------------------------- host side
 
-// Head dims with a kernel (for every dtype). Kernels exist for 32, 64, 96, 128 and 256; a
-// smaller multiple of 8 runs in the next one up, zero-padded.
-inline bool set_attention_kernel_has_head_dim(int64_t d) {
-  return d % 8 == 0 && 8 <= d && d <= 256;
+// Head dims with a kernel: multiples of 8 up to 128 (float64: up to 64), each run by the
+// kernel of the next capacity up (32, 64, 96, 128), zero-padded. Larger capacities spill
+// registers at sm_80/sm_90a, so there the callers take the decode kernel (forward) or the
+// reference recompute (backward; sarkernels/ops.py states the same limit).
+inline int64_t set_attention_kernel_max_head_dim(DType dtype) {
+  return dtype == DType::kFloat64 ? 64 : 128;
+}
+inline bool set_attention_kernel_has_head_dim(DType dtype, int64_t d) {
+  return d % 8 == 0 && 8 <= d && d <= set_attention_kernel_max_head_dim(dtype);
 }
 
 // The most dynamic shared memory a block gets on the GPUs the kernels target (sm_90; an
-// sm_80 A100 has 163 KB: enough for every configuration but float64 above head dim 128).
+// sm_80 A100 has 163 KB).
 inline constexpr size_t kMaxSmem = 227 * 1024;
 
 // Calls f(Type<T>{}, std::integral_constant<int, D>{}) for the dtype and the head-dim
 // capacity D of the kernel that serves head_dim.
 template <typename F>
 void dispatch_head_dim(DType dtype, int64_t head_dim, const char* what, F&& f) {
-  if (!set_attention_kernel_has_head_dim(head_dim)) {
+  if (!set_attention_kernel_has_head_dim(dtype, head_dim)) {
     throw std::invalid_argument(std::string(what) + ": no kernel for head dim " +
-                                std::to_string(head_dim) + " (a multiple of 8 up to 256)");
+                                std::to_string(head_dim) + " (a multiple of 8 up to " +
+                                std::to_string(set_attention_kernel_max_head_dim(dtype)) +
+                                " for this dtype)");
   }
   ::sarkernels::kernels::dispatch(dtype, [&](auto tag) {
     if (head_dim <= 32) return f(tag, std::integral_constant<int, 32>{});
-    if (head_dim <= 64) return f(tag, std::integral_constant<int, 64>{});
-    if (head_dim <= 96) return f(tag, std::integral_constant<int, 96>{});
-    if (head_dim <= 128) return f(tag, std::integral_constant<int, 128>{});
-    return f(tag, std::integral_constant<int, 256>{});
+    if constexpr (std::is_same_v<typename decltype(tag)::type, double>) {
+      return f(tag, std::integral_constant<int, 64>{});
+    } else {
+      if (head_dim <= 64) return f(tag, std::integral_constant<int, 64>{});
+      if (head_dim <= 96) return f(tag, std::integral_constant<int, 96>{});
+      return f(tag, std::integral_constant<int, 128>{});
+    }
   });
 }
 

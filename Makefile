@@ -17,8 +17,14 @@ $(STAMP):
 		pytest hypothesis pytest-benchmark safetensors tqdm scikit-learn scipy pillow
 	touch $@
 
-build: $(STAMP)
+# The editable install picks up Python edits by itself: pip (and its warnings) runs again
+# only when the build inputs change.
+INSTALLED := $(VENV)/.sarkernels-installed
+$(INSTALLED): $(STAMP) setup.py pyproject.toml $(shell find csrc -type f)
 	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+build: $(INSTALLED)
 	$(PY) -m sarkernels info
 
 cuda-check:

@@ -1,5 +1,6 @@
 # make demo   fresh machine -> .venv, pinned torch, build, then the main job (demo_out/)
-# make test   fresh machine -> .venv, pinned torch, build, CUDA compile check, pytest
+# make test   fresh machine -> .venv, pinned torch, build (with the SIMT executor), CUDA
+#             compile check, pytest, then the SIMT kernels under AddressSanitizer (simt-asan)
 # make bench  CPU microbenchmarks with ratios (benchmarks/RESULTS.md records them)
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-torch-$(TORCH_VERSION)
 export MAX_JOBS ?= 2
 
-.PHONY: test build cuda-check bench demo clean
+.PHONY: test build cuda-check simt-asan bench demo clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -27,14 +28,30 @@ $(INSTALLED): $(STAMP) setup.py pyproject.toml $(shell find csrc -type f)
 build: $(INSTALLED)
 	$(PY) -m sarkernels info
 
-cuda-check:
+cuda-check: $(STAMP)
 	@if command -v nvcc >/dev/null 2>&1; then \
-		cmake -S . -B build/cuda-check >/dev/null && \
+		cmake -S . -B build/cuda-check -DPython3_EXECUTABLE=$(abspath $(PY)) >/dev/null && \
 		cmake --build build/cuda-check --target cuda_compile_check; \
 	else echo "nvcc not found: CUDA compile check skipped"; fi
 
+test: export SARKERNELS_SIMT := 1
 test: build cuda-check
 	$(PY) -m pytest python_tests -q
+	$(MAKE) simt-asan
+
+# The `asan` tests with an AddressSanitizer build of sarkernels._simt. It lives in a copy of
+# the package (with the in-tree _C) under build/asan, first on PYTHONPATH, so the in-tree
+# build is untouched. Python is not instrumented: libasan is preloaded, and libstdc++ with
+# it so that ASan's __cxa_throw interceptor finds the real one. The pytest script (not
+# `python -m`) keeps the working directory, with the in-tree package, off sys.path.
+ASAN_DIR := $(CURDIR)/build/asan
+simt-asan: $(STAMP)
+	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
+	cp -r sarkernels $(ASAN_DIR)/sarkernels && rm -f $(ASAN_DIR)/sarkernels/_simt*.so
+	SARKERNELS_SIMT=asan $(PY) setup.py -q build_ext --build-lib $(ASAN_DIR) --build-temp build/asan-tmp
+	SARKERNELS_SIMT=asan PYTHONPATH=$(ASAN_DIR) ASAN_OPTIONS=detect_leaks=0 \
+		LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+		$(VENV)/bin/pytest python_tests -q -m asan
 
 bench: build
 	$(PY) -m pytest benchmarks -q -rs --benchmark-columns=median,iqr,rounds \

@@ -32,7 +32,7 @@ def want_cuda():
 
 def extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = ["csrc/ops.cpp"] + rel("csrc/cpu/*.cpp")
+    sources = ["csrc/ops.cpp", "csrc/tensor_params.cpp"] + rel("csrc/cpu/*.cpp")
     macros = [("SARKERNELS_TORCH_VERSION", f'"{torch.__version__}"')]
     common = dict(include_dirs=[os.path.join(ROOT, "csrc/include"), os.path.join(ROOT, "csrc")],
                   extra_link_args=["-fopenmp"])
@@ -47,7 +47,10 @@ def extension():
 
 
 def simt_extension(asan):
-    sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc/simt/*.cpp")))
+    # the executor, its self-tests and the ops' glue (csrc/simt/), with the tensor->params
+    # code the CPU and CUDA glue share
+    sources = ["csrc/tensor_params.cpp"] + sorted(
+        os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc/simt/*.cpp")))
     # hidden: the emulated kernels' symbols must never interpose with _C's
     cxx = ["-std=c++20", "-fvisibility=hidden"]
     cxx += ["-fsanitize=address", "-fno-omit-frame-pointer", "-O1"] if asan else ["-O2"]

@@ -1,33 +1,14 @@
-// The op schemas (the contract of sarkernels.ops) and the _C module's build information.
-// Backends register implementations in their own files; fake impls and autograd are
-// registered in Python (sarkernels/ops.py).
+// The sarkernels op library (schemas from schemas.h) and the _C module's build information.
+// Backends register implementations in their own files (cpu/ops_cpu.cpp, cuda/ops_cuda.cu).
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include "schemas.h"
 #ifdef SARKERNELS_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
 
-TORCH_LIBRARY(sarkernels, m) {
-  m.def(
-      "set_attention(Tensor q, Tensor k, Tensor v, Tensor q_sets, Tensor k_sets, bool strict, "
-      "float scale) -> (Tensor out, Tensor lse)");
-  m.def(
-      "set_attention_backward(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, "
-      "Tensor out, Tensor lse, Tensor q_sets, Tensor k_sets, bool strict, float scale) -> "
-      "(Tensor dq, Tensor dk, Tensor dv)");
-  m.def(
-      "kv_cache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, "
-      "Tensor slots) -> ()");
-  m.def(
-      "interleave_position_instructions(Tensor tokens, Tensor positions, Tensor instruction, "
-      "Tensor? prefix, int num_heads, int grid_h, int grid_w, float rope_base, bool merge) -> "
-      "Tensor");
-  m.def(
-      "interleave_position_instructions_backward(Tensor grad, Tensor positions, "
-      "Tensor instruction, int prefix_len, int num_heads, int grid_h, int grid_w, "
-      "float rope_base, bool merge) -> (Tensor grad_tokens, Tensor grad_instruction, "
-      "Tensor grad_prefix)");
-}
+TORCH_LIBRARY(sarkernels, m) { sarkernels::define_ops(m); }
 
 // setup.py / CMake pass what they built against and for.
 #ifndef SARKERNELS_TORCH_VERSION

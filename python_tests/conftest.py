@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -12,9 +14,13 @@ settings.register_profile("dev", max_examples=15, **_shared)
 settings.load_profile("ci")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-HAS_KERNELS = "cpu" in ops.kernel_devices()
-# Every test that takes `backend` runs on the compiled CPU kernels and on the reference.
-BACKENDS = ["kernels", "reference"] if HAS_KERNELS else ["reference"]
+HAS_KERNELS = ops.backends()["cpu"]["usable"]
+HAS_SIMT = ops.backends()["simt"]["usable"]
+# Every test that takes `backend` runs on the compiled CPU kernels, the CUDA kernels under
+# the SIMT executor (where built) and the reference.
+BACKENDS = ["kernels"] * HAS_KERNELS + ["simt"] * HAS_SIMT + ["reference"]
+# Op namespaces for opcheck: the compiled CPU kernels and the SIMT-run CUDA kernels.
+NAMESPACES = ["sarkernels"] * HAS_KERNELS + ["sarkernels_simt"] * HAS_SIMT
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,6 +36,23 @@ def pytest_collection_modifyitems(config, items):
 def backend(request):
     with sarkernels.use_backend(request.param):
         yield request.param
+
+
+@contextlib.contextmanager
+def simt_options(schedule="forward", seed=0, threads=1):
+    """The SIMT executor's schedule and thread pool within the block."""
+    from sarkernels import _simt
+    previous = _simt.options()
+    _simt.set_options(schedule, seed, threads)
+    try:
+        yield
+    finally:
+        _simt.set_options(**previous)
+
+
+def bits(t):
+    """A view that compares equal only for identical bits (NaNs included)."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def set_ids(pattern, batch, length, gen, num_sets=5):

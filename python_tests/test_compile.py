@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import sarkernels
-from conftest import HAS_KERNELS
+from conftest import HAS_KERNELS, HAS_SIMT
 
 
 class TinyRandAR(torch.nn.Module):
@@ -31,18 +31,22 @@ class TinyRandAR(torch.nn.Module):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_KERNELS, reason="sarkernels._C not built")
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("backend", [pytest.param("kernels", marks=pytest.mark.skipif(
+    not HAS_KERNELS, reason="sarkernels._C not built")), pytest.param("simt", marks=pytest.mark.skipif(
+        not HAS_SIMT, reason="sarkernels._simt not built"))])
+def test_compile_fullgraph_matches_eager(backend):
     torch.manual_seed(0)
     model = TinyRandAR()
     tokens, cls = torch.randn(1, 6, 32), torch.randn(1, 1, 32)
     positions = torch.randperm(16)[:6][None]
-    eager = model(tokens, positions, cls)
-    eager_cache = model.k_cache.clone()
-    model.k_cache.zero_()
-    compiled = torch.compile(model, fullgraph=True)
-    out = compiled(tokens, positions, cls)
-    torch.testing.assert_close(out, eager)
-    torch.testing.assert_close(model.k_cache, eager_cache)
-    out.sum().backward()  # the backward compiles through the registered autograd
+    torch.compiler.reset()  # a compiled graph keeps the backend it was traced under
+    with sarkernels.use_backend(backend):
+        eager = model(tokens, positions, cls)
+        eager_cache = model.k_cache.clone()
+        model.k_cache.zero_()
+        compiled = torch.compile(model, fullgraph=True)
+        out = compiled(tokens, positions, cls)
+        torch.testing.assert_close(out, eager)
+        torch.testing.assert_close(model.k_cache, eager_cache)
+        out.sum().backward()  # the backward compiles through the registered autograd
     assert model.instruction.grad is not None and torch.isfinite(model.instruction.grad).all()

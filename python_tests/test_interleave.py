@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 import sarkernels
 from sarkernels import reference
 from sarkernels.rope import CLASS_TOKEN
-from conftest import HAS_KERNELS, assert_within
+from conftest import NAMESPACES, assert_within
 
 
 def llamagen_rope_2d(x, cells, grid_w, base=10000.0):
@@ -122,22 +122,24 @@ def test_shared_vector_is_rope_of_the_cell(backend):
     torch.testing.assert_close(out[:, 1::2], tok)
 
 
-@pytest.mark.skipif(not HAS_KERNELS, reason="sarkernels._C not built")
-def test_opcheck_and_gradcheck():
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_opcheck_and_gradcheck(ns):
     gen = torch.Generator().manual_seed(1)
     tok = torch.randn(2, 5, 16, generator=gen, dtype=torch.float64, requires_grad=True)
     pos = torch.stack([torch.randperm(12, generator=gen)[:5] for _ in range(2)])
     vec = torch.randn(16, generator=gen, dtype=torch.float64, requires_grad=True)
     table = torch.randn(12, 16, generator=gen, dtype=torch.float64, requires_grad=True)
     pre = torch.randn(2, 2, 16, generator=gen, dtype=torch.float64, requires_grad=True)
-    op = torch.ops.sarkernels.interleave_position_instructions.default
+    op = getattr(torch.ops, ns).interleave_position_instructions.default
+    backend = "simt" if ns == "sarkernels_simt" else "kernels"
     for ins, heads in ((vec, 2), (table, 0)):
         for merge in (False, True):
-            torch.library.opcheck(op, (tok, pos, ins, pre, heads, 3, 4, 10000.0, merge))
+            torch.library.opcheck(op, (tok, pos, ins, pre, heads, 3, 4, 10000.0, merge, True))
             f = lambda t, i, p: sarkernels.interleave_position_instructions(
                 t, pos, i, num_heads=2, grid_size=(3, 4), prefix=p, merge=merge)
-            assert torch.autograd.gradcheck(f, (tok, ins, pre))
-    torch.library.opcheck(op, (tok, pos, table, None, 0, 0, 0, 10000.0, False))
+            with sarkernels.use_backend(backend):
+                assert torch.autograd.gradcheck(f, (tok, ins, pre))
+    torch.library.opcheck(op, (tok, pos, table, None, 0, 0, 0, 10000.0, False, False))
 
 
 @pytest.mark.parametrize("pos", [[[0, 12]], [[-1, 2]]])

@@ -5,30 +5,27 @@ a warp GEMM against torch.matmul, identical bits under every schedule, and plant
 that must be reported, never hang.
 
 The whole module also runs under AddressSanitizer (`make simt-asan`, marker `asan`)."""
-import contextlib
 import os
+import re
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import simt_options as options
+
 simt = pytest.importorskip("sarkernels._simt", reason="built only with SARKERNELS_SIMT=1")
 pytestmark = pytest.mark.asan
-ASAN = simt.build_info["asan"]
+# `make simt-asan` sets SARKERNELS_SIMT=asan: there the ASan tests must run (and fail if the
+# module loaded is not the ASan build); elsewhere they need that build.
+needs_asan = pytest.mark.skipif(
+    not simt.build_info["asan"] and os.environ.get("SARKERNELS_SIMT") != "asan",
+    reason="needs the AddressSanitizer build of _simt (make simt-asan)")
 
 SCHEDULES = [("forward", 0), ("reverse", 0), ("random", 1), ("random", 2)]
 HALF_TYPES = [torch.bfloat16, torch.float16]
-
-
-@contextlib.contextmanager
-def options(schedule="forward", seed=0, threads=1):
-    previous = simt.options()
-    simt.set_options(schedule, seed, threads)
-    try:
-        yield
-    finally:
-        simt.set_options(**previous)
 
 
 def under_every_schedule(fn):
@@ -174,9 +171,9 @@ def test_partial_warp_collectives():
     got = simt.tail_ballot(x, 0x0000FFFF)  # the last warp has 16 lanes
     expected = [sum(1 << i for i in range(32) if x[i] > 0)] * 32 + [sum(1 << i for i in range(16) if x[32 + i] > 0)] * 16
     assert torch.equal(got, to_int32(expected))
-    with pytest.raises(RuntimeError, match=r"tail_ballot.*lanes 16-31 that do not exist"):
+    with pytest.raises(RuntimeError, match=r"tail_ballot.*ballot at \S+:\d+ \(mask 0xffffffff\): the mask names lanes 16-31, which do not exist"):
         simt.tail_ballot(x, 0xFFFFFFFF)
-    with pytest.raises(RuntimeError, match=r"tail_ballot.*does not include the calling lane"):
+    with pytest.raises(RuntimeError, match=r"tail_ballot.*the mask leaves out the calling lane 1\b"):
         simt.tail_ballot(x[:32].clone(), 0x1)
 
 
@@ -257,6 +254,13 @@ def test_missing_barrier_is_caught():
     # two schedules disagree
     assert forward.isnan().any() and reverse.isnan().any()
     assert not torch.equal(bits(forward), bits(reverse))
+    # a random schedule is another order, and the same one for the same seed
+    with options("random", 5):
+        random = simt.shared_exchange(x, barrier=False)
+    with options("random", 5):
+        assert torch.equal(bits(simt.shared_exchange(x, barrier=False)), bits(random))
+    assert random.isnan().any() and not random.isnan().all()
+    assert not torch.equal(bits(random), bits(forward)) and not torch.equal(bits(random), bits(reverse))
 
 
 # ---------------------------------------------------------------- planted bugs
@@ -288,7 +292,13 @@ def test_deadlock_report_names_every_waiter():
         simt.partial_shuffle(True)
     msg = str(info.value)
     assert "threads 16-31 wait at __syncthreads (" in msg and "selftest_kernels.cuh:" in msg
-    assert "warp 0 lanes 0-15 wait in shfl (mask 0xffffffff) for lanes 16-31" in msg
+    assert re.search(r"warp 0 lanes 0-15 wait in shfl at \S+selftest_kernels.cuh:\d+ \(mask 0xffffffff\) "
+                     r"for lanes 16-31", msg), msg
+
+
+def test_primitives_outside_a_kernel_raise():
+    with pytest.raises(RuntimeError, match="used outside a kernel"):
+        simt.lane_id_outside_kernel()
 
 
 def test_errors_stop_the_thread_pool_too():
@@ -305,21 +315,32 @@ def test_bad_options_are_rejected():
 
 
 # ---------------------------------------------------------------- AddressSanitizer
-# ASan aborts the process at the first error: each planted access runs in a subprocess
-# with this process's environment (LD_PRELOAD of libasan, PYTHONPATH of the ASan build).
+# ASan aborts the process at the first error: each planted access runs in a subprocess with
+# this process's environment (LD_PRELOAD of libasan) and package, away from the working
+# directory (which may hold another build of the package).
 
-def run_planted(code):
+def run_planted(code, tmp_path):
+    package_root = os.path.dirname(os.path.dirname(simt.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-c", "import torch, sarkernels._simt as s; " + code],
-                          capture_output=True, text=True, env=dict(os.environ), timeout=600)
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
 
 
-@pytest.mark.skipif(not ASAN, reason="needs the AddressSanitizer build of _simt (make simt-asan)")
-def test_asan_reports_an_out_of_bounds_global_write():
-    r = run_planted("s.oob_write(torch.zeros(10))")
+@needs_asan
+def test_asan_reports_an_out_of_bounds_global_write(tmp_path):
+    r = run_planted("s.oob_write(torch.zeros(10))", tmp_path)
     assert r.returncode != 0 and "AddressSanitizer: heap-buffer-overflow" in r.stderr, r.stderr[-3000:]
 
 
-@pytest.mark.skipif(not ASAN, reason="needs the AddressSanitizer build of _simt (make simt-asan)")
-def test_asan_reports_a_shared_memory_overflow():
-    r = run_planted("s.shared_overflow()")
+@needs_asan
+def test_asan_reports_a_shared_memory_overflow(tmp_path):
+    r = run_planted("s.shared_overflow()", tmp_path)
     assert r.returncode != 0 and "AddressSanitizer: use-after-poison" in r.stderr, r.stderr[-3000:]
+
+
+def test_stack_overflow_faults_in_the_guard_region(tmp_path):
+    r = run_planted("s.stack_overflow()", tmp_path)
+    if simt.build_info["asan"]:
+        assert "AddressSanitizer: stack-overflow" in r.stderr, r.stderr[-3000:]
+    else:
+        assert r.returncode == -signal.SIGSEGV, (r.returncode, r.stderr[-3000:])

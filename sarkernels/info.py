@@ -5,25 +5,14 @@ from . import ops
 
 
 def info():
-    """A dict: package and torch versions, the _C build information (or why it failed to
-    load) and, per backend, whether it is compiled, usable now, and the reason if not."""
-    build = dict(ops._C.build_info) if ops._C is not None else None
-    backends = {"reference": {"compiled": True, "usable": True, "why_not": None}}
-    for dev in ("cpu", "cuda"):
-        compiled = dev in ops._KERNEL_DEVICES
-        if ops._C is None:
-            why = f"sarkernels._C did not load ({ops.LOAD_ERROR})"
-        elif not compiled:
-            why = (f"_C was built without {dev} kernels"
-                   + ("" if build["cuda"] else " (no nvcc or a CPU-only torch at build time)"))
-        elif dev == "cuda" and not torch.cuda.is_available():
-            why = "no CUDA device visible"
-        else:
-            why = None
-        backends[dev] = {"compiled": compiled, "usable": why is None, "why_not": why}
+    """A dict: package and torch versions, the _C build information (None if it did not
+    load), per backend (reference, cpu, cuda, simt) whether it is compiled and usable, why
+    not, and per op whether a kernel or the reference runs; and which attention kernel runs
+    where."""
     from . import __version__
     return {"sarkernels": __version__, "torch": torch.__version__,
-            "torch_cuda": torch.version.cuda, "build": build, "backends": backends,
+            "torch_cuda": torch.version.cuda, "build": ops.build_info(),
+            "backends": ops.backends(), "attention_rule": ops.ATTENTION_RULE,
             "threads": torch.get_num_threads()}
 
 
@@ -37,4 +26,10 @@ def format_info(d):
     lines.append(f"{'backend':<10} {'compiled':<9} {'usable':<7} why not")
     for name, s in d["backends"].items():
         lines.append(f"{name:<10} {str(s['compiled']):<9} {str(s['usable']):<7} {s['why_not'] or ''}")
+    ops_names = list(d["backends"]["reference"]["ops"])
+    lines.append("")
+    lines.append(f"{'op':<42} " + " ".join(f"{name:<10}" for name in d["backends"]))
+    for op in ops_names:
+        lines.append(f"{op:<42} " + " ".join(f"{s['ops'][op]:<10}" for s in d["backends"].values()))
+    lines.append(f"set_attention: {d['attention_rule']}")
     return "\n".join(lines)

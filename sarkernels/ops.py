@@ -1,11 +1,24 @@
 """The public ops: argument checks, backend choice, fake impls and autograd.
 
-Each op runs as ``torch.ops.sarkernels.*`` (compiled kernels) when ``sarkernels._C`` has a
-kernel for the tensors' device, and as the pure-PyTorch reference otherwise. Checks that
-need only shapes, dtypes and devices happen here (they trace under ``torch.compile``);
-checks of values (slots, positions) happen inside the kernels and the reference.
+Backends (:func:`use_backend`, per thread and task):
+
+- ``"auto"`` (default): ``torch.ops.sarkernels`` (the compiled kernels of
+  ``sarkernels._C``) where it has kernels for the tensors' device, the pure-PyTorch
+  reference otherwise;
+- ``"kernels"``: the compiled kernels, an error where there are none;
+- ``"reference"``: the pure-PyTorch references;
+- ``"simt"``: ``torch.ops.sarkernels_simt``, the CUDA kernels run on CPU tensors by the SIMT
+  executor of ``sarkernels._simt`` (built with ``SARKERNELS_SIMT=1``).
+
+Where a backend has no backward kernel for set_attention, the backward recomputes the
+reference under autograd. :func:`backends`
+says what is compiled and usable and, per op, what runs. Checks that need only shapes,
+dtypes and devices happen here (they trace under ``torch.compile``); checks of values
+(slots, positions) happen inside the kernels and the reference.
 """
 import contextlib
+import contextvars
+import importlib
 
 import torch
 
@@ -13,58 +26,127 @@ from . import reference
 from .rope import grid_shape, rope_2d
 
 __all__ = ["set_attention", "kv_cache_append", "interleave_position_instructions", "rope_2d",
-           "use_backend", "kernel_devices"]
+           "use_backend", "current_backend", "backends", "build_info"]
 
-try:
-    from . import _C
-    LOAD_ERROR = None
-except ImportError as exc:  # the package still works on the reference path
-    _C = None
-    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+def _load(name):
+    """The compiled module `name` and None, or None and why it did not load."""
+    try:
+        return importlib.import_module(f".{name}", __package__), None
+    except ImportError as exc:  # the package still works on the reference path
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+_C, LOAD_ERROR = _load("_C")
+_simt, SIMT_LOAD_ERROR = _load("_simt")
 
 _OPS = ("set_attention", "set_attention_backward", "kv_cache_append",
         "interleave_position_instructions", "interleave_position_instructions_backward")
-_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+# set_attention_backward may be missing: the reference recompute stands in for it.
+_REQUIRED = tuple(op for op in _OPS if op != "set_attention_backward")
+# Which kernel set_attention's forward runs (the rule lives in csrc/kernel_ops.h).
+ATTENTION_RULE = ("cpu: the CPU kernels, forward and backward; cuda and simt: the split-KV "
+                  "decode kernel for at most 16 queries (or a head dim not a multiple of 8), "
+                  "the fused training kernel otherwise; backward: the fused backward kernel "
+                  "(deterministic dQ under torch.use_deterministic_algorithms)")
+# Implementation backends: op namespace, dispatch key, loaded module, load error.
+_IMPLS = {"cpu": ("sarkernels", "CPU", _C, LOAD_ERROR),
+          "cuda": ("sarkernels", "CUDA", _C, LOAD_ERROR),
+          "simt": ("sarkernels_simt", "CPU", _simt, SIMT_LOAD_ERROR)}
 
 
-def kernel_devices():
-    """Device types for which every op has a compiled kernel."""
-    if _C is None:
-        return frozenset()
-    has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return frozenset(dev for dev, key in _DISPATCH_KEYS.items()
-                     if all(has(f"sarkernels::{op}", key) for op in _OPS))
+def _has_kernel(ns, op, key):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{op}", key)
 
 
-_KERNEL_DEVICES = kernel_devices()
-_backend = {"name": "auto"}
+def _compiled(impl):
+    ns, key, module, _ = _IMPLS[impl]
+    return module is not None and all(_has_kernel(ns, op, key) for op in _REQUIRED)
+
+
+_KERNEL_DEVICES = frozenset(dev for dev in ("cpu", "cuda") if _compiled(dev))
+_backend = contextvars.ContextVar("sarkernels_backend", default="auto")
+BACKENDS = ("auto", "kernels", "reference", "simt")
+
+
+def backends():
+    """Per implementation backend (reference, cpu, cuda, simt): whether it is compiled and
+    usable here, why not, and per op whether a ``"kernel"`` or the ``"reference"`` runs."""
+    out = {"reference": {"compiled": True, "usable": True, "why_not": None,
+                         "ops": {op: "reference" for op in _OPS}}}
+    for impl, (ns, key, module, error) in _IMPLS.items():
+        compiled = _compiled(impl)
+        if module is None:
+            why = f"sarkernels.{'_simt' if impl == 'simt' else '_C'} did not load ({error})"
+            if impl == "simt":
+                why += "; build with SARKERNELS_SIMT=1"
+        elif not compiled:
+            why = (f"_C was built without {impl} kernels (no nvcc or a CPU-only torch at "
+                   "build time)")
+        elif impl == "cuda" and not torch.cuda.is_available():
+            why = "no CUDA device visible"
+        else:
+            why = None
+        ops = {op: "kernel" if compiled and _has_kernel(ns, op, key) else "reference"
+               for op in _OPS}
+        out[impl] = {"compiled": compiled, "usable": why is None, "why_not": why, "ops": ops}
+    return out
+
+
+def build_info():
+    """What ``sarkernels._C`` was built with and against, or None if it did not load."""
+    return dict(_C.build_info) if _C is not None else None
 
 
 @contextlib.contextmanager
 def use_backend(name):
-    """Within the block, run every op with ``"kernels"`` (compiled, error if missing for a
-    device), ``"reference"`` (pure PyTorch) or ``"auto"`` (kernels where compiled)."""
-    if name not in ("auto", "kernels", "reference"):
-        raise ValueError(f"use_backend: name must be 'auto', 'kernels' or 'reference', got {name!r}")
-    previous = _backend["name"]
-    _backend["name"] = name
+    """Within the block (this thread or task only), run every op with ``name``: one of
+    ``"auto"``, ``"kernels"``, ``"reference"`` or ``"simt"`` (see the module docstring).
+
+    A ``torch.compile``d graph keeps the backend it was traced under; call
+    ``torch.compiler.reset()`` before compiling under another one."""
+    if name not in BACKENDS:
+        raise ValueError(f"use_backend: name must be one of {', '.join(map(repr, BACKENDS))}, "
+                         f"got {name!r}")
+    token = _backend.set(name)
     try:
         yield
     finally:
-        _backend["name"] = previous
+        _backend.reset(token)
 
 
-def _kernels_for(device):
-    name = _backend["name"]
+def current_backend():
+    """The backend :func:`use_backend` selected in this thread/task (``"auto"`` outside)."""
+    return _backend.get()
+
+
+# Dynamo cannot trace ContextVar.get: a compiled graph takes the backend current when it
+# was traced.
+@torch.compiler.assume_constant_result
+def _backend_name():
+    return _backend.get()
+
+
+def _ops_for(device):
+    """The op namespace that runs on `device` tensors now, or None for the reference."""
+    name = _backend_name()
     if name == "reference":
-        return False
+        return None
+    if name == "simt":
+        if _simt is None:
+            raise RuntimeError("sarkernels: simt backend requested but sarkernels._simt is not "
+                               f"built (set SARKERNELS_SIMT=1 when building): {SIMT_LOAD_ERROR}")
+        if device.type != "cpu":
+            raise RuntimeError(f"sarkernels: the simt backend runs on CPU tensors, got "
+                               f"{device.type} tensors")
+        return torch.ops.sarkernels_simt
     if device.type in _KERNEL_DEVICES:
-        return True
+        return torch.ops.sarkernels
     if name == "kernels":
         why = LOAD_ERROR or f"sarkernels._C has no {device.type} kernels"
         raise RuntimeError(f"sarkernels: kernels backend requested for {device.type} tensors "
                            f"but unavailable ({why})")
-    return False
+    return None
 
 
 # ---------------------------------------------------------------- argument checks
@@ -168,8 +250,9 @@ def set_attention(q, k, v, q_sets, k_sets, *, strict=False, scale=None, return_l
     """
     _check_attention(q, k, v, q_sets, k_sets)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if _kernels_for(q.device):
-        out, lse = torch.ops.sarkernels.set_attention(q, k, v, q_sets, k_sets, strict, scale)
+    ops = _ops_for(q.device)
+    if ops is not None:
+        out, lse = ops.set_attention(q, k, v, q_sets, k_sets, strict, scale)
     else:
         out, lse = reference.set_attention(q, k, v, q_sets, k_sets, strict, scale)
     return (out, lse) if return_lse else out
@@ -177,7 +260,7 @@ def set_attention(q, k, v, q_sets, k_sets, *, strict=False, scale=None, return_l
 
 # ---------------------------------------------------------------- kv cache
 
-def kv_cache_append(k_cache, v_cache, k, v, slots):
+def kv_cache_append(k_cache, v_cache, k, v, slots, *, check=True):
     """Writes ``k_cache[b, :, slots[b, i]] = k[b, :, i]`` and the same for v, in place.
 
     Caches ``[B, Hkv, S, D]``, k and v ``[B, Hkv, n, D]``, slots ``[B, n]`` integer. A slot
@@ -185,6 +268,12 @@ def kv_cache_append(k_cache, v_cache, k, v, slots):
     Overwriting slots written by earlier calls is allowed. The caches must not be leaves
     that require grad and must not overlap in memory (not one tensor, nor views of one
     buffer). Returns None.
+
+    ``check``: on CUDA tensors, reading the kernel's error flag costs a device-to-host copy
+    (a sync); ``check=False``, and any call while a CUDA graph is being captured, skips it:
+    a bad slot then writes nothing but raises nothing. The compiled CPU and simt kernels
+    check for free, always; the reference backend checks only with ``check=True`` (the
+    check reads values on the host).
     """
     fn = "kv_cache_append"
     _check_float(fn, "k_cache", k_cache)
@@ -208,17 +297,18 @@ def kv_cache_append(k_cache, v_cache, k, v, slots):
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError(f"{fn}: caches must have a unit stride on their last dim")
     _check_caches(fn, k_cache, v_cache)
-    if _kernels_for(k_cache.device):
-        torch.ops.sarkernels.kv_cache_append(k_cache, v_cache, k, v, slots)
+    ops = _ops_for(k_cache.device)
+    if ops is not None:
+        ops.kv_cache_append(k_cache, v_cache, k, v, slots, check)
     else:
-        reference.kv_cache_append(k_cache, v_cache, k, v, slots)
+        reference.kv_cache_append(k_cache, v_cache, k, v, slots, check)
 
 
 # ---------------------------------------------------------------- interleave
 
 def interleave_position_instructions(tokens, positions, instruction, *, num_heads=None,
                                      grid_size=None, rope_base=10000.0, prefix=None,
-                                     merge=False):
+                                     merge=False, check=True):
     """Builds RandAR's ``[prefix, instr_0, tok_0, instr_1, tok_1, ...]`` (``merge=False``,
     ``[B, C + 2N, D]``) or RAR's target-aware ``[prefix + instr_0 on its last row,
     tok_0 + instr_1, ..., tok_(N-1)]`` (``merge=True``, ``[B, C + N, D]``).
@@ -227,7 +317,9 @@ def interleave_position_instructions(tokens, positions, instruction, *, num_head
     instruction: a table ``[P, D]`` gathered by position, or one shared vector ``[D]``
     rotated per head (``num_heads``) by the 2D RoPE of the cell (needs
     ``grid_size=(H, W)`` or an int for a square grid). Differentiable in tokens, instruction
-    and prefix. Positions outside the table/grid raise ValueError.
+    and prefix. Positions outside the table/grid raise ValueError; ``check`` is
+    :func:`kv_cache_append`'s (``check=False`` on CUDA: no sync, and a bad position gives a
+    meaningless result instead of an error).
     """
     fn = "interleave_position_instructions"
     _check_float(fn, "tokens", tokens)
@@ -268,18 +360,35 @@ def interleave_position_instructions(tokens, positions, instruction, *, num_head
     else:
         raise ValueError(f"{fn}: instruction must be a table [P, D] or a vector [D], got shape "
                          f"{_shape(instruction)}")
-    if _kernels_for(tokens.device):
-        return torch.ops.sarkernels.interleave_position_instructions(
+    ops = _ops_for(tokens.device)
+    if ops is not None:
+        return ops.interleave_position_instructions(
             tokens, positions, instruction, prefix, num_heads, grid[0], grid[1],
-            float(rope_base), merge)
+            float(rope_base), merge, check)
     return reference.interleave_position_instructions(
-        tokens, positions, instruction, num_heads, grid_size, rope_base, prefix, merge)
+        tokens, positions, instruction, num_heads, grid_size, rope_base, prefix, merge, check)
 
 
 # ---------------------------------------------------------------- registration
 
-def _register():
-    lib = "sarkernels::"
+def _dispatch_key(device):
+    return "CUDA" if device.type == "cuda" else "CPU"
+
+
+def _recompute_attention_backward(dout, dlse, q, k, v, q_sets, k_sets, strict, scale):
+    """set_attention's gradients through the reference's autograd, for backends without a
+    backward kernel."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, lse = reference.set_attention(*leaves, q_sets, k_sets, strict, scale)
+        outputs, grads = ((out, lse), (dout, dlse)) if dlse is not None else ((out,), (dout,))
+        got = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(got, leaves))
+
+
+def _register(ns):
+    """Fake impls and autograd of the ops in namespace `ns` (sarkernels, sarkernels_simt)."""
+    lib, ops = ns + "::", getattr(torch.ops, ns)
 
     @torch.library.register_fake(lib + "set_attention")
     def _(q, k, v, q_sets, k_sets, strict, scale):
@@ -298,22 +407,27 @@ def _register():
         q, k, v, q_sets, k_sets, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = torch.ops.sarkernels.set_attention_backward(
-            dout, dlse, q, k, v, out, lse, q_sets, k_sets, ctx.strict, ctx.scale)
+        if _has_kernel(ns, "set_attention_backward", _dispatch_key(q.device)):
+            dq, dk, dv = ops.set_attention_backward(
+                dout, dlse, q, k, v, out, lse, q_sets, k_sets, ctx.strict, ctx.scale)
+        else:
+            dq, dk, dv = _recompute_attention_backward(dout, dlse, q, k, v, q_sets, k_sets,
+                                                       ctx.strict, ctx.scale)
         return dq, dk, dv, None, None, None, None
 
     torch.library.register_autograd(lib + "set_attention", attention_backward,
                                     setup_context=attention_setup)
 
     @torch.library.register_fake(lib + "kv_cache_append")
-    def _(k_cache, v_cache, k, v, slots):
+    def _(k_cache, v_cache, k, v, slots, check=True):
         return None
 
     @torch.library.register_fake(lib + "interleave_position_instructions")
-    def _(tokens, positions, instruction, prefix, num_heads, grid_h, grid_w, rope_base, merge):
+    def _(tokens, positions, instruction, prefix, num_heads, grid_h, grid_w, rope_base, merge,
+          check=True):
         b, n, d = tokens.shape
         c = 0 if prefix is None else prefix.shape[1]
-        return tokens.new_empty(b, c + (n if merge else 2 * n), d)
+        return tokens.new_empty(b, reference.interleave_length(c, n, merge), d)
 
     @torch.library.register_fake(lib + "interleave_position_instructions_backward")
     def _(grad, positions, instruction, prefix_len, num_heads, grid_h, grid_w, rope_base, merge):
@@ -323,7 +437,7 @@ def _register():
                 grad.new_empty(b, prefix_len, d))
 
     def interleave_setup(ctx, inputs, output):
-        tokens, positions, instruction, prefix, *config = inputs
+        tokens, positions, instruction, prefix, *config, _check = inputs
         ctx.save_for_backward(positions, instruction)
         ctx.prefix_len = None if prefix is None else prefix.shape[1]
         ctx.config = config
@@ -331,17 +445,17 @@ def _register():
     def interleave_backward(ctx, grad):
         positions, instruction = ctx.saved_tensors
         num_heads, grid_h, grid_w, rope_base, merge = ctx.config
-        g_tokens, g_instruction, g_prefix = \
-            torch.ops.sarkernels.interleave_position_instructions_backward(
-                grad, positions, instruction, ctx.prefix_len or 0, num_heads, grid_h, grid_w,
-                rope_base, merge)
+        g_tokens, g_instruction, g_prefix = ops.interleave_position_instructions_backward(
+            grad, positions, instruction, ctx.prefix_len or 0, num_heads, grid_h, grid_w,
+            rope_base, merge)
         if ctx.prefix_len is None:
             g_prefix = None
-        return g_tokens, None, g_instruction, g_prefix, None, None, None, None, None
+        return g_tokens, None, g_instruction, g_prefix, None, None, None, None, None, None
 
     torch.library.register_autograd(lib + "interleave_position_instructions",
                                     interleave_backward, setup_context=interleave_setup)
 
 
-if _C is not None:
-    _register()
+for _ns, _module in (("sarkernels", _C), ("sarkernels_simt", _simt)):
+    if _module is not None:
+        _register(_ns)

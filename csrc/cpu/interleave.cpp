@@ -3,12 +3,13 @@
 // of the instruction's columns and adds rows in a fixed order).
 #include "cpu/interleave.h"
 
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <vector>
 
+#include "cpu/dispatch.h"
+#include "sarkernels/interleave_layout.h"
 #include "sarkernels/rope.h"
 
 namespace sarkernels::cpu {
@@ -40,18 +41,6 @@ int64_t position(const InterleaveParams& p, int64_t b, int64_t i) {
   return p.positions[b * p.positions_strides[0] + i * p.positions_strides[1]];
 }
 
-void check_positions(const InterleaveParams& p) {
-  const int64_t limit = p.num_heads == 0 ? p.table_rows : p.grid_h * p.grid_w;
-  for (int64_t b = 0; b < p.batch; ++b) {
-    for (int64_t i = 0; i < p.num_tokens; ++i) {
-      const int64_t cell = position(p, b, i);
-      TORCH_CHECK_VALUE(cell >= 0 && cell < limit, "interleave_position_instructions: positions[", b,
-                  ", ", i, "] = ", cell, " is outside [0, ", limit, ") (",
-                  p.num_heads == 0 ? "instruction table rows" : "grid cells", ")");
-    }
-  }
-}
-
 // The instruction for token (b, i), in the accumulation type.
 template <typename T, typename A>
 void instruction_row(const InterleaveParams& p, const RopeTable<A>& rope, int64_t b, int64_t i,
@@ -75,7 +64,6 @@ void instruction_row(const InterleaveParams& p, const RopeTable<A>& rope, int64_
 template <typename T>
 void forward(const InterleaveParams& p) {
   using A = at::opmath_type<T>;
-  check_positions(p);
   const RopeTable<A> rope(p);
   const int64_t d = p.dim, c_len = p.prefix_len;
   auto row_ptr = [&](auto base, const int64_t* st, int64_t b, int64_t r) {
@@ -89,31 +77,33 @@ void forward(const InterleaveParams& p) {
       std::copy(src, src + d, row_ptr(out, p.out_strides, b, c));
     }
   });
+  const InterleaveLayout layout = layout_of(p);
   at::parallel_for(0, p.batch * p.num_tokens, 16, [&](int64_t begin, int64_t end) {
     std::vector<A> ins(d);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / p.num_tokens, i = unit % p.num_tokens;
       const T* tok = row_ptr(static_cast<const T*>(p.tokens), p.tokens_strides, b, i);
+      T* tok_dst = row_ptr(out, p.out_strides, b, layout.token_row(i));
       if (!p.merge) {
         instruction_row<T, A>(p, rope, b, i, ins.data());
-        T* dst = row_ptr(out, p.out_strides, b, c_len + 2 * i);
+        T* dst = row_ptr(out, p.out_strides, b, layout.instruction_row(i));
         for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<T>(ins[e]);
-        std::copy(tok, tok + d, row_ptr(out, p.out_strides, b, c_len + 2 * i + 1));
+        std::copy(tok, tok + d, tok_dst);
         continue;
       }
-      // merge: instr_{i+1} joins tok_i; instr_0 joins the last prefix row
+      // merge: unit i writes token i's row whole, with instruction i + 1 (that row is
+      // also its row); instruction 0 joins the last prefix row, written by the pass above.
       if (i == 0) {
         instruction_row<T, A>(p, rope, b, 0, ins.data());
-        T* dst = row_ptr(out, p.out_strides, b, c_len - 1);
+        T* dst = row_ptr(out, p.out_strides, b, layout.instruction_row(0));
         for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<T>(static_cast<A>(dst[e]) + ins[e]);
       }
-      T* dst = row_ptr(out, p.out_strides, b, c_len + i);
       if (i + 1 == p.num_tokens) {
-        std::copy(tok, tok + d, dst);
+        std::copy(tok, tok + d, tok_dst);
         continue;
       }
       instruction_row<T, A>(p, rope, b, i + 1, ins.data());
-      for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<T>(static_cast<A>(tok[e]) + ins[e]);
+      for (int64_t e = 0; e < d; ++e) tok_dst[e] = static_cast<T>(static_cast<A>(tok[e]) + ins[e]);
     }
   });
 }
@@ -124,19 +114,16 @@ void backward(const InterleaveParams& p, const void* grad_out_v, void* grad_toke
   using A = at::opmath_type<T>;
   const RopeTable<A> rope(p);
   const int64_t d = p.dim, c_len = p.prefix_len, n = p.num_tokens;
-  const T* g = static_cast<const T*>(grad_out_v);  // contiguous [B, out_len, D]
-  const int64_t out_len = c_len + (p.merge ? n : 2 * n);
-  auto grow = [&](int64_t b, int64_t r) { return g + (b * out_len + r) * d; };
-  // Row of the output that carries instruction i, and the one that carries token i.
-  auto instr_row = [&](int64_t i) { return p.merge ? c_len + i - 1 : c_len + 2 * i; };
-  auto token_row = [&](int64_t i) { return p.merge ? c_len + i : c_len + 2 * i + 1; };
+  const T* g = static_cast<const T*>(grad_out_v);  // contiguous [B, rows, D]
+  const InterleaveLayout layout = layout_of(p);
+  auto grow = [&](int64_t b, int64_t r) { return g + (b * layout.rows() + r) * d; };
 
   T* gt = static_cast<T*>(grad_tokens_v);
   T* gp = static_cast<T*>(grad_prefix_v);
   at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t i = 0; i < n; ++i) {
-        std::copy(grow(b, token_row(i)), grow(b, token_row(i)) + d, gt + (b * n + i) * d);
+        std::copy(grow(b, layout.token_row(i)), grow(b, layout.token_row(i)) + d, gt + (b * n + i) * d);
       }
       std::copy(grow(b, 0), grow(b, c_len), gp + b * c_len * d);
     }
@@ -147,7 +134,7 @@ void backward(const InterleaveParams& p, const void* grad_out_v, void* grad_toke
     at::parallel_for(0, d, 16, [&](int64_t begin, int64_t end) {
       for (int64_t b = 0; b < p.batch; ++b) {
         for (int64_t i = 0; i < n; ++i) {
-          const T* src = grow(b, instr_row(i));
+          const T* src = grow(b, layout.instruction_row(i));
           A* dst = gi + position(p, b, i) * d;
           for (int64_t e = begin; e < end; ++e) dst[e] += static_cast<A>(src[e]);
         }
@@ -158,7 +145,7 @@ void backward(const InterleaveParams& p, const void* grad_out_v, void* grad_toke
   at::parallel_for(0, d / 2, 8, [&](int64_t begin, int64_t end) {
     for (int64_t b = 0; b < p.batch; ++b) {
       for (int64_t i = 0; i < n; ++i) {
-        const T* src = grow(b, instr_row(i));
+        const T* src = grow(b, layout.instruction_row(i));
         const int64_t cell = position(p, b, i);
         for (int64_t q = begin; q < end; ++q) {
           const int64_t j = q % rope.pairs;
@@ -174,16 +161,16 @@ void backward(const InterleaveParams& p, const void* grad_out_v, void* grad_toke
 
 }  // namespace
 
-void interleave_forward(const InterleaveParams& p, at::ScalarType dtype) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "interleave_forward",
-                                  [&] { forward<scalar_t>(p); });
+void interleave_forward(const InterleaveParams& p, DType dt) {
+  dispatch(dt, [&](auto tag) { forward<typename decltype(tag)::type>(p); });
 }
 
-void interleave_backward(const InterleaveParams& p, at::ScalarType dtype, const void* grad_out,
+void interleave_backward(const InterleaveParams& p, DType dt, const void* grad_out,
                          void* grad_tokens, void* grad_prefix, void* grad_instruction) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, dtype, "interleave_backward",
-      [&] { backward<scalar_t>(p, grad_out, grad_tokens, grad_prefix, grad_instruction); });
+  dispatch(dt, [&](auto tag) {
+    backward<typename decltype(tag)::type>(p, grad_out, grad_tokens, grad_prefix,
+                                           grad_instruction);
+  });
 }
 
 }  // namespace sarkernels::cpu

@@ -13,8 +13,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#include "cpu/dispatch.h"
 #include "cpu/row_ops.h"
 #include "sarkernels/mask.h"
 
@@ -227,7 +229,6 @@ template <typename T>
 void backward(const SetAttentionBwdParams& g) {
   const SetAttentionParams& p = g.fwd;
   const KeyTiles tiles(p);
-  const int64_t q_tiles = (p.len_q + kTileQ - 1) / kTileQ;
   const int64_t group = p.heads_q / p.heads_kv;
   const int64_t d = p.head_dim;
   // One unit per (batch, kv head): it owns its dk/dv rows, so no two threads add into them.
@@ -295,14 +296,27 @@ void backward(const SetAttentionBwdParams& g) {
   });
 }
 
-}  // namespace
-
-void set_attention_forward(const SetAttentionParams& p, bool is_double) {
-  is_double ? forward<double>(p) : forward<float>(p);
+// The kernels take float or double; 16-bit inputs are upcast by the glue.
+template <typename F>
+void dispatch_float_double(DType dt, F&& f) {
+  dispatch(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+      f(tag);
+    } else {
+      TORCH_CHECK(false, "sarkernels: the CPU attention kernels take float32 or float64");
+    }
+  });
 }
 
-void set_attention_backward(const SetAttentionBwdParams& p, bool is_double) {
-  is_double ? backward<double>(p) : backward<float>(p);
+}  // namespace
+
+void set_attention_forward(const SetAttentionParams& p, DType dt) {
+  dispatch_float_double(dt, [&](auto tag) { forward<typename decltype(tag)::type>(p); });
+}
+
+void set_attention_backward(const SetAttentionBwdParams& p, DType dt) {
+  dispatch_float_double(dt, [&](auto tag) { backward<typename decltype(tag)::type>(p); });
 }
 
 }  // namespace sarkernels::cpu

@@ -2,7 +2,7 @@
 #include "sarkernels/params.h"
 
 namespace sarkernels::cpu {
-// Elements are float, or double when is_double; out/lse/dq/dk/dv must be contiguous.
-void set_attention_forward(const SetAttentionParams& p, bool is_double);
-void set_attention_backward(const SetAttentionBwdParams& p, bool is_double);
+// dt is float32 or float64 (the glue upcasts 16-bit inputs); out/lse/dq/dk/dv contiguous.
+void set_attention_forward(const SetAttentionParams& p, DType dt);
+void set_attention_backward(const SetAttentionBwdParams& p, DType dt);
 }  // namespace sarkernels::cpu

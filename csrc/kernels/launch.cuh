@@ -2,6 +2,7 @@
 // a host function beside the kernel, and one launch() that runs it on the current CUDA
 // stream (nvcc) or under the SIMT executor (host compiler).
 #pragma once
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -15,6 +16,25 @@ struct LaunchPlan {
   dim3 block;
   size_t smem = 0;  // dynamic shared memory, bytes
 };
+
+// Whole warps for a block whose threads stride over `work` items, at most max_threads.
+inline unsigned block_threads(int64_t work, unsigned max_threads = 128) {
+  const int64_t threads = (work + 31) / 32 * 32;
+  return static_cast<unsigned>(threads < 32 ? 32 : threads > max_threads ? max_threads : threads);
+}
+
+// What CUDA allows in one grid dimension.
+constexpr int64_t kMaxGridX = 2147483647, kMaxGridYZ = 65535;
+
+// A grid dimension from a block count, or an error naming the kernel beyond `limit`.
+inline unsigned grid_dim(const char* kernel, int64_t blocks, int64_t limit) {
+  if (blocks > limit) {
+    throw std::invalid_argument(std::string("sarkernels: ") + kernel + " needs " +
+                                std::to_string(blocks) + " blocks in one grid dimension (at most " +
+                                std::to_string(limit) + ")");
+  }
+  return static_cast<unsigned>(blocks);
+}
 
 template <typename... KArgs, typename... Args>
 void launch(const char* name, const LaunchPlan& plan, cudaStream_t stream,

@@ -20,3 +20,10 @@
 
 // Device functions of the kernels: inlined on the GPU, plain inline functions on the host.
 #define SK_DEVICE __device__ __forceinline__
+
+// Full unrolling of a loop over a register array (so it stays in registers on the GPU).
+#if SK_EMULATED
+#define SK_UNROLL
+#else
+#define SK_UNROLL _Pragma("unroll")
+#endif

@@ -9,6 +9,7 @@
 #include "kernels/platform.cuh"
 #if SK_EMULATED
 #include <atomic>
+#include <source_location>
 #endif
 
 namespace sarkernels::kernels {
@@ -31,9 +32,12 @@ SK_DEVICE void sync_warp(unsigned mask = kFullMask) { __syncwarp(mask); }
 inline void sync_threads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   simt::sync_threads(file, line);
 }
-inline void sync_warp(unsigned mask = kFullMask) {
+// The emulated collectives take their call site (for the executor's error messages).
+using Site = std::source_location;
+inline void sync_warp(unsigned mask = kFullMask, Site site = Site::current()) {
   simt::warp_collective("syncwarp", mask, nullptr, nullptr,
-                        [](const void* const*, void* const*, unsigned) {});
+                        [](const void* const*, void* const*, unsigned) {}, site.file_name(),
+                        int(site.line()));
 }
 #endif
 
@@ -80,23 +84,29 @@ inline void ballot_compute(const void* const* ins, void* const* outs, unsigned m
 }  // namespace emulated
 
 template <typename T>
-T shfl(T v, int src_lane, unsigned mask = kFullMask) {
+T shfl(T v, int src_lane, unsigned mask = kFullMask, Site site = Site::current()) {
   const emulated::ShflIn<T> in{v, src_lane};
   T out;
-  simt::warp_collective("shfl", mask, &in, &out, emulated::shfl_compute<T>);
+  simt::warp_collective("shfl", mask, &in, &out, emulated::shfl_compute<T>, site.file_name(),
+                        int(site.line()));
   return out;
 }
 template <typename T>
-T shfl_xor(T v, int lane_mask, unsigned mask = kFullMask) {
-  return shfl(v, lane_id() ^ lane_mask, mask);
+T shfl_xor(T v, int lane_mask, unsigned mask = kFullMask, Site site = Site::current()) {
+  return shfl(v, lane_id() ^ lane_mask, mask, site);
 }
-inline unsigned ballot(bool pred, unsigned mask = kFullMask) {
+inline unsigned ballot(bool pred, unsigned mask = kFullMask, Site site = Site::current()) {
   unsigned out;
-  simt::warp_collective("ballot", mask, &pred, &out, emulated::ballot_compute);
+  simt::warp_collective("ballot", mask, &pred, &out, emulated::ballot_compute, site.file_name(),
+                        int(site.line()));
   return out;
 }
-inline bool vote_any(bool pred, unsigned mask = kFullMask) { return ballot(pred, mask) != 0; }
-inline bool vote_all(bool pred, unsigned mask = kFullMask) { return ballot(pred, mask) == mask; }
+inline bool vote_any(bool pred, unsigned mask = kFullMask, Site site = Site::current()) {
+  return ballot(pred, mask, site) != 0;
+}
+inline bool vote_all(bool pred, unsigned mask = kFullMask, Site site = Site::current()) {
+  return ballot(pred, mask, site) == mask;
+}
 #endif
 
 // ---------------------------------------------------------------- atomics
@@ -210,10 +220,10 @@ void ldmatrix_compute(const void* const* ins, void* const* outs, unsigned) {
 }  // namespace emulated
 
 template <int N, bool Trans>
-void ldmatrix(uint32_t (&r)[N], const void* row) {
+void ldmatrix(uint32_t (&r)[N], const void* row, Site site = Site::current()) {
   static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
   simt::warp_collective(Trans ? "ldmatrix.trans" : "ldmatrix", kFullMask, &row, r,
-                        emulated::ldmatrix_compute<N, Trans>);
+                        emulated::ldmatrix_compute<N, Trans>, site.file_name(), int(site.line()));
 }
 #endif
 
@@ -283,7 +293,7 @@ void mma_compute(const void* const* ins, void* const* outs, unsigned) {
 
 template <typename T>
 void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
-               const float (&c)[4]) {
+               const float (&c)[4], Site site = Site::current()) {
   static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>,
                 "mma_16816 takes __half or __nv_bfloat16");
   emulated::MmaIn in;
@@ -292,7 +302,7 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
   std::memcpy(in.c, c, sizeof in.c);
   float out[4];
   simt::warp_collective(std::is_same_v<T, __half> ? "mma.f16" : "mma.bf16", kFullMask, &in,
-                        out, emulated::mma_compute<T>);
+                        out, emulated::mma_compute<T>, site.file_name(), int(site.line()));
   std::memcpy(d, out, sizeof out);
 }
 #endif

@@ -53,6 +53,8 @@ struct Fiber {
 // A warp collective some lanes of `mask` have reached.
 struct Collective {
   const char* name;
+  const char* file;  // call site of the first lane to arrive (may be null)
+  int line;
   CollectiveFn fn;
   unsigned mask;
   unsigned arrived;
@@ -101,6 +103,14 @@ std::string hex(unsigned v) {
   return buf;
 }
 
+// "shfl at a.cuh:10 (mask 0xffffffff)"
+std::string describe(const char* name, const char* file, int line, unsigned mask) {
+  std::string s = name;
+  if (file != nullptr) s += std::string(" at ") + file + ":" + std::to_string(line);
+  return s + " (mask " + hex(mask) + ")";
+}
+std::string describe(const Collective& c) { return describe(c.name, c.file, c.line, c.mask); }
+
 uint64_t splitmix64(uint64_t& state) {
   uint64_t z = (state += 0x9e3779b97f4a7c15ull);
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -125,7 +135,7 @@ class Worker {
   size_t shared_bytes() const { return launch_->shared_bytes; }
   void sync_threads(const char* file, int line);
   void warp_collective(const char* name, unsigned mask, const void* in, void* out,
-                       CollectiveFn fn);
+                       CollectiveFn fn, const char* file, int line);
 
  private:
   static void fiber_main(void* self);
@@ -288,7 +298,7 @@ void Worker::exit_current() noexcept {
       if (c.mask >> lane & 1) {
         record_error(std::make_exception_ptr(SimtError(
             prefix() + "thread exited while lanes " + lanes_str(c.arrived) + " of warp " +
-            std::to_string(warp) + " wait for it in " + c.name + " (mask " + hex(c.mask) + ")")));
+            std::to_string(warp) + " wait for it in " + describe(c))));
         break;
       }
     }
@@ -384,7 +394,7 @@ std::string Worker::deadlock_report() const {
   for (int w = 0; w * kWarpSize < n_; ++w) {
     for (const Collective& c : warps_[w]) {
       s += " warp " + std::to_string(w) + " lanes " + lanes_str(c.arrived) + " wait in " +
-           c.name + " (mask " + hex(c.mask) + ") for lanes " + lanes_str(c.mask & ~c.arrived) + ";";
+           describe(c) + " for lanes " + lanes_str(c.mask & ~c.arrived) + ";";
     }
   }
   if (!exited.empty()) s += " threads " + ranges(exited) + " have exited;";
@@ -423,21 +433,21 @@ void Worker::sync_threads(const char* file, int line) {
 }
 
 void Worker::warp_collective(const char* name, unsigned mask, const void* in, void* out,
-                             CollectiveFn fn) {
+                             CollectiveFn fn, const char* file, int line) {
   const int warp = current_->rank / kWarpSize, lane = current_->rank % kWarpSize;
   const unsigned bit = 1u << lane;
   if (!(mask & bit)) {
-    fail(std::string(name) + ": mask " + hex(mask) + " does not include the calling lane " +
+    fail(describe(name, file, line, mask) + ": the mask leaves out the calling lane " +
          std::to_string(lane));
   }
   if (mask & ~lanes_of(warp)) {
-    fail(std::string(name) + ": mask " + hex(mask) + " names lanes " +
-         lanes_str(mask & ~lanes_of(warp)) + " that do not exist (the block has " +
+    fail(describe(name, file, line, mask) + ": the mask names lanes " +
+         lanes_str(mask & ~lanes_of(warp)) + ", which do not exist (the block has " +
          std::to_string(n_) + " threads)");
   }
   if (mask & exited_[warp]) {
-    fail(std::string(name) + ": mask " + hex(mask) + " names lanes " +
-         lanes_str(mask & exited_[warp]) + " that have exited");
+    fail(describe(name, file, line, mask) + ": the mask names lanes " +
+         lanes_str(mask & exited_[warp]) + ", which have exited");
   }
   std::vector<Collective>& pending = warps_[warp];
   Collective* c = nullptr;
@@ -445,8 +455,8 @@ void Worker::warp_collective(const char* name, unsigned mask, const void* in, vo
     if (!(p.mask & bit)) continue;
     if (p.mask != mask || p.fn != fn || std::strcmp(p.name, name) != 0) {
       fail("lanes of warp " + std::to_string(warp) + " disagree: lanes " + lanes_str(p.arrived) +
-           " wait in " + p.name + " (mask " + hex(p.mask) + "), lane " + std::to_string(lane) +
-           " calls " + name + " (mask " + hex(mask) + ")");
+           " wait in " + describe(p) + ", lane " + std::to_string(lane) + " calls " +
+           describe(name, file, line, mask));
     }
     c = &p;
     break;
@@ -454,6 +464,8 @@ void Worker::warp_collective(const char* name, unsigned mask, const void* in, vo
   if (c == nullptr) {
     c = &pending.emplace_back();
     c->name = name;
+    c->file = file;
+    c->line = line;
     c->fn = fn;
     c->mask = mask;
     c->arrived = 0;
@@ -533,8 +545,8 @@ unsigned char* shared_memory() { return running("shared memory").shared(); }
 void sync_threads(const char* file, int line) { running("__syncthreads").sync_threads(file, line); }
 
 void warp_collective(const char* name, unsigned mask, const void* in, void* out,
-                     CollectiveFn fn) {
-  running(name).warp_collective(name, mask, in, out, fn);
+                     CollectiveFn fn, const char* file, int line) {
+  running(name).warp_collective(name, mask, in, out, fn, file, line);
 }
 
 void cp_async16(void* dst, const void* src, bool zero_fill) {

@@ -1,10 +1,19 @@
 // The SIMT executor: runs CUDA kernels written against csrc/kernels/ on the CPU.
 //
 // A block's threads run as cooperative fibers on one OS thread; a fiber runs until it
-// reaches a barrier, a warp collective or its end, then the scheduler resumes the next one
-// in the schedule's order. Errors (a barrier or collective that cannot complete, an
-// unaligned 16-byte access, a collective called differently by lanes of one mask) stop the
-// launch and are thrown from launch() as SimtError naming the kernel, block and thread.
+// reaches a barrier, a warp collective or its end, then the runnable fiber first in the
+// schedule's order runs: thread ranks ascending (forward), descending (reverse) or in a
+// seeded random permutation drawn per block and redrawn at each __syncthreads (random).
+// So between two synchronisation points threads run one after another in that order, and a
+// read of shared memory another thread writes without a barrier in between gives different
+// results under different schedules. Results are deterministic for a schedule and seed,
+// whatever the number of OS threads (but for the order of atomics between blocks).
+// Errors (a barrier or collective that cannot complete, a collective whose mask names an
+// exited or nonexistent lane, lanes of one mask calling different collectives, an
+// unaligned 16-byte access) stop the launch and are thrown from launch() as SimtError
+// naming the kernel, block and thread (the lowest-numbered failing block's, also when blocks
+// run on several OS threads). A block with no runnable thread left is reported as a deadlock
+// listing where every thread waits.
 // Torch-free; kernels never include this directly (csrc/kernels/primitives.cuh does).
 #pragma once
 #include <cstddef>
@@ -41,9 +50,10 @@ void sync_threads(const char* file, int line);
 // A warp-level collective. Every lane of `mask` calls it with the same `name` and `fn`,
 // its own input bytes and an output buffer. When the last lane arrives, fn runs once with
 // every participating lane's pointers (nullptr for lanes outside `mask`); then all resume.
+// file:line, the kernel's call site, only serves error messages.
 using CollectiveFn = void (*)(const void* const* ins, void* const* outs, unsigned mask);
 void warp_collective(const char* name, unsigned mask, const void* in, void* out,
-                     CollectiveFn fn);
+                     CollectiveFn fn, const char* file = nullptr, int line = 0);
 
 // cp.async: the 16-byte copy is queued and lands at cp_async_wait(n) once at most n newer
 // groups are pending (zero_fill writes zeros instead of reading src).

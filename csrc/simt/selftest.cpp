@@ -218,6 +218,11 @@ SK_SIMT_BINDINGS(m) {
     launch("selftest::misaligned16", warp, nullptr, st::misaligned16, x.data_ptr<float>(),
            out.data_ptr<float>());
   });
+  m.def("stack_overflow", [warp] {
+    at::Tensor out = at::empty({32}, at::kInt);
+    launch("selftest::stack_overflow", warp, nullptr, st::stack_overflow, out.data_ptr<int>());
+  });
+  m.def("lane_id_outside_kernel", [] { return sarkernels::kernels::lane_id(); });
   m.def("ldmatrix_from_global", [warp] {
     at::Tensor rows = at::zeros({8, 8}, at::kShort);
     launch("selftest::ldmatrix_from_global", warp, nullptr, st::ldmatrix_from_global,

@@ -261,6 +261,14 @@ __global__ void mixed_collectives(int* out) {
 // A 16-byte load 4 bytes off alignment.
 __global__ void misaligned16(const float* x, float* out) { store16(out, load16(x + 1)); }
 
+// Recurses with 4 KiB frames until the fiber's stack runs out.
+__device__ inline int recurse(int depth) {
+  volatile char frame[4096];
+  frame[depth % 4096] = char(depth);
+  return depth <= 0 ? 0 : recurse(depth - 1) + frame[depth % 4096];
+}
+__global__ void stack_overflow(int* out) { out[thread_rank()] = recurse(1 << 20); }
+
 // ldmatrix given global memory instead of shared memory.
 __global__ void ldmatrix_from_global(const uint16_t* rows) {
   uint32_t r[1];

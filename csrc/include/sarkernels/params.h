@@ -38,10 +38,20 @@ struct SetAttentionBwdParams {
   void* dv;
 };
 
-// Split-KV decode scratch: per split, each query row's normalised partial output and lse.
+// Scratch of the fused set-attention backward, carved from one caller-allocated buffer
+// (kernels::attention_bwd_workspace_bytes / attention_bwd_workspace). Elements are float
+// (double for float64 inputs), rows indexed (b * Hq + h) * Lq + i.
+struct AttentionBwdWorkspace {
+  void* delta;     // [B, Hq, Lq]: rowsum(dO * O) - dlse
+  void* lse;       // [B, Hq, Lq]: lse in the kernels' exponent base, +inf on empty rows
+  void* dq_accum;  // [B, Hq, Lq, D]: dQ summed over key tiles; null when deterministic
+};
+
+// Split-KV decode scratch: per split, each query row's normalised partial output and lse,
+// in the kernel's accumulation type (float, or double for float64 inputs).
 struct DecodeWorkspace {
-  float* out;  // [num_splits, B, Hq, Lq, D]
-  float* lse;  // [num_splits, B, Hq, Lq]
+  void* out;  // [num_splits, B, Hq, Lq, D]
+  void* lse;  // [num_splits, B, Hq, Lq]
   int num_splits;
   int64_t split_len;  // keys per split
 };
@@ -59,8 +69,8 @@ struct KVCacheAppendParams {
   int64_t elem_size;
 };
 
-// tokens [B, N, D], positions int64 [B, N], prefix [B, C, D] (C may be 0), output
-// [B, C + 2N, D] (interleave) or [B, C + N, D] (merge); all contiguous on D.
+// tokens [B, N, D], positions int64 [B, N], prefix [B, C, D] (C may be 0), output rows as
+// sarkernels/interleave_layout.h lays them out; all contiguous on D.
 // The instruction is a table [P, D] (num_heads == 0) or one vector [D] rotated by the
 // 2D RoPE of each cell with num_heads heads.
 struct InterleaveParams {

@@ -19,13 +19,15 @@ $(STAMP):
 	touch $@
 
 # The editable install picks up Python edits by itself: pip (and its warnings) runs again
-# only when the build inputs change.
+# only when a build input is newer than the last install or SARKERNELS_SIMT differs.
 INSTALLED := $(VENV)/.sarkernels-installed
-$(INSTALLED): $(STAMP) setup.py pyproject.toml $(shell find csrc -type f)
-	$(PY) -m pip install -q --no-build-isolation -e .
-	touch $@
-
-build: $(INSTALLED)
+build: $(STAMP)
+	@want="simt=$${SARKERNELS_SIMT:-0}"; \
+	if [ "$$(cat $(INSTALLED) 2>/dev/null)" != "$$want" ] || \
+	   [ -n "$$(find setup.py pyproject.toml csrc -newer $(INSTALLED) | head -1)" ]; then \
+		echo "$(PY) -m pip install -q --no-build-isolation -e ." && \
+		$(PY) -m pip install -q --no-build-isolation -e . && echo "$$want" > $(INSTALLED); \
+	fi
 	$(PY) -m sarkernels info
 
 cuda-check: $(STAMP)

@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 
+#include "kernels/attention_bwd.cuh"
 #include "kernels/decode_attention.cuh"
 #include "kernels/interleave.cuh"
 #include "kernels/kv_cache_append.cuh"
@@ -22,8 +23,9 @@ namespace sarkernels {
 
 template <typename Target>
 struct KernelOps {
-  // Forward: the split-KV decode kernel for every shape (no training kernel yet); no
-  // backward kernel is registered, so autograd recomputes the reference (sarkernels/ops.py).
+  // Forward: the split-KV decode kernel for few queries (it spreads the keys over blocks)
+  // and for head dims the training kernel lacks (it takes every one), the fused training
+  // kernel (kernels/attention_fwd.cuh) otherwise. ops.ATTENTION_RULE says it in words.
   static std::tuple<at::Tensor, at::Tensor> set_attention(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v,
                                                           const at::Tensor& q_sets,
@@ -31,18 +33,62 @@ struct KernelOps {
                                                           double scale) {
     const typename Target::Guard guard(q.device());
     AttentionInputs in = attention_inputs(q, k, v, q_sets, k_sets, strict, scale, q.scalar_type());
-    TORCH_CHECK(in.p.head_dim <= 256, "set_attention: the decode kernel takes head dims up to "
-                "256, got q ", q.sizes());
+    TORCH_CHECK(in.p.head_dim <= 256, "set_attention: the kernels take head dims up to 256, "
+                "got q ", q.sizes());
+    Target::poison(in.out);
+    Target::poison(in.lse);
+    const DType dt = dtype_of(q, "q");
+    if (in.p.len_q > kDecodeMaxQueries &&
+        kernels::set_attention_kernel_has_head_dim(in.p.head_dim)) {
+      align_rows(in, strict, scale);
+      kernels::set_attention_forward(in.p, dt, Target::stream(q));
+      return {in.out, in.lse};
+    }
     DecodeWorkspace w = kernels::decode_splits(in.p);
     const int64_t out_elems = w.num_splits * in.p.batch * in.p.heads_q * in.p.len_q * in.p.head_dim;
     at::Tensor ws = at::empty({kernels::decode_workspace_elems(in.p, w)}, in.lse.options());
     Target::poison(ws);
-    Target::poison(in.out);
-    Target::poison(in.lse);
     w.out = ws.data_ptr();
     w.lse = static_cast<char*>(ws.data_ptr()) + out_elems * ws.element_size();
-    kernels::set_attention_decode(in.p, w, dtype_of(q, "q"), Target::stream(q));
+    kernels::set_attention_decode(in.p, w, dt, Target::stream(q));
     return {in.out, in.lse};
+  }
+
+  // The fused backward (kernels/attention_bwd.cuh) for every head dim the ops accept
+  // (multiples of 8 up to 256). dQ by atomics, or by a separate pass over the keys when
+  // torch asks for deterministic algorithms (torch.use_deterministic_algorithms).
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> set_attention_backward(
+      const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+      const at::Tensor& q_sets, const at::Tensor& k_sets, bool strict, double scale) {
+    const typename Target::Guard guard(q.device());
+    check_attention_backward(dout, dlse, q, out, lse);
+    TORCH_CHECK(kernels::set_attention_kernel_has_head_dim(q.size(3)),
+                "set_attention_backward: the kernels take head dims that are multiples of 8 up "
+                "to 256, got q ", q.sizes());
+    const at::ScalarType dt = q.scalar_type(), acc = acc_type(dt);
+    AttentionInputs in = attention_operands(q, k, v, q_sets, k_sets, dt);
+    // out and dout share one layout, lse and dlse another (the kernels take one stride set each)
+    in.out = out.to(dt).contiguous();
+    in.lse = lse.to(acc).contiguous();
+    const at::Tensor dout_c = aligned(dout.to(dt).contiguous());
+    const at::Tensor dlse_c = dlse ? dlse->to(acc).contiguous() : at::Tensor();
+    align_rows(in, strict, scale);
+    at::Tensor dq = at::empty(q.sizes(), q.options().dtype(dt));
+    at::Tensor dk = at::empty(k.sizes(), k.options().dtype(dt));
+    at::Tensor dv = at::empty(v.sizes(), v.options().dtype(dt));
+    for (const at::Tensor& t : {dq, dk, dv}) Target::poison(t);
+    const SetAttentionBwdParams g{in.p, dout_c.data_ptr(), dlse ? dlse_c.data_ptr() : nullptr,
+                                  dq.data_ptr(), dk.data_ptr(), dv.data_ptr()};
+    const DType kdt = dtype_of(q, "q");
+    const bool deterministic = at::globalContext().deterministicAlgorithms();
+    const int64_t bytes = int64_t(kernels::attention_bwd_workspace_bytes(g, kdt, deterministic));
+    at::Tensor ws = at::empty({bytes / int64_t(c10::elementSize(acc))}, q.options().dtype(acc));
+    Target::poison(ws);
+    kernels::set_attention_backward(g, kernels::attention_bwd_workspace(g, kdt, deterministic,
+                                                                        ws.data_ptr()),
+                                    kdt, deterministic, Target::stream(q));
+    return {dq, dk, dv};
   }
 
   static void kv_cache_append(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k,
@@ -104,6 +150,25 @@ struct KernelOps {
   }
 
  private:
+  // Up to this many queries the forward takes the split-KV decode kernel: a training-kernel
+  // block would leave most of its 64 query rows idle and walk every key alone.
+  static constexpr int64_t kDecodeMaxQueries = 16;
+
+  // The training kernels move rows in 16-byte chunks: an operand whose rows are not 16-byte
+  // aligned (odd strides or storage offset) is copied into fresh contiguous memory.
+  static at::Tensor aligned(const at::Tensor& t) {
+    const bool ok = kernels::attention::rows_aligned(
+        t.data_ptr(), {t.stride(0), t.stride(1), t.stride(2)}, t.element_size());
+    return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+  }
+  static void align_rows(AttentionInputs& in, bool strict, double scale) {
+    in.q = aligned(in.q);
+    in.k = aligned(in.k);
+    in.v = aligned(in.v);
+    in.out = aligned(in.out);
+    in.p = attention_params(in.q, in.k, in.v, in.q_sets, in.k_sets, in.out, in.lse, strict, scale);
+  }
+
   // After a kernel's error flag, the host check raises the reference's ValueError naming
   // the bad value; reaching this means the two disagree.
   [[noreturn]] static void flagged_but_valid(const char* what) {
@@ -117,6 +182,7 @@ template <typename Target>
 void register_kernel_ops(torch::Library& m) {
   using Ops = KernelOps<Target>;
   m.impl("set_attention", &Ops::set_attention);
+  m.impl("set_attention_backward", &Ops::set_attention_backward);
   m.impl("kv_cache_append", &Ops::kv_cache_append);
   m.impl("interleave_position_instructions", &Ops::interleave);
   m.impl("interleave_position_instructions_backward", &Ops::interleave_backward);

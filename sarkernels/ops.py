@@ -10,8 +10,8 @@ Backends (:func:`use_backend`, per thread and task):
 - ``"simt"``: ``torch.ops.sarkernels_simt``, the CUDA kernels run on CPU tensors by the SIMT
   executor of ``sarkernels._simt`` (built with ``SARKERNELS_SIMT=1``).
 
-Where a backend has no backward kernel for set_attention (CUDA and simt until the training
-kernel lands), the backward recomputes the reference under autograd. :func:`backends`
+Where a backend has no backward kernel for set_attention, the backward recomputes the
+reference under autograd. :func:`backends`
 says what is compiled and usable and, per op, what runs. Checks that need only shapes,
 dtypes and devices happen here (they trace under ``torch.compile``); checks of values
 (slots, positions) happen inside the kernels and the reference.
@@ -26,7 +26,7 @@ from . import reference
 from .rope import grid_shape, rope_2d
 
 __all__ = ["set_attention", "kv_cache_append", "interleave_position_instructions", "rope_2d",
-           "use_backend", "backends", "build_info"]
+           "use_backend", "current_backend", "backends", "build_info"]
 
 
 def _load(name):
@@ -46,8 +46,9 @@ _OPS = ("set_attention", "set_attention_backward", "kv_cache_append",
 _REQUIRED = tuple(op for op in _OPS if op != "set_attention_backward")
 # Which kernel set_attention's forward runs (the rule lives in csrc/kernel_ops.h).
 ATTENTION_RULE = ("cpu: the CPU kernels, forward and backward; cuda and simt: the split-KV "
-                  "decode kernel for every forward shape (no training kernel yet), backward "
-                  "by reference recompute")
+                  "decode kernel for at most 16 queries (or a head dim not a multiple of 8), "
+                  "the fused training kernel otherwise; backward: the fused backward kernel "
+                  "(deterministic dQ under torch.use_deterministic_algorithms)")
 # Implementation backends: op namespace, dispatch key, loaded module, load error.
 _IMPLS = {"cpu": ("sarkernels", "CPU", _C, LOAD_ERROR),
           "cuda": ("sarkernels", "CUDA", _C, LOAD_ERROR),
@@ -112,6 +113,11 @@ def use_backend(name):
         yield
     finally:
         _backend.reset(token)
+
+
+def current_backend():
+    """The backend :func:`use_backend` selected in this thread/task (``"auto"`` outside)."""
+    return _backend.get()
 
 
 # Dynamo cannot trace ContextVar.get: a compiled graph takes the backend current when it
@@ -265,8 +271,9 @@ def kv_cache_append(k_cache, v_cache, k, v, slots, *, check=True):
 
     ``check``: on CUDA tensors, reading the kernel's error flag costs a device-to-host copy
     (a sync); ``check=False``, and any call while a CUDA graph is being captured, skips it:
-    a bad slot then writes nothing but raises nothing. On CPU (every backend) the check is
-    free and always made.
+    a bad slot then writes nothing but raises nothing. The compiled CPU and simt kernels
+    check for free, always; the reference backend checks only with ``check=True`` (the
+    check reads values on the host).
     """
     fn = "kv_cache_append"
     _check_float(fn, "k_cache", k_cache)
@@ -294,7 +301,7 @@ def kv_cache_append(k_cache, v_cache, k, v, slots, *, check=True):
     if ops is not None:
         ops.kv_cache_append(k_cache, v_cache, k, v, slots, check)
     else:
-        reference.kv_cache_append(k_cache, v_cache, k, v, slots)
+        reference.kv_cache_append(k_cache, v_cache, k, v, slots, check)
 
 
 # ---------------------------------------------------------------- interleave
@@ -359,7 +366,7 @@ def interleave_position_instructions(tokens, positions, instruction, *, num_head
             tokens, positions, instruction, prefix, num_heads, grid[0], grid[1],
             float(rope_base), merge, check)
     return reference.interleave_position_instructions(
-        tokens, positions, instruction, num_heads, grid_size, rope_base, prefix, merge)
+        tokens, positions, instruction, num_heads, grid_size, rope_base, prefix, merge, check)
 
 
 # ---------------------------------------------------------------- registration

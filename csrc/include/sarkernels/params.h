@@ -38,6 +38,15 @@ struct SetAttentionBwdParams {
   void* dv;
 };
 
+// Scratch of the fused set-attention backward, carved from one caller-allocated buffer
+// (kernels::attention_bwd_workspace_bytes / attention_bwd_workspace). Elements are float
+// (double for float64 inputs), rows indexed (b * Hq + h) * Lq + i.
+struct AttentionBwdWorkspace {
+  void* delta;     // [B, Hq, Lq]: rowsum(dO * O) - dlse
+  void* lse;       // [B, Hq, Lq]: lse in the kernels' exponent base, +inf on empty rows
+  void* dq_accum;  // [B, Hq, Lq, D]: dQ summed over key tiles; null when deterministic
+};
+
 // Split-KV decode scratch: per split, each query row's normalised partial output and lse,
 // in the kernel's accumulation type (float, or double for float64 inputs).
 struct DecodeWorkspace {

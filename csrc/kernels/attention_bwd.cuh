@@ -1,0 +1,402 @@
+// Fused set-masked attention, backward (FlashAttention-2 style), torch-free.
+//
+// 1. prep: per query row delta = rowsum(dO * O) - dlse and the lse in the kernels'
+//    exponent base (+inf on empty rows, so recomputed probabilities are 0 there); zeroes
+//    the dQ accumulator.
+// 2. dK/dV: one block per (key tile, batch, kv head), 16 keys per warp; walks the query
+//    tiles of every q head of the group (GQA sums there, in registers), recomputing
+//    P^T = exp(K Q^T - lse) and dS^T = P^T * (V dO^T - delta). Query tiles are classified
+//    from set-id ranges like the forward's key tiles.
+// 3. dQ, either by fp32 atomics from the dK/dV blocks (dS through shared memory, then a
+//    convert kernel), or, deterministic, by a query-tile kernel that walks the key tiles
+//    like the forward and owns its rows of dQ (no atomics; recomputes Q K^T and dO V^T).
+// The gradient through lse enters as dS = P * (dP - delta) with delta including -dlse.
+#pragma once
+#include "kernels/attention_fwd.cuh"
+#include "kernels/attention_tiles.cuh"
+
+namespace sarkernels::kernels {
+namespace attention {
+
+// dK/dV blocks: keys per block (16 per warp) x queries per step, and the columns of dK and
+// dV one block owns (kCols < D: several blocks per key tile, each recomputing P and dS,
+// so that dK and dV fit in registers). Smaller query steps at large head dims keep S^T and
+// dP^T in registers too; float64 takes small tiles for shared memory.
+template <typename T, int D>
+struct BwdTiles {
+  static constexpr bool kDouble = sizeof(T) == 8;
+  static constexpr int kKeys = kTensorCores<T> ? 64 : kDouble && D > 128 ? 16 : 32;
+  static constexpr int kQueries = kTensorCores<T> ? (D > 64 ? 32 : 64) : kDouble ? 16 : 32;
+  static constexpr int kCols = D < (kDouble ? 32 : 128) ? D : kDouble ? 32 : 128;
+};
+
+// Deterministic dQ blocks: queries x keys, as the forward's but narrower key tiles at
+// large head dims (dQ, S and dP live in registers together), and one warp's queries for
+// float64 above head dim 128 (shared memory holds Q and dO).
+template <typename T, int D>
+struct DqTiles {
+  static constexpr int kM = sizeof(T) == 8 && D > 128 ? 16 : FwdTiles<T, D>::kM;
+  static constexpr int kN = kTensorCores<T> && D > 64 ? 32 : FwdTiles<T, D>::kN;
+};
+
+constexpr int kRowThreads = 128;  // threads per block of the row-wise kernels
+
+// s <- P = exp(s - lse), with lse(n, e) the lse of fragment element (n, e).
+template <typename Acc, int N, typename LseFn>
+SK_DEVICE void recompute_probs(Frag<Acc, N>& s, LseFn lse) {
+  SK_UNROLL for (int n = 0; n < N / 8; ++n) {
+    SK_UNROLL for (int e = 0; e < 4; ++e) s.x[n][e] = ExpBase<Acc>::exp(s.x[n][e] - lse(n, e));
+  }
+}
+
+// dp <- dS = P * (dP - delta), with delta(n, e) that of fragment element (n, e). P = 0 (a
+// key the row does not see) gives 0 even where a non-finite value made dP NaN.
+template <typename Acc, int N, typename DeltaFn>
+SK_DEVICE void score_grads(Frag<Acc, N>& dp, const Frag<Acc, N>& prob, DeltaFn delta) {
+  SK_UNROLL for (int n = 0; n < N / 8; ++n) {
+    SK_UNROLL for (int e = 0; e < 4; ++e) {
+      const Acc pr = prob.x[n][e];
+      dp.x[n][e] = pr == Acc(0) ? Acc(0) : pr * (dp.x[n][e] - delta(n, e));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- 1. prep
+
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads)
+    set_attention_bwd_prep_kernel(SetAttentionBwdParams g, AttentionBwdWorkspace w) {
+  using Acc = acc_t<T>;
+  constexpr int kPer = 16 / int(sizeof(T));
+  const SetAttentionParams& p = g.fwd;
+  const int64_t row = int64_t(blockIdx.x) * kRowThreads + threadIdx.x;
+  if (row >= p.batch * p.heads_q * p.len_q) return;
+  const int64_t i = row % p.len_q, bh = row / p.len_q, b = bh / p.heads_q, h = bh % p.heads_q;
+  const T* o = static_cast<const T*>(p.out) + out_offset(p, b, h, i);
+  const T* dout = static_cast<const T*>(g.dout) + out_offset(p, b, h, i);
+  Acc dot = 0;
+  for (int c = 0; c < p.head_dim; c += kPer) {
+    const uint4 ob = load16(o + c), db = load16(dout + c);
+    T ov[kPer], dv[kPer];
+    memcpy(ov, &ob, 16);
+    memcpy(dv, &db, 16);
+    SK_UNROLL for (int j = 0; j < kPer; ++j) dot += to_float(ov[j]) * to_float(dv[j]);
+  }
+  const int64_t lse_at = lse_offset(p, b, h, i);
+  const Acc lse = static_cast<const Acc*>(p.lse)[lse_at];
+  const bool empty = lse == Acc(-INFINITY);  // such a row's lse gradient goes nowhere
+  if (g.dlse != nullptr && !empty) dot -= static_cast<const Acc*>(g.dlse)[lse_at];
+  static_cast<Acc*>(w.delta)[row] = dot;
+  static_cast<Acc*>(w.lse)[row] = empty ? Acc(INFINITY) : lse * ExpBase<Acc>::kPerNat;
+  if (w.dq_accum != nullptr) {
+    Acc* acc = static_cast<Acc*>(w.dq_accum) + row * p.head_dim;
+    for (int c = 0; c < p.head_dim; c += 16 / int(sizeof(Acc))) store16(acc + c, uint4{0, 0, 0, 0});
+  }
+}
+
+// ---------------------------------------------------------------- 2. dK, dV (+ atomic dQ)
+
+template <typename T, int D, int BN, int BM, bool kAtomicDq>
+struct DkdvLayout {
+  using Acc = acc_t<T>;
+  static constexpr int kWarps = BN / 16, kThreads = 32 * kWarps;
+  static constexpr size_t kK = 0;
+  static constexpr size_t kV = kK + tile_bytes<T, BN, D>;
+  static constexpr size_t kQ = kV + tile_bytes<T, BN, D>;  // two stages of everything below
+  static constexpr size_t kDout = kQ + 2 * tile_bytes<T, BM, D>;
+  static constexpr size_t kQSets = kDout + 2 * tile_bytes<T, BM, D>;
+  static constexpr size_t kLse = kQSets + 2 * BM * sizeof(int64_t);
+  static constexpr size_t kDelta = kLse + 2 * BM * sizeof(Acc);
+  static constexpr size_t kDs = kDelta + 2 * BM * sizeof(Acc);  // dS [BM][BN], atomic dQ only
+  static constexpr size_t kScratch = kDs + (kAtomicDq ? tile_bytes<T, BM, BN> : 0);
+  static constexpr size_t kBytes = kScratch + kWarps * kFragScratch<T, BM> * sizeof(Acc);
+};
+
+// Register budget of one block per SM, as in the dQ kernel below. DC: the dK/dV columns of
+// a block.
+template <typename T, int D, int BN, int BM, int DC, bool kAtomicDq>
+__global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads, 1)
+    set_attention_dkdv_kernel(SetAttentionBwdParams g, AttentionBwdWorkspace w) {
+  using Acc = acc_t<T>;
+  using Lay = DkdvLayout<T, D, BN, BM, kAtomicDq>;
+  constexpr int kLd = tile_ld<T, D>, kDsLd = tile_ld<T, BN>;
+  const SetAttentionParams& p = g.fwd;
+  SK_DYNAMIC_SMEM(smem);
+  T* const k_tile = reinterpret_cast<T*>(smem + Lay::kK);
+  T* const v_tile = reinterpret_cast<T*>(smem + Lay::kV);
+  T* const q_tiles = reinterpret_cast<T*>(smem + Lay::kQ);
+  T* const dout_tiles = reinterpret_cast<T*>(smem + Lay::kDout);
+  int64_t* const q_set_tiles = reinterpret_cast<int64_t*>(smem + Lay::kQSets);
+  Acc* const lse_tiles = reinterpret_cast<Acc*>(smem + Lay::kLse);
+  Acc* const delta_tiles = reinterpret_cast<Acc*>(smem + Lay::kDelta);
+  T* const ds_tile = reinterpret_cast<T*>(smem + Lay::kDs);
+  const int warp = warp_id();
+  Acc* const scratch = reinterpret_cast<Acc*>(smem + Lay::kScratch) + warp * kFragScratch<T, BM>;
+
+  constexpr int kSplits = D / DC;
+  const int64_t k_tiles = ceil_div(p.len_k, BN);
+  const int64_t bh = blockIdx.x / (k_tiles * kSplits), b = bh / p.heads_kv, hk = bh % p.heads_kv;
+  const int64_t group = p.heads_q / p.heads_kv, k0 = blockIdx.x % k_tiles * BN;
+  const int split = int(blockIdx.x / k_tiles % kSplits), c0 = split * DC;
+  const int nk = clamp_rows(p.len_k - k0, BN);
+  const int64_t* k_sets = p.k_sets + b * p.len_k + k0;
+  const int64_t* q_sets = p.q_sets + b * p.len_q;
+  const IdRange block_k = warp_id_range(k_sets, nk);
+  const IdRange warp_k = warp_id_range(k_sets + 16 * warp, clamp_rows(nk - 16 * warp, 16));
+  int64_t row_set[2];
+  SK_UNROLL for (int i = 0; i < 2; ++i) {
+    const int r = 16 * warp + frag_row(2 * i);
+    row_set[i] = r < nk ? k_sets[r] : 0;
+  }
+
+  const int dim = int(p.head_dim);
+  load_rows_async<Lay::kThreads, BN, D>(k_tile, k_row<T>(p, b, hk, k0), p.k_row_stride, nk, dim);
+  load_rows_async<Lay::kThreads, BN, D>(v_tile, v_row<T>(p, b, hk, k0), p.v_row_stride, nk, dim);
+  cp_async_commit();
+
+  const Acc scale = Acc(p.scale) * ExpBase<Acc>::kPerNat;
+  Frag<Acc, DC> dk, dv;  // columns c0 .. c0 + DC
+  dk.zero();
+  dv.zero();
+  auto queries_in = [&](int64_t t) { return clamp_rows(p.len_q - t * BM, BM); };
+  auto first_row = [&](int64_t t, int rep) {  // workspace row of the tile's first query
+    return (b * p.heads_q + hk * group + rep) * p.len_q + t * BM;
+  };
+  for_each_needed_tile(
+      ceil_div(p.len_q, BM), int(group),
+      [&](int64_t t) { return warp_id_range(q_sets + t * BM, queries_in(t)); },
+      [&](IdRange queries) { return classify(queries, block_k, p.strict) != TileKind::kSkip; },
+      [&](int64_t t, int rep, int st) {
+        const int64_t h = hk * group + rep, q0 = t * BM, row = first_row(t, rep);
+        const int nq = queries_in(t);
+        load_rows_async<Lay::kThreads, BM, D>(q_tiles + st * BM * kLd, q_row<T>(p, b, h, q0),
+                                              p.q_row_stride, nq, dim);
+        const T* dout = static_cast<const T*>(g.dout) + out_offset(p, b, h, q0);
+        load_rows_async<Lay::kThreads, BM, D>(dout_tiles + st * BM * kLd, dout, p.out_row_stride,
+                                              nq, dim);
+        load_values<Lay::kThreads, BM>(q_set_tiles + st * BM, q_sets + q0, nq, int64_t(0));
+        const Acc* lse = static_cast<const Acc*>(w.lse) + row;
+        const Acc* delta = static_cast<const Acc*>(w.delta) + row;
+        load_values<Lay::kThreads, BM>(lse_tiles + st * BM, lse, nq, Acc(INFINITY));
+        load_values<Lay::kThreads, BM>(delta_tiles + st * BM, delta, nq, Acc(0));
+      },
+      [](int) {},
+      [&](int64_t t, int rep, int st, IdRange queries) {
+        const int nq = queries_in(t);
+        const T* q_tile = q_tiles + st * BM * kLd;
+        const T* dout_tile = dout_tiles + st * BM * kLd;
+        const Acc* lse = lse_tiles + st * BM;
+        const Acc* delta = delta_tiles + st * BM;
+        const TileKind kind = warp_tile_kind(queries, warp_k, p.strict, nq < BM);
+        Frag<Acc, BM> ds;  // dS^T of the warp's keys x the tile's queries
+        ds.zero();
+        if (kind != TileKind::kSkip) {
+          Frag<Acc, BM> prob;
+          prob.zero();
+          gemm_smem_a<T, BM, D, BFrom::kRowsN>(prob, k_tile + 16 * warp * kLd, kLd, q_tile, kLd);
+          scale_and_mask<false>(prob, scale, kind == TileKind::kPartial, row_set,
+                                q_set_tiles + st * BM, nq, p.strict, nullptr);
+          recompute_probs(prob, [&](int n, int e) { return lse[frag_col(n, e)]; });
+          gemm_smem_a<T, BM, D, BFrom::kRowsN>(ds, v_tile + 16 * warp * kLd, kLd, dout_tile, kLd);
+          gemm_frag_a<T, DC, BM, BFrom::kRowsK>(dv, prob, scratch, dout_tile + c0, kLd);
+          score_grads(ds, prob, [&](int n, int e) { return delta[frag_col(n, e)]; });
+          gemm_frag_a<T, DC, BM, BFrom::kRowsK>(dk, ds, scratch, q_tile + c0, kLd);
+        }
+        if (kAtomicDq && split == 0) {
+          // dS (queries x keys) gathered from every warp; then 16-query slabs of dS K.
+          SK_UNROLL for (int n = 0; n < BM / 8; ++n) {
+            SK_UNROLL for (int e = 0; e < 4; ++e) {
+              ds_tile[frag_col(n, e) * kDsLd + 16 * warp + frag_row(e)] = from_float<T>(ds.x[n][e]);
+            }
+          }
+          sync_threads();
+          Acc* dq_rows = static_cast<Acc*>(w.dq_accum) + first_row(t, rep) * dim;
+          for (int slab = warp; slab < BM / 16 && 16 * slab < nq; slab += Lay::kWarps) {
+            // 32 columns at a time, so that dK and dV stay in registers
+            for (int c0 = 0; c0 < dim; c0 += 32) {
+              Frag<Acc, 32> dq;
+              dq.zero();
+              gemm_smem_a<T, 32, BN, BFrom::kRowsK>(dq, ds_tile + 16 * slab * kDsLd, kDsLd,
+                                                    k_tile + c0, kLd);
+              SK_UNROLL for (int n = 0; n < 4; ++n) {
+                SK_UNROLL for (int e = 0; e < 4; ++e) {
+                  const int r = 16 * slab + frag_row(e);
+                  const int c = c0 + frag_col(n, e);
+                  if (r < nq && c < dim) atomic_add(dq_rows + r * dim + c, dq.x[n][e]);
+                }
+              }
+            }
+          }
+        }
+      });
+
+  const Acc dk_factor[2] = {Acc(p.scale), Acc(p.scale)}, dv_factor[2] = {1, 1};
+  stage_frag<T, D>(k_tile + 16 * warp * kLd + c0, dk, dk_factor);
+  stage_frag<T, D>(v_tile + 16 * warp * kLd + c0, dv, dv_factor);
+  sync_threads();
+  const int64_t at = ((b * p.heads_kv + hk) * p.len_k + k0) * dim + c0;
+  const int cols = clamp_rows(dim - c0, DC);
+  store_rows<Lay::kThreads, D>(static_cast<T*>(g.dk) + at, dim, k_tile + c0, nk, cols);
+  store_rows<Lay::kThreads, D>(static_cast<T*>(g.dv) + at, dim, v_tile + c0, nk, cols);
+}
+
+// ---------------------------------------------------------------- 3. dQ
+
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads)
+    set_attention_dq_convert_kernel(SetAttentionBwdParams g, AttentionBwdWorkspace w) {
+  using Acc = acc_t<T>;
+  const SetAttentionParams& p = g.fwd;
+  const int64_t i = (int64_t(blockIdx.x) * kRowThreads + threadIdx.x) * 8;
+  if (i >= p.batch * p.heads_q * p.len_q * p.head_dim) return;
+  const Acc* acc = static_cast<const Acc*>(w.dq_accum) + i;
+  T* dq = static_cast<T*>(g.dq) + i;
+  SK_UNROLL for (int j = 0; j < 8; ++j) dq[j] = from_float<T>(acc[j] * Acc(p.scale));
+}
+
+template <typename T, int D, int BM, int BN>
+struct DqLayout {
+  static constexpr int kWarps = BM / 16, kThreads = 32 * kWarps;
+  static constexpr size_t kQ = 0;
+  static constexpr size_t kDout = kQ + tile_bytes<T, BM, D>;
+  static constexpr size_t kKeys = kDout + tile_bytes<T, BM, D>;
+  static constexpr size_t kScratch = kKeys + KeyStages<T, D, BN>::kBytes;
+  static constexpr size_t kBytes = kScratch + kWarps * kFragScratch<T, BN> * sizeof(acc_t<T>);
+};
+
+// Register budget of one block per SM: ptxas's default (occupancy-driven) budget spills
+// at some head dims.
+template <typename T, int D, int BM, int BN>
+__global__ void __launch_bounds__(DqLayout<T, D, BM, BN>::kThreads, 1)
+    set_attention_dq_kernel(SetAttentionBwdParams g, AttentionBwdWorkspace w) {
+  using Acc = acc_t<T>;
+  using Lay = DqLayout<T, D, BM, BN>;
+  constexpr int kLd = tile_ld<T, D>;
+  const SetAttentionParams& p = g.fwd;
+  SK_DYNAMIC_SMEM(smem);
+  T* const q_tile = reinterpret_cast<T*>(smem + Lay::kQ);
+  T* const q_rows = q_tile + 16 * warp_id() * kLd;  // this warp's
+  const T* const dout_rows = reinterpret_cast<T*>(smem + Lay::kDout) + 16 * warp_id() * kLd;
+  Acc* const scratch =
+      reinterpret_cast<Acc*>(smem + Lay::kScratch) + warp_id() * kFragScratch<T, BN>;
+  const QueryBlock qb = query_block<BM>(p);
+  const int64_t row0 = (qb.b * p.heads_q + qb.h) * p.len_q + qb.q0;
+  Acc lse[2], delta[2];
+  SK_UNROLL for (int i = 0; i < 2; ++i) {
+    const int r = 16 * warp_id() + frag_row(2 * i);
+    lse[i] = r < qb.nq ? static_cast<const Acc*>(w.lse)[row0 + r] : Acc(INFINITY);
+    delta[i] = r < qb.nq ? static_cast<const Acc*>(w.delta)[row0 + r] : Acc(0);
+  }
+
+  const T* dout = static_cast<const T*>(g.dout) + out_offset(p, qb.b, qb.h, qb.q0);
+  const int dim = int(p.head_dim);
+  load_rows_async<Lay::kThreads, BM, D>(q_tile, q_row<T>(p, qb.b, qb.h, qb.q0), p.q_row_stride,
+                                        qb.nq, dim);
+  load_rows_async<Lay::kThreads, BM, D>(reinterpret_cast<T*>(smem + Lay::kDout), dout,
+                                        p.out_row_stride, qb.nq, dim);
+  cp_async_commit();
+  Frag<Acc, D> dq;
+  dq.zero();
+  for_each_key_tile<Lay::kThreads>(
+      p, qb, q_rows, KeyStages<T, D, BN>(smem + Lay::kKeys),
+      [&](Frag<Acc, BN>& s, const T* k_tile, const T* v_tile) {
+        recompute_probs(s, [&](int, int e) { return lse[e >> 1]; });
+        Frag<Acc, BN> ds;
+        ds.zero();
+        gemm_smem_a<T, BN, D, BFrom::kRowsN>(ds, dout_rows, kLd, v_tile, kLd);
+        score_grads(ds, s, [&](int, int e) { return delta[e >> 1]; });
+        gemm_frag_a<T, D, BN, BFrom::kRowsK>(dq, ds, scratch, k_tile, kLd);
+      });
+
+  const Acc factor[2] = {Acc(p.scale), Acc(p.scale)};
+  stage_frag<T, D>(q_rows, dq, factor);
+  sync_threads();
+  store_rows<Lay::kThreads, D>(static_cast<T*>(g.dq) + row0 * dim, dim, q_tile, qb.nq, dim);
+}
+
+// ---------------------------------------------------------------- launch plans
+
+inline LaunchPlan row_plan(int64_t rows) {
+  return {dim3(unsigned(ceil_div(rows, kRowThreads))), dim3(kRowThreads), 0};
+}
+
+template <typename T, int D, int BN, int BM, int DC, bool kAtomicDq>
+LaunchPlan dkdv_plan(const SetAttentionParams& p) {
+  using Lay = DkdvLayout<T, D, BN, BM, kAtomicDq>;
+  static_assert(Lay::kBytes <= kMaxSmem, "dK/dV tiles exceed shared memory");
+  return {flat_grid("set_attention_backward", ceil_div(p.len_k, BN) * (D / DC),
+                    p.batch * p.heads_kv),
+          dim3(Lay::kThreads), Lay::kBytes};
+}
+
+template <typename T, int D, int BM, int BN>
+LaunchPlan dq_plan(const SetAttentionParams& p) {
+  using Lay = DqLayout<T, D, BM, BN>;
+  static_assert(Lay::kBytes <= kMaxSmem, "dQ tiles exceed shared memory");
+  return {flat_grid("set_attention_backward", ceil_div(p.len_q, BM), p.batch * p.heads_q),
+          dim3(Lay::kThreads), Lay::kBytes};
+}
+
+inline size_t round16(size_t n) { return (n + 15) / 16 * 16; }
+
+}  // namespace attention
+
+// Bytes of AttentionBwdWorkspace for p (16-byte aligned buffer).
+inline size_t attention_bwd_workspace_bytes(const SetAttentionBwdParams& g, DType dtype,
+                                            bool deterministic) {
+  const SetAttentionParams& p = g.fwd;
+  const size_t e = dtype == DType::kFloat64 ? 8 : 4, rows = size_t(p.batch * p.heads_q * p.len_q);
+  return 2 * attention::round16(rows * e) + (deterministic ? 0 : rows * size_t(p.head_dim) * e);
+}
+
+inline AttentionBwdWorkspace attention_bwd_workspace(const SetAttentionBwdParams& g, DType dtype,
+                                                     bool deterministic, void* buffer) {
+  const SetAttentionParams& p = g.fwd;
+  const size_t e = dtype == DType::kFloat64 ? 8 : 4, rows = size_t(p.batch * p.heads_q * p.len_q);
+  unsigned char* at = static_cast<unsigned char*>(buffer);
+  const size_t vec = attention::round16(rows * e);
+  return {at, at + vec, deterministic ? nullptr : at + 2 * vec};
+}
+
+// dq, dk, dv (contiguous, the inputs' dtype) of set_attention_forward's op, given out, lse
+// and dout (out's strides) and optionally dlse (lse's strides). deterministic: dQ by a
+// separate pass over the key tiles instead of atomics (bitwise reproducible; w without
+// dq_accum). Same head dims as the forward.
+inline void set_attention_backward(const SetAttentionBwdParams& g, const AttentionBwdWorkspace& w,
+                                   DType dtype, bool deterministic, cudaStream_t stream) {
+  using namespace attention;
+  const SetAttentionParams& p = g.fwd;
+  const char* fn = "set_attention_backward";
+  check_attention_operands(fn, p, dtype);
+  const size_t e = dtype_size(dtype);
+  check_rows_aligned(fn, "dout", g.dout,
+                     {p.out_batch_stride, p.out_head_stride, p.out_row_stride}, e);
+  for (const void* grad : {g.dq, g.dk, g.dv}) check_rows_aligned(fn, "dq/dk/dv", grad, {}, e);
+  if (deterministic != (w.dq_accum == nullptr)) {
+    throw std::invalid_argument(std::string(fn) + ": the workspace must have a dQ accumulator "
+                                "exactly when not deterministic");
+  }
+  dispatch_head_dim(dtype, p.head_dim, fn, [&](auto tag, auto dim) {
+    using T = typename decltype(tag)::type;
+    constexpr int D = decltype(dim)::value;
+    constexpr int BN = BwdTiles<T, D>::kKeys, BM = BwdTiles<T, D>::kQueries;
+    constexpr int DC = BwdTiles<T, D>::kCols;
+    const int64_t rows = p.batch * p.heads_q * p.len_q;
+    launch("set_attention_bwd_prep", row_plan(rows), stream, set_attention_bwd_prep_kernel<T>,
+           g, w);
+    if (deterministic) {
+      launch("set_attention_dkdv", dkdv_plan<T, D, BN, BM, DC, false>(p), stream,
+             set_attention_dkdv_kernel<T, D, BN, BM, DC, false>, g, w);
+      constexpr int QM = DqTiles<T, D>::kM, QN = DqTiles<T, D>::kN;
+      launch("set_attention_dq", dq_plan<T, D, QM, QN>(p), stream,
+             set_attention_dq_kernel<T, D, QM, QN>, g, w);
+    } else {
+      launch("set_attention_dkdv", dkdv_plan<T, D, BN, BM, DC, true>(p), stream,
+             set_attention_dkdv_kernel<T, D, BN, BM, DC, true>, g, w);
+      launch("set_attention_dq_convert", row_plan(rows * p.head_dim / 8), stream,
+             set_attention_dq_convert_kernel<T>, g, w);
+    }
+  });
+}
+
+}  // namespace sarkernels::kernels

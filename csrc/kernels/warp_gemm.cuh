@@ -1,0 +1,155 @@
+// Warp-level GEMMs of the attention kernels, all in the mma.sync m16n8k16 accumulator
+// layout: tensor cores (ldmatrix + mma_16816) for 16-bit inputs, scalar FMAs in acc_t<T>
+// for float and double, so one kernel body serves every dtype.
+//
+// A warp owns a 16-row slab of its block's tile. Operands sit in shared memory as
+// row-major tiles (rows padded to tile_ld, see attention_tiles.cuh), or, for the left
+// operand, in an accumulator fragment of an earlier GEMM (P or dS, kept in registers).
+#pragma once
+#include <cstdint>
+
+#include "kernels/convert.cuh"
+#include "kernels/primitives.cuh"
+
+// Loop unrolling hints for nvcc (the host compiler decides for itself).
+#if SK_EMULATED
+#define SK_UNROLL
+#define SK_NO_UNROLL
+#else
+#define SK_UNROLL _Pragma("unroll")
+#define SK_NO_UNROLL _Pragma("unroll 1")
+#endif
+
+namespace sarkernels::kernels::attention {
+
+template <typename T>
+inline constexpr bool kTensorCores = sizeof(T) == 2;
+
+// A warp's 16 x N accumulator tile in the mma.sync C layout: with g = lane / 4 and
+// t = lane % 4, x[n][e] is row g + 8 (e / 2), column 8 n + 2 t + e % 2.
+template <typename Acc, int N>
+struct Frag {
+  static_assert(N % 8 == 0, "fragments are 8 columns wide");
+  Acc x[N / 8][4];
+
+  SK_DEVICE void zero() {
+    SK_UNROLL for (int n = 0; n < N / 8; ++n) {
+      SK_UNROLL for (int e = 0; e < 4; ++e) x[n][e] = Acc(0);
+    }
+  }
+};
+SK_DEVICE int frag_row(int e) { return lane_id() / 4 + 8 * (e >> 1); }
+SK_DEVICE int frag_col(int n, int e) { return 8 * n + 2 * (lane_id() % 4) + (e & 1); }
+
+// How the right operand B (K x N) is stored: as the rows of X = B^T ([N][K], e.g. K in
+// Q K^T) or as X = B itself ([K][N], e.g. V in P V; read with ldmatrix.trans).
+enum class BFrom { kRowsN, kRowsK };
+
+// Shared-memory scratch a scalar-path warp needs to turn a K-column fragment into a left
+// operand (none on the tensor-core path, where the fragment is repacked in registers).
+template <typename T, int K>
+inline constexpr int kFragScratch = kTensorCores<T> ? 0 : 16 * K;
+
+namespace detail {
+
+// B fragments of n-tiles n0/8 (b[0], b[1]) and n0/8 + 1 (b[2], b[3]) at k-step k0.
+template <typename T, BFrom L>
+SK_DEVICE void load_b_pair(uint32_t (&b)[4], const T* x, int ldx, int n0, int k0) {
+  const int l = lane_id(), j = l / 8, r = l % 8;
+  if constexpr (L == BFrom::kRowsN) {
+    ldmatrix<4, false>(b, x + (n0 + r + 8 * (j >> 1)) * ldx + k0 + 8 * (j & 1));
+  } else {
+    ldmatrix<4, true>(b, x + (k0 + r + 8 * (j & 1)) * ldx + n0 + 8 * (j >> 1));
+  }
+}
+
+// c += a (one 16 x 16 A fragment at k-step k0) * B[k0 .. k0 + 16)[0 .. N).
+template <typename T, int N, BFrom L>
+SK_DEVICE void mma_k_step(Frag<float, N>& c, const uint32_t (&a)[4], const T* x, int ldx,
+                          int k0) {
+  static_assert(N % 16 == 0, "tensor-core GEMMs take N in multiples of 16");
+  SK_UNROLL for (int p = 0; p < N / 16; ++p) {
+    uint32_t b[4];
+    load_b_pair<T, L>(b, x, ldx, 16 * p, k0);
+    const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+    mma_16816<T>(c.x[2 * p], a, b0, c.x[2 * p]);
+    mma_16816<T>(c.x[2 * p + 1], a, b1, c.x[2 * p + 1]);
+  }
+}
+
+// c += A * B element by element; a(r, k) gives A. Like the mma path, products are summed
+// over k-steps of 16 before each is added to c (plain running sums over long K lose
+// several times the precision), 32 columns at a time to bound the registers.
+template <typename T, int N, int K, BFrom L, typename AFn>
+SK_DEVICE void scalar_gemm(Frag<acc_t<T>, N>& c, AFn a, const T* x, int ldx) {
+  using Acc = acc_t<T>;
+  static_assert(K % 16 == 0, "GEMMs take K in multiples of 16");
+  constexpr int kTiles = N / 8, kBlock = kTiles % 4 == 0 ? 4 : kTiles % 2 == 0 ? 2 : 1;
+  const int r = frag_row(0), c0 = frag_col(0, 0);
+  SK_UNROLL for (int n0 = 0; n0 < kTiles; n0 += kBlock) {
+    SK_NO_UNROLL for (int k0 = 0; k0 < K; k0 += 16) {
+      Acc step[kBlock][4] = {};
+      SK_NO_UNROLL for (int k = k0; k < k0 + 16; ++k) {
+        const Acc a0 = a(r, k), a1 = a(r + 8, k);
+        SK_UNROLL for (int n = 0; n < kBlock; ++n) {
+          SK_UNROLL for (int j = 0; j < 2; ++j) {
+            const int col = c0 + 8 * (n0 + n) + j;
+            const Acc bv = to_float(L == BFrom::kRowsN ? x[col * ldx + k] : x[k * ldx + col]);
+            step[n][j] += a0 * bv;
+            step[n][j + 2] += a1 * bv;
+          }
+        }
+      }
+      SK_UNROLL for (int n = 0; n < kBlock; ++n) {
+        SK_UNROLL for (int e = 0; e < 4; ++e) c.x[n0 + n][e] += step[n][e];
+      }
+    }
+  }
+}
+
+}  // namespace detail
+
+// c (16 x N) += A * B with A the warp's 16 x K rows of a shared tile (a, row stride lda).
+template <typename T, int N, int K, BFrom L>
+SK_DEVICE void gemm_smem_a(Frag<acc_t<T>, N>& c, const T* a, int lda, const T* x, int ldx) {
+  if constexpr (kTensorCores<T>) {
+    static_assert(K % 16 == 0, "tensor-core GEMMs take K in multiples of 16");
+    const int l = lane_id();
+    SK_UNROLL for (int k0 = 0; k0 < K; k0 += 16) {
+      uint32_t af[4];
+      ldmatrix<4, false>(af, a + (l % 16) * lda + k0 + 8 * (l / 16));
+      detail::mma_k_step<T, N, L>(c, af, x, ldx, k0);
+    }
+  } else {
+    detail::scalar_gemm<T, N, K, L>(
+        c, [&](int r, int k) { return to_float(a[r * lda + k]); }, x, ldx);
+  }
+}
+
+// c (16 x N) += A * B with A = the fragment `a` (16 x K), rounded to T on the tensor-core
+// path as FlashAttention does. `scratch` is the warp's kFragScratch<T, K> elements.
+template <typename T, int N, int K, BFrom L>
+SK_DEVICE void gemm_frag_a(Frag<acc_t<T>, N>& c, const Frag<acc_t<T>, K>& a,
+                           acc_t<T>* scratch, const T* x, int ldx) {
+  if constexpr (kTensorCores<T>) {
+    static_assert(K % 16 == 0, "tensor-core GEMMs take K in multiples of 16");
+    SK_UNROLL for (int k = 0; k < K / 16; ++k) {
+      // The C layout of columns 16k .. 16k + 15 is the A layout of k-step k.
+      const uint32_t af[4] = {pack2<T>(a.x[2 * k][0], a.x[2 * k][1]),
+                              pack2<T>(a.x[2 * k][2], a.x[2 * k][3]),
+                              pack2<T>(a.x[2 * k + 1][0], a.x[2 * k + 1][1]),
+                              pack2<T>(a.x[2 * k + 1][2], a.x[2 * k + 1][3])};
+      detail::mma_k_step<T, N, L>(c, af, x, ldx, 16 * k);
+    }
+  } else {
+    sync_warp();  // every lane is done reading the scratch's previous contents
+    SK_UNROLL for (int n = 0; n < K / 8; ++n) {
+      SK_UNROLL for (int e = 0; e < 4; ++e) scratch[frag_row(e) * K + frag_col(n, e)] = a.x[n][e];
+    }
+    sync_warp();
+    detail::scalar_gemm<T, N, K, L>(
+        c, [&](int r, int k) { return scratch[r * K + k]; }, x, ldx);
+  }
+}
+
+}  // namespace sarkernels::kernels::attention

@@ -10,10 +10,7 @@ import sarkernels
 from sarkernels import reference
 from conftest import HAS_KERNELS, HAS_SIMT, attention_inputs, bits, set_ids, simt_options
 
-# `asan`: `make simt-asan` also runs these with _simt under AddressSanitizer, so every
-# global and shared-memory access of the op kernels is bounds-checked.
-pytestmark = [pytest.mark.skipif(not HAS_SIMT, reason="sarkernels._simt not built (SARKERNELS_SIMT=1)"),
-              pytest.mark.asan]
+pytestmark = pytest.mark.skipif(not HAS_SIMT, reason="sarkernels._simt not built (SARKERNELS_SIMT=1)")
 
 # (schedule, seed, OS threads running blocks)
 SCHEDULES = [("forward", 0, 1), ("reverse", 0, 1), ("random", 3, 1), ("random", 4, 2)]

@@ -63,21 +63,34 @@ def test_set_attention(dtype, shape, layout):
     torch.testing.assert_close(lse.cpu().double(), rounded_lse, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_set_attention_gradients(dtype):
-    """No backward kernel yet: autograd recomputes the reference on the GPU."""
-    gen = torch.Generator().manual_seed(1)
-    q, k, v = attention_inputs(2, 4, 2, 9, 40, 64, gen)
-    q_sets, k_sets = set_ids("random", 2, 9, gen), set_ids("random", 2, 40, gen)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lq", [3, 97])  # the decode kernel's forward, then the training one's
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_set_attention_gradients(dtype, lq, deterministic):
+    """The fused backward kernel (dQ by atomics, or a separate pass when deterministic)."""
+    gen = torch.Generator().manual_seed(lq)
+    q, k, v = attention_inputs(2, 4, 2, lq, 97, 64, gen, layout="blhd")
+    q_sets, k_sets = set_ids("sorted", 2, lq, gen), set_ids("sorted", 2, 97, gen)
     g = torch.randn(q.shape, generator=gen, dtype=torch.float64)
-    leaves = [t.requires_grad_() for t in (q, k, v)]
-    exact = torch.autograd.grad((reference.set_attention(*leaves, q_sets, k_sets)[0] * g).sum(), leaves)
-    dev = [t.detach().to("cuda", dtype).requires_grad_() for t in (q, k, v)]
-    out = sarkernels.set_attention(*dev, q_sets.cuda(), k_sets.cuda())
-    got = torch.autograd.grad((out * g.to("cuda", dtype)).sum(), dev)
-    tol = 1e-10 if dtype == torch.float64 else 5e-2
-    for a, e in zip(got, exact):
-        torch.testing.assert_close(a.cpu().double(), e, atol=tol, rtol=tol)
+
+    def grads(fn, dtype, device):
+        leaves = [t.detach().to(device, dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, q_sets.to(device), k_sets.to(device))
+        return [x.cpu() for x in torch.autograd.grad((out * g.to(device, dtype)).sum(), leaves)]
+
+    exact = grads(lambda *a: reference.set_attention(*a)[0], torch.float64, "cpu")
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        ours = grads(sarkernels.set_attention, dtype, "cuda")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    if dtype == torch.float64:
+        for a, e in zip(ours, exact):
+            torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
+        return
+    base = grads(sdpa_same_precision, dtype, "cuda")
+    for name, o, b, e in zip("qkv", ours, base, exact):
+        assert_within(o, b, e, dtype, f"d{name}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -90,7 +103,7 @@ def test_kv_cache_append(dtype, d):
     want = cache.clone()
     for b in range(3):
         want[b][:, slots[b]] = k[b]
-    k_cache, v_cache = cache.cuda(), cache.cuda()
+    k_cache, v_cache = cache.cuda(), cache.clone().cuda()
     sarkernels.kv_cache_append(k_cache, v_cache, k.cuda(), k.cuda(), slots.cuda())
     for got in (k_cache, v_cache):
         assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))

@@ -14,11 +14,13 @@ from . import checkpoint, data, metrics, outputs, sample
 from .models.common import check_sampling
 from .train import TrainConfig, check_device, train
 
-# (model, recipe) pairs of the report, in row order
-ROWS = [("sar", "ar"), ("sar", "sar-ts"), ("sar", "mar"), ("randar", "randar-parallel"),
-        ("randar", "randar-ar")]
+SAR_TRAIN_SETS = "4,8,16,32,64"  # the SAR's training draws K from these (train --sar-sets)
+SAR_SETS = (4, 8, 16, 32, 64)  # the speed/quality trade-off: SAR-TS with this many sets
+# (model, recipe, set count or None for the recipe's own) of the report, in row order
+ROWS = [("sar", "ar", None), *[("sar", "sar-ts", k) for k in SAR_SETS], ("sar", "mar", None),
+        ("randar", "randar-parallel", None), ("randar", "randar-ar", None)]
 MODELS = {  # sized to train in about two minutes each on two CPU cores
-    "sar": dict(dim=96, layers=2, steps=1500, batch=32, lr=5e-3),
+    "sar": dict(dim=96, layers=2, steps=1500, batch=32, lr=5e-3, sar_sets=SAR_TRAIN_SETS),
     "randar": dict(dim=96, layers=3, steps=1500, batch=32, lr=5e-3),
 }
 QUICK = dict(steps=30, ckpt_every=15)
@@ -49,10 +51,15 @@ def run(out="demo_out", device="cpu", quick=False, cfg_scale=2.0, per_class=20, 
         report["models"][kind] = {"train_seconds": time.perf_counter() - tic, "checkpoint": path,
                                   "parameters": sum(p.numel() for p in models[kind].parameters()),
                                   "steps": cfg.steps, "batch": cfg.batch, "dim": cfg.dim,
-                                  "layers": cfg.layers}
+                                  "layers": cfg.layers,
+                                  "train_sets": cfg.sar_sets if kind == "sar" else None}
     first_of_class = []
-    for kind, name in ROWS:
+    for kind, name, sets in ROWS:
         kw = sample.recipe(name, kind)
+        description = sample.RECIPES[name][2]
+        if sets is not None:
+            kw["steps"] = sets
+            description = f"SAR-TS: random order, {sets} sets of random sizes"
         gen = torch.Generator().manual_seed(0)
         tic = time.perf_counter()
         steps = []
@@ -61,7 +68,7 @@ def run(out="demo_out", device="cpu", quick=False, cfg_scale=2.0, per_class=20, 
         seconds = time.perf_counter() - tic
         images = tok.decode(tokens)
         report["recipes"].append({
-            "model": kind, "recipe": name, "description": sample.RECIPES[name][2],
+            "model": kind, "recipe": name, "description": description,
             "steps": max(steps) + 1, "seconds_per_image": seconds / len(labels),
             "images_per_second": len(labels) / seconds,
             "class_accuracy": judge.accuracy(images, labels),
@@ -71,7 +78,8 @@ def run(out="demo_out", device="cpu", quick=False, cfg_scale=2.0, per_class=20, 
             f"accuracy {report['recipes'][-1]['class_accuracy']:.3f}  "
             f"Frechet {report['recipes'][-1]['frechet']:.1f}")
     sample.image_grid(first_of_class, os.path.join(out, "samples.png"),
-                      row_titles=[f"{k}:{n}" for k, n in ROWS], col_titles=list(range(10)))
+                      row_titles=[f"{k}:{n}" + (f" {s}" if s else "") for k, n, s in ROWS],
+                      col_titles=list(range(10)))
     report["inpainting"] = inpaint(models, held_out, judge, out, device, cfg_scale)
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -116,9 +124,11 @@ def markdown(r):
         lines.append(f"| {x['model']} | {x['description']} | {x['steps']} | "
                      f"{x['seconds_per_image']:.4f} | {x['images_per_second']:.1f} | "
                      f"{x['class_accuracy']:.1%} | {x['frechet']:.1f} |")
-    lines += ["", "| model | parameters | train steps | batch | train seconds |", "|---|---|---|---|---|"]
+    lines += ["", "| model | parameters | train steps | batch | SAR sets per training image | "
+              "train seconds |", "|---|---|---|---|---|---|"]
     for kind, m in r["models"].items():
-        lines.append(f"| {kind} | {m['parameters']:,} | {m['steps']} | {m['batch']} | "
+        sets = "-" if m["train_sets"] is None else m["train_sets"]
+        lines.append(f"| {kind} | {m['parameters']:,} | {m['steps']} | {m['batch']} | {sets} | "
                      f"{m['train_seconds']:.0f} |")
     acc = r["inpainting"]["class_accuracy"]
     lines += ["", "Inpainting (left half kept): class accuracy "

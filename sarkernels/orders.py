@@ -4,6 +4,7 @@ An *order* is a permutation of the N grid cells per sample (``[B, N]``, cell = r
 a *schedule* splits the N tokens of an order into consecutive sets, one per step.
 """
 import math
+import re
 
 import torch
 
@@ -90,6 +91,40 @@ def set_sizes(schedule, n, steps=None, generator=None):
             done += take
         return sizes
     raise ValueError(f"schedule must be one of {SCHEDULES} or a list of sizes, got {schedule!r}")
+
+
+def set_counts(spec, n=None):
+    """The set counts K a SAR model trains with (one drawn uniformly per image), as a sorted
+    list of distinct counts in [1, n], or None for every count 1..n. ``spec`` is None or
+    ``"all"`` (1..n), a count K, an iterable of counts (a ``range`` for an inclusive range),
+    or text as ``train --sar-sets`` takes it: ``"16"``, ``"8-32"`` (inclusive), ``"4,8,16"``.
+    With ``n`` None only the form and the lower bound are checked."""
+    if spec is None or spec == "all":
+        return None
+    if isinstance(spec, str):
+        text, spec = spec, _parse_counts(spec)
+    else:
+        text = spec
+        spec = [spec] if isinstance(spec, int) else list(spec)
+    if not spec or not all(isinstance(k, int) and not isinstance(k, bool) for k in spec):
+        raise ValueError(f"set counts must be one or more integers, got {text!r}")
+    if min(spec) < 1:
+        raise ValueError(f"set counts must be >= 1, got {text!r}")
+    if n is not None and max(spec) > n:
+        raise ValueError(f"set counts must be in [1, {n}] for {n} tokens, got {text!r}")
+    return sorted(set(spec))
+
+
+def _parse_counts(text):
+    form = "give all, a count K, an inclusive range LO-HI or a list such as 4,8,16"
+    if re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", text):
+        low, high = (int(x) for x in text.split("-"))
+        if low > high:
+            raise ValueError(f"the range {text!r} is empty: {form}")
+        return list(range(low, high + 1))
+    if re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", text):
+        return [int(x) for x in text.split(",")]
+    raise ValueError(f"cannot read {text!r} as set counts: {form}")
 
 
 def set_ids(sizes, device="cpu"):

@@ -45,6 +45,9 @@ class TrainConfig:
     dropout: float = _setting(0.0, "dropout probability in the blocks, in [0, 1)")
     sar_schedule: str = _setting("random", "SAR only: how training splits an order into sets: "
                                            + ", ".join(TRAIN_SCHEDULES))
+    sar_sets: str = _setting("all", "SAR only: sets per training image, drawn uniformly per "
+                                    "image: all (1 to the token count), a count K, an "
+                                    "inclusive range LO-HI or a list such as 4,8,16")
     rar_anneal: tuple = (0.25, 0.75)  # RAR: random-order ratio 1 -> 0 over these fractions
     seed: int = _setting(0, "seed of initialisation and of every random draw of training")
     ckpt_every: int = _setting(250, "write a checkpoint every this many steps (and at the end)")
@@ -70,6 +73,10 @@ class TrainConfig:
         if self.sar_schedule not in TRAIN_SCHEDULES:
             raise ValueError(f"--sar-schedule must be one of {', '.join(TRAIN_SCHEDULES)}, "
                              f"got {self.sar_schedule!r}")
+        self.set_counts(self.grid ** 2 if self.data == "digits" else None)
+        if self.sar_schedule == "mar" and self.sar_sets != "all":
+            raise ValueError(f"--sar-sets {self.sar_sets}: --sar-schedule mar trains one set "
+                             "after a random prefix; leave --sar-sets at all")
         if self.dim % self.heads:
             raise ValueError(f"--dim {self.dim} must split evenly into --heads {self.heads}")
         # the kernels' head-size rule, asked of the op itself on shape-only tensors
@@ -80,6 +87,15 @@ class TrainConfig:
         except ValueError as exc:
             raise ValueError(f"--dim {self.dim} / --heads {self.heads}: {exc}") from None
         check_device(self.device)
+
+
+    def set_counts(self, n):
+        """--sar-sets as a list of counts for ``n`` tokens (None: all), or ValueError naming
+        the option (with ``n`` None, only its form)."""
+        try:
+            return orders.set_counts(self.sar_sets, n)
+        except ValueError as exc:
+            raise ValueError(f"--sar-sets: {exc}") from None
 
 
 # What --resume may change: everything else defines the run and comes from its checkpoint.
@@ -113,7 +129,8 @@ def build_model(cfg, tokenizer, num_classes):
                   multiple_of=32, class_dropout=cfg.class_dropout, dropout=cfg.dropout)
     if cfg.model == "sar":
         return MODELS["sar"](encoder_layers=cfg.layers, decoder_layers=cfg.layers,
-                             train_schedule=cfg.sar_schedule, **common)
+                             train_schedule=cfg.sar_schedule,
+                             train_steps=cfg.set_counts(tokenizer.grid_size ** 2), **common)
     return MODELS[cfg.model](n_layer=cfg.layers, token_dropout=cfg.dropout, **common)
 
 
@@ -192,6 +209,7 @@ def train(cfg, resume=False, overwrite=False, progress=True, log=print):
     cfg.validate()
     step_dir, state = prepare_run(cfg, resume, overwrite)
     dataset = data.load(cfg.data, cfg.grid, "train")
+    cfg.set_counts(dataset.tokenizer.grid_size ** 2)  # a token folder's length is known now
     rank, world = _distributed(cfg.device)
     if cfg.batch % world:
         raise ValueError(f"--batch {cfg.batch} must split evenly over {world} processes")

@@ -31,9 +31,10 @@ TRAIN_SCHEDULES = ("random", "cosine", "constant", "mar")
 
 class SARTransformer(Generation, nn.Module):
     """Training draws, per sample, an order (``train_order``: "random" or "raster") and a
-    partition (``train_schedule``: "random"/"cosine"/"constant" sizes with ``train_steps``
-    sets, or a count drawn uniformly from 1..N when None; "mar": a random given prefix, then
-    one set, the prefix without loss)."""
+    partition (``train_schedule``: "random"/"cosine"/"constant" sizes into K sets, K drawn
+    uniformly from ``train_steps``: None for 1..N, a count, a list or a ``range`` of counts,
+    or text such as "8-32" (see :func:`orders.set_counts`); "mar": a random given prefix,
+    then one set, the prefix without loss)."""
 
     def __init__(self, *, vocab_size=16384, num_classes=1000, grid_size=16, dim=1024,
                  encoder_layers=12, decoder_layers=12, n_head=16, n_kv_head=None,
@@ -43,6 +44,10 @@ class SARTransformer(Generation, nn.Module):
         if train_order not in ("random", "raster") or train_schedule not in TRAIN_SCHEDULES:
             raise ValueError(f"train_order must be 'random'/'raster' and train_schedule one of "
                              f"{TRAIN_SCHEDULES}, got {train_order!r}, {train_schedule!r}")
+        try:
+            train_steps = orders.set_counts(train_steps, grid_size * grid_size)
+        except ValueError as exc:
+            raise ValueError(f"train_steps: {exc}") from None
         self.config = dict(vocab_size=vocab_size, num_classes=num_classes, grid_size=grid_size,
                            dim=dim, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
                            n_head=n_head, n_kv_head=n_kv_head, multiple_of=multiple_of,
@@ -114,7 +119,8 @@ class SARTransformer(Generation, nn.Module):
                 sizes = [given, n - given] if given else [n]
                 mask = torch.arange(n) >= given
             else:
-                k = cfg["train_steps"] or int(torch.randint(1, n + 1, (), generator=generator))
+                counts = cfg["train_steps"] or range(1, n + 1)
+                k = counts[int(torch.randint(len(counts), (), generator=generator))]
                 sizes = orders.set_sizes(cfg["train_schedule"], n, k, generator)
                 mask = torch.ones(n, dtype=torch.bool)
             rows.append(orders.set_ids(sizes))

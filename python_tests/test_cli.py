@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import sarkernels.demo
 from sarkernels import checkpoint, data, sample
 from sarkernels.train import TrainConfig, train
 
@@ -184,11 +185,10 @@ def test_demo_quick(tmp_path):
     res = cli("demo", "--quick", "--out", str(out))
     assert "best recipe" in res.stdout
     report = json.load(open(out / "report.json"))
-    assert [(r["model"], r["recipe"]) for r in report["recipes"]] == [
-        ("sar", "ar"), ("sar", "sar-ts"), ("sar", "mar"), ("randar", "randar-parallel"),
-        ("randar", "randar-ar")]
-    steps = {r["recipe"]: r["steps"] for r in report["recipes"]}
-    assert steps == {"ar": 64, "sar-ts": 16, "mar": 4, "randar-parallel": 22, "randar-ar": 64}
+    assert [(r["model"], r["recipe"], r["steps"]) for r in report["recipes"]] == [
+        ("sar", "ar", 64), *[("sar", "sar-ts", k) for k in (4, 8, 16, 32, 64)], ("sar", "mar", 4),
+        ("randar", "randar-parallel", 22), ("randar", "randar-ar", 64)]
+    assert report["models"]["sar"]["train_sets"] == sarkernels.demo.SAR_TRAIN_SETS
     assert report["judge_held_out_accuracy"] > 0.9
     for name in ("samples.png", "inpainting.png", "report.md"):
         assert os.path.getsize(out / name) > 0

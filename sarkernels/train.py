@@ -73,8 +73,8 @@ class TrainConfig:
         if self.sar_schedule not in TRAIN_SCHEDULES:
             raise ValueError(f"--sar-schedule must be one of {', '.join(TRAIN_SCHEDULES)}, "
                              f"got {self.sar_schedule!r}")
-        self.set_counts(self.grid ** 2 if self.data == "digits" else None)
-        if self.sar_schedule == "mar" and self.sar_sets != "all":
+        counts = self.set_counts(self.grid ** 2 if self.data == "digits" else None)
+        if self.sar_schedule == "mar" and counts is not None:
             raise ValueError(f"--sar-sets {self.sar_sets}: --sar-schedule mar trains one set "
                              "after a random prefix; leave --sar-sets at all")
         if self.dim % self.heads:

@@ -2,10 +2,6 @@
 are not results): a row per shape and competitor, and the correctness check both runs and
 catches a wrong kernel."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +9,6 @@ import torch.nn.functional as F
 
 import attention_training as bench
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--tiny", "--device", "cpu", "--flex", "eager", "--repeats", "5"]
 
 
@@ -38,14 +33,10 @@ def table_rows(stdout):
     return [(row[0].split()[0], row[1]) for row in cells]
 
 
-def test_tiny_run_has_every_row_and_checks_ours(tmp_path):
+def test_tiny_run_has_every_row_and_checks_ours(tmp_path, capsys, one_thread):
     out = tmp_path / "rows.json"
-    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
-    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/attention_training.py"), *TINY,
-                          "--json", str(out)], capture_output=True, text=True, env=env, timeout=120)
-    assert run.returncode == 0, run.stdout + run.stderr
-    rows = table_rows(run.stdout)
+    assert bench.main([*TINY, "--json", str(out)]) == 0
+    rows = table_rows(capsys.readouterr().out)
     assert len(rows) == len(set(rows)) and set(rows) == expected_rows()
     data = json.loads(out.read_text())
     assert [(r["shape"].split()[0], r["who"]) for r in data["rows"]] == rows

@@ -24,6 +24,7 @@ apart, never timed.
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -53,8 +54,8 @@ TARGETS = {"causal": {"sdpa_causal": 0.9},
            "sets": {"flex_build": 1.5, "flex": 1.2, "sdpa_dense": 2.0}}
 COMPETITORS = ("ours", "flex_build", "flex", "sdpa_dense", "sdpa_causal")
 
-# Dense bf16 tensor-core peak, TFLOP/s, by device name (first match; the SXM H100 reports
-# "H100 80GB HBM3").
+# Dense bf16/fp16 tensor-core peak, TFLOP/s, by device name (first match; the SXM H100
+# reports "H100 80GB HBM3").
 PEAK_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989))
 
 # The tests' rule for low-precision results (python_tests/conftest.py assert_within): our
@@ -194,9 +195,9 @@ def check(c, args):
     return ok, f"{'ok' if ok else 'WRONG'}: max err ours/SDPA vs float64 {text}", exact[0]
 
 
-def peak_tflops(device):
-    if device.type != "cuda":
-        return None
+def peak_tflops(device, dtype):
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None  # the table holds 16-bit tensor-core peaks
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
 
@@ -286,12 +287,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     gen = torch.Generator().manual_seed(args.seed)
-    peak = peak_tflops(args.device)
+    peak = peak_tflops(args.device, args.dtype)
     name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu"
     meta = dict(device=name, torch=torch.__version__, dtype=str(args.dtype), flex=args.flex,
                 repeats=args.repeats, tiny=args.tiny, peak_tflops=peak)
     print(f"device {name}, torch {torch.__version__}, {args.dtype}, FlexAttention {args.flex}, "
-          f"median of {args.repeats}, peak {f'{peak} TFLOP/s dense bf16' if peak else 'unknown'}"
+          f"median of {args.repeats}, peak {f'{peak} TFLOP/s dense' if peak else 'unknown'}"
           f"{', TINY shapes: a smoke test, not results' if args.tiny else ''}")
     print(HEADER, flush=True)
     rows, all_correct = [], True
@@ -315,9 +316,10 @@ def main(argv=None):
                     mine = row
                 rows.append(score(row, c, mine, peak, correct))
                 print(markdown(row), flush=True)
-                if args.json:
-                    with open(args.json, "w") as f:
+                if args.json:  # replaced whole, so a run cut off by a timeout leaves valid JSON
+                    with open(f"{args.json}.tmp", "w") as f:
                         json.dump(dict(meta, rows=rows), f, indent=2)
+                    os.replace(f"{args.json}.tmp", args.json)
             del c
     return 0 if all_correct else 1
 

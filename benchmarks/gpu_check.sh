@@ -7,12 +7,14 @@
 # results.md and results.json into OUTDIR (default gpu_results). Needs a CUDA torch, nvcc
 # and no network.
 #   bash benchmarks/gpu_check.sh "$OUT"
-# Time: the attention step is estimated (not yet measured on a GPU) at 3-5 min, nearly all
-# of it FlexAttention compiling per shape (block mask, inference forward, training
-# forward+backward; 7 shapes); its timed calls take seconds. It runs under `timeout
-# $ATTN_TIMEOUT` (default 300 s) and prints each row when measured, so a cut-off run keeps
-# the rows it finished; ATTN_SHAPES (e.g. "a b257 c") and ATTN_REPEATS (default 10) trim it.
-# Alone, after a build: python benchmarks/attention_training.py --json "$OUT/a.json"
+# Time: the attention step is estimated (not yet measured on a GPU) at 3-6 min, nearly all
+# of it FlexAttention compiling, per shape (7) its block-mask build, inference forward and
+# training forward+backward (the second Flex row of a shape recompiles from Inductor's
+# cache); its timed calls take seconds. It runs under `timeout $ATTN_TIMEOUT` (default
+# 300 s) and prints each row when measured, so a cut-off run keeps the rows it finished
+# (the D=128 shapes come last); ATTN_SHAPES (e.g. "a b257 c") and ATTN_REPEATS (default 10)
+# trim it. Alone, after a build, e.g. in a second call:
+#   python benchmarks/attention_training.py --shapes d-a d-b257 d-b1025 --json "$OUT/d.json"
 # Dry run on a CPU machine (no build, tiny shapes):
 #   SKIP_BUILD=1 DEVICE=cpu CONFIG=tiny DTYPE=float32 BATCH=2 MODES="eager reference" \
 #       ATTN_FLAGS="--tiny --flex eager" bash benchmarks/gpu_check.sh /tmp/out

@@ -29,9 +29,12 @@ cuda-check: $(STAMP)
 		cmake --build build/cuda-check --target cuda_compile_check; \
 	else echo "nvcc not found: CUDA compile check skipped"; fi
 
+# The benchmark's smoke test runs apart: python_tests import helpers from their own
+# `conftest` module, which benchmarks/conftest.py would shadow in one pytest run.
 test: export SARKERNELS_SIMT := 1
 test: build cuda-check
-	$(PY) -m pytest python_tests benchmarks/test_attention_training.py -q
+	$(PY) -m pytest python_tests -q
+	$(PY) -m pytest benchmarks/test_attention_training.py -q
 	$(MAKE) simt-asan
 
 # The `asan` tests with an AddressSanitizer build of sarkernels._simt. It lives in a copy of

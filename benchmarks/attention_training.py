@@ -56,8 +56,8 @@ TARGETS = {"causal": {"sdpa_causal": 0.9},
 COMPETITORS = ("ours", "flex_build", "flex", "sdpa_dense", "sdpa_causal")
 
 # Dense bf16/fp16 tensor-core peak, TFLOP/s, by device name (first match; the SXM H100
-# reports "H100 80GB HBM3").
-PEAK_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989))
+# reports "H100 80GB HBM3"). The PCIe and NVL H100s run lower: no figure, rather than a guess.
+PEAK_TFLOPS = (("H100 PCIe", None), ("H100 NVL", None), ("H100", 989), ("H200", 989))
 
 # The tests' rule for low-precision results (python_tests/conftest.py assert_within): our
 # error against float64 is at most 2x PyTorch's same-precision error plus a few ulps.

@@ -206,9 +206,11 @@ def peak_tflops(device, dtype):
 def measure(c, who, args, exact_out):
     """One row: ms, first-call seconds, FlexAttention's output error, or the error text."""
     row = dict(shape=c["label"], who=who, fwd_ms=None, fwd_bwd_ms=None, note="")
-    # Each FlexAttention row compiles afresh: a failure in one (no backward on CPU) makes
-    # Dynamo run the function eagerly from then on, and the recompile limit is never reached.
-    torch._dynamo.reset()
+    # Each compiled FlexAttention row compiles afresh: a failure in one (no backward on CPU)
+    # makes Dynamo run the function eagerly from then on, and the recompile limit is never
+    # reached. (Eager FlexAttention traces through Dynamo too: main resets once per shape.)
+    if args.flex == "compiled" and who.startswith("flex"):
+        torch._dynamo.reset()
     counters.clear()
     try:
         setup_s, attend = first_call_s(lambda: SETUPS[who](c, args), args.device)
@@ -305,6 +307,7 @@ def main(argv=None):
     rows, all_correct = [], True
     with sarkernels.use_backend("kernels"):  # an error, never the reference, if no kernel
         for shape in args.shapes:
+            torch._dynamo.reset()
             c = make_case(shape, args, gen)
             try:
                 correct, check_text, exact_out = check(c, args)

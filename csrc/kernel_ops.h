@@ -13,7 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 
-#include "kernels/attention_bwd.cuh"
+#include "kernels/attention.h"
 #include "kernels/decode_attention.cuh"
 #include "kernels/interleave.cuh"
 #include "kernels/kv_cache_append.cuh"
@@ -157,7 +157,7 @@ struct KernelOps {
   // The training kernels move rows in 16-byte chunks: an operand whose rows are not 16-byte
   // aligned (odd strides or storage offset) is copied into fresh contiguous memory.
   static at::Tensor aligned(const at::Tensor& t) {
-    const bool ok = kernels::attention::rows_aligned(
+    const bool ok = kernels::rows_aligned(
         t.data_ptr(), {t.stride(0), t.stride(1), t.stride(2)}, t.element_size());
     return ok ? t : t.clone(at::MemoryFormat::Contiguous);
   }

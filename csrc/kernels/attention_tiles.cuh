@@ -1,7 +1,7 @@
-// What the fused set-attention kernels (attention_fwd.cuh, attention_bwd.cuh) share:
-// shared-memory tiles and their cp.async loaders, set-id ranges and tile classes from
-// mask.h, the double-buffered walk over visible tiles, score scaling and masking, the
-// exponent base, and the host-side dtype / head-dim dispatch and argument checks.
+// What the fused set-attention kernels (attention_fwd.cuh, attention_bwd.cuh) share: the
+// tile sizes of every kernel, shared-memory tiles and their cp.async loaders, set-id
+// ranges and tile classes from mask.h, the double-buffered walk over visible tiles, score
+// scaling and masking, the exponent base, and the host-side dispatch and argument checks.
 #pragma once
 #include <cstdint>
 #include <initializer_list>
@@ -9,6 +9,7 @@
 #include <string>
 #include <type_traits>
 
+#include "kernels/attention.h"
 #include "kernels/dispatch.cuh"
 #include "kernels/launch.cuh"
 #include "kernels/warp_gemm.cuh"
@@ -16,6 +17,45 @@
 #include "sarkernels/params.h"
 
 namespace sarkernels::kernels::attention {
+
+// ---------------------------------------------------------------- tile sizes
+// Template parameters of every kernel, chosen here only: a GPU session measures others
+// (e.g. 128-wide tiles) by editing these. Every size is a multiple of 16.
+
+// Queries x keys per block: tensor-core tiles for 16-bit inputs, smaller ones for the
+// scalar path (its shared tiles are 2-4x wider per element) and for head dims above 128
+// (shared memory); 16 query rows per warp. Output columns per block (kCols < D: column
+// splits, see QueryBlock): 32 for float64 above head dim 64, for registers.
+template <typename T, int D>
+struct FwdTiles {
+  static constexpr int kM = kTensorCores<T> ? 64 : 32;
+  static constexpr int kN =
+      kTensorCores<T> ? (D > 128 ? 32 : 64) : sizeof(T) == 8 || D > 128 ? 16 : 32;
+  static constexpr int kCols = sizeof(T) == 8 && D > 64 ? 32 : D;
+};
+
+// dK/dV blocks: keys per block (16 per warp) x queries per step, and the columns of dK and
+// dV one block owns (kCols < D: several blocks per key tile, each recomputing P and dS,
+// so that dK and dV fit in registers). Smaller query steps at large head dims keep S^T and
+// dP^T in registers too; float64 takes small tiles for shared memory.
+template <typename T, int D>
+struct BwdTiles {
+  static constexpr bool kDouble = sizeof(T) == 8;
+  static constexpr int kKeys = kTensorCores<T> ? 64 : kDouble && D > 128 ? 16 : 32;
+  static constexpr int kQueries =
+      kTensorCores<T> ? (D > 128 ? 16 : D > 64 ? 32 : 64) : kDouble ? 16 : 32;
+  static constexpr int kCols = D < (kDouble ? 32 : 128) ? D : kDouble ? 32 : 128;
+};
+
+// Deterministic dQ blocks: queries x keys, as the forward's but narrower key tiles at
+// large head dims (dQ, S and dP live in registers together), and one warp's queries for
+// float64 above head dim 128 (shared memory holds Q and dO).
+template <typename T, int D>
+struct DqTiles {
+  static constexpr int kM = sizeof(T) == 8 && D > 128 ? 16 : FwdTiles<T, D>::kM;
+  static constexpr int kN = kTensorCores<T> && D > 64 ? 32 : FwdTiles<T, D>::kN;
+  static constexpr int kCols = FwdTiles<T, D>::kCols;
+};
 
 // ---------------------------------------------------------------- operand rows
 // Row i of head h in batch b of each [B, H, L, D] operand (dout shares out's strides).
@@ -273,21 +313,25 @@ SK_DEVICE TileKind warp_tile_kind(IdRange q, IdRange k, bool strict, bool ragged
 }
 
 // ---------------------------------------------------------------- query-tile kernels
-// The forward and the dQ kernel: one block per (query tile of BM rows, batch, q head),
-// 16 query rows per warp, walking the key tiles.
+// The forward and the dQ kernel: one block per (query tile of BM rows, column split,
+// batch, q head), 16 query rows per warp, walking the key tiles. A block writes the
+// output columns [c0, c0 + D / splits): more than one split only where the accumulators
+// of every column would not fit in registers (each split recomputes the scores).
 
 struct QueryBlock {
   int64_t b, h, hk, q0;
+  int c0;                   // first output column
   int nq;                   // valid rows of the tile
   IdRange block_q, warp_q;  // set ids of the block's and of this warp's rows
   int64_t row_set[2];       // ids of this lane's rows g and g + 8 (0 past the end)
 };
 
-template <int BM>
+template <int BM, int D, int DC>
 SK_DEVICE QueryBlock query_block(const SetAttentionParams& p) {
   QueryBlock qb;
   const int64_t q_tiles = ceil_div(p.len_q, BM);
-  const int64_t bh = blockIdx.x / q_tiles;
+  const int64_t bh = blockIdx.x / (q_tiles * (D / DC));
+  qb.c0 = int(blockIdx.x / q_tiles % (D / DC)) * DC;
   qb.b = bh / p.heads_q;
   qb.h = bh % p.heads_q;
   qb.hk = qb.h / (p.heads_q / p.heads_kv);
@@ -366,12 +410,6 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock& 
 
 // ---------------------------------------------------------------- host side
 
-// Head dims with a kernel (for every dtype). Kernels exist for 32, 64, 96, 128 and 256; a
-// smaller multiple of 8 runs in the next one up, zero-padded.
-inline bool set_attention_kernel_has_head_dim(int64_t d) {
-  return d % 8 == 0 && 8 <= d && d <= 256;
-}
-
 // The most dynamic shared memory a block gets on the GPUs the kernels target (sm_90; an
 // sm_80 A100 has 163 KB: enough for every configuration but float64 above head dim 128).
 inline constexpr size_t kMaxSmem = 227 * 1024;
@@ -395,14 +433,6 @@ void dispatch_head_dim(DType dtype, int64_t head_dim, const char* what, F&& f) {
 
 inline size_t dtype_size(DType dtype) {
   return dtype == DType::kFloat64 ? 8 : dtype == DType::kFloat32 ? 4 : 2;
-}
-
-// Tiles move in 16-byte chunks: each operand's base and batch/head/row strides must keep
-// every row 16-byte aligned (true of contiguous and [B, L, H, D]-transposed tensors).
-inline bool rows_aligned(const void* base, std::initializer_list<int64_t> strides, size_t elem) {
-  bool ok = reinterpret_cast<uintptr_t>(base) % 16 == 0;
-  for (int64_t s : strides) ok = ok && (s * int64_t(elem)) % 16 == 0;
-  return ok;
 }
 
 inline void check_rows_aligned(const char* fn, const char* name, const void* base,

@@ -18,8 +18,16 @@ $(STAMP):
 		pytest hypothesis pytest-benchmark safetensors tqdm scikit-learn scipy pillow
 	touch $@
 
+# The editable install picks up Python edits by itself: pip (and its warnings) runs again
+# only when a build input is newer than the last install or SARKERNELS_SIMT differs.
+INSTALLED := $(VENV)/.sarkernels-installed
 build: $(STAMP)
-	$(PY) -m pip install -q --no-build-isolation -e .
+	@want="simt=$${SARKERNELS_SIMT:-0}"; \
+	if [ "$$(cat $(INSTALLED) 2>/dev/null)" != "$$want" ] || \
+	   [ -n "$$(find setup.py pyproject.toml csrc -newer $(INSTALLED) | head -1)" ]; then \
+		echo "$(PY) -m pip install -q --no-build-isolation -e ." && \
+		$(PY) -m pip install -q --no-build-isolation -e . && echo "$$want" > $(INSTALLED); \
+	fi
 	$(PY) -m sarkernels info
 
 cuda-check: $(STAMP)

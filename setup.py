@@ -76,9 +76,11 @@ setup(
                 "for set-autoregressive image generators (SAR, RandAR, RAR)",
     packages=find_packages(include=["sarkernels", "sarkernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch"],
-    # the main job (train/sample/demo): checkpoints, progress bars, data, metrics, pictures
-    extras_require={"demo": ["safetensors", "tqdm", "scikit-learn", "scipy", "pillow", "numpy"]},
+    # checkpoints (safetensors), progress bars (tqdm) and numpy (torch warns at import
+    # without it): small, so every command runs or explains itself after a plain install
+    install_requires=["torch", "numpy", "safetensors", "tqdm"],
+    # the digits data, its judge and pictures; `python -m sarkernels` names it when needed
+    extras_require={"demo": ["scikit-learn", "scipy", "pillow"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
 )

@@ -1,55 +1,79 @@
 #!/usr/bin/env bash
-# One device call: build for the local GPU, compile-check the torch-free kernels (ptxas
-# usage), run the CUDA tests, then the GPU benchmarks; writes results.md and results.json
-# into OUTDIR (default gpu_results). Needs a CUDA torch, nvcc and no network.
+# One device call: build _C for the local GPU and _simt (SARKERNELS_SIMT=1), compile-check
+# every kernel with ptxas usage (in the background, beside the tests), run the op tests on
+# CUDA tensors with the kernels backend, compare simt-backend outputs with GPU outputs on
+# identical inputs, then the GPU benchmarks; writes results.md and results.json into OUTDIR
+# (default gpu_results). Needs a CUDA torch, nvcc and no network.
 #   bash benchmarks/gpu_check.sh "$OUT"
+# Dry run on a CPU machine (no build, tiny shapes):
+#   SKIP_BUILD=1 DEVICE=cpu CONFIG=tiny DTYPE=float32 BATCH=2 MODES="eager reference" \
+#       bash benchmarks/gpu_check.sh /tmp/out
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_results}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda} CONFIG=${CONFIG:-L} DTYPE=${DTYPE:-bfloat16} BATCH=${BATCH:-64}
+MODES=${MODES:-eager graphs reference reference-graphs}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
-step() { echo "== $*"; }
+export SARKERNELS_SIMT=1
+step() { echo "== $* ($(date +%T))"; }
 
-step build
-if ! $PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-    tail -40 "$OUT/build.log"; exit 1
+step ptxas, in the background
+{ cmake -S . -B build/cuda-check -DPython3_EXECUTABLE="$(command -v "$PY")" > /dev/null &&
+  cmake --build build/cuda-check --target cuda_compile_check; } > "$OUT/ptxas.log" 2>&1 &
+PTXAS_PID=$!
+
+if [ -z "${SKIP_BUILD:-}" ]; then
+    step build
+    if ! $PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+        tail -40 "$OUT/build.log"; exit 1
+    fi
 fi
 $PY -m sarkernels info --json > "$OUT/info.json"
 $PY -m sarkernels info
 
-step ptxas
-{ cmake -S . -B build/cuda-check > /dev/null && cmake --build build/cuda-check --target cuda_compile_check; } \
-    > "$OUT/ptxas.log" 2>&1
-echo "ptxas exit $? ($(grep -c 'Compiling entry' "$OUT/ptxas.log") entries; spills: $(grep -c '[1-9][0-9]* bytes spill' "$OUT/ptxas.log"))"
-
 step cuda tests
-$PY -m pytest python_tests -m cuda -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -5
+$PY -m pytest python_tests -m cuda -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
 TESTS=${PIPESTATUS[0]}
 
-step generation, RandAR-L shapes, bf16, batch 64
-$PY benchmarks/generation.py --config L --device cuda --dtype bfloat16 --batch 64 --skip-recompute \
+step simt vs GPU on identical inputs
+$PY benchmarks/simt_vs_gpu.py 2>&1 | tee "$OUT/simt_vs_gpu.md" | grep -v "| ok |"
+COMPARE=${PIPESTATUS[0]}
+echo "simt vs GPU exit $COMPARE ($(grep -c '| ok |' "$OUT/simt_vs_gpu.md") cases agree)"
+
+wait $PTXAS_PID
+PTXAS=$?
+echo "ptxas exit $PTXAS: $(grep -o '[a-z_]*\.cu: [0-9]* entries.*spills' "$OUT/ptxas.log")"
+cp build/cuda-check/cuda_check/*.ptxas.log "$OUT/" 2>/dev/null
+
+step "generation: RandAR 88 steps and SAR 16/64 sets, config $CONFIG, $DTYPE, batch $BATCH, CFG"
+$PY benchmarks/generation.py --config "$CONFIG" --device "$DEVICE" --dtype "$DTYPE" --batch "$BATCH" \
+    --cfg-scale 4 --recipes randar-88 sar-16 sar-64 --modes $MODES \
     --repeats 3 2>&1 | tee "$OUT/generation.md"
 
-step VQ-16 decode, bf16, batch 64
+step "VQ-16 decode, $DTYPE, batch $BATCH"
 for flags in "" "--channels-last" "--channels-last --compile"; do
-    $PY benchmarks/vq_decode.py --device cuda --dtype bfloat16 --batch 64 $flags 2>&1 | tail -1
+    $PY benchmarks/vq_decode.py --device "$DEVICE" --dtype "$DTYPE" --batch "$BATCH" $flags 2>&1 | tail -1
 done | tee "$OUT/vq_decode.md"
 
 {
-    echo "# GPU check, $(date -u +%Y-%m-%d), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+    echo "# GPU check, $(date -u +%Y-%m-%d), $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo "$DEVICE")"
     echo; echo '```'; $PY -m sarkernels info; echo '```'
     echo; echo "CUDA tests exit status: $TESTS"; tail -1 "$OUT/tests.log"
+    echo; echo "ptxas exit status: $PTXAS"; grep -o '[a-z_]*\.cu: [0-9]* entries.*spills' "$OUT/ptxas.log"
+    echo; echo "## simt vs GPU (exit status $COMPARE)"; cat "$OUT/simt_vs_gpu.md"
     echo; echo "## Generation"; cat "$OUT/generation.md"
     echo; echo "## VQ-16 decode"; cat "$OUT/vq_decode.md"
 } > "$OUT/results.md"
-$PY - "$OUT" "$TESTS" <<'PY'
+$PY - "$OUT" "$TESTS" "$COMPARE" "$PTXAS" <<'PY'
 import json, sys
-out, tests = sys.argv[1], int(sys.argv[2])
+out, tests, compare, ptxas = sys.argv[1], *map(int, sys.argv[2:])
 read = lambda name: open(f"{out}/{name}").read()
 json.dump({"info": json.loads(read("info.json")), "cuda_tests_exit": tests,
+           "simt_vs_gpu_exit": compare, "ptxas_exit": ptxas, "simt_vs_gpu": read("simt_vs_gpu.md"),
            "generation": read("generation.md"), "vq_decode": read("vq_decode.md")},
           open(f"{out}/results.json", "w"), indent=2)
 PY
 cat "$OUT/results.md"
-exit "$TESTS"
+exit $(( TESTS || COMPARE || PTXAS ))

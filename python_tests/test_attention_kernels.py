@@ -161,6 +161,7 @@ def test_float_paths_are_tight(c):
         assert_within(g32, b32, w, torch.float32, name)
 
 
+@pytest.mark.asan  # the fused fwd/bwd kernels once under AddressSanitizer
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_deterministic_backward_keeps_its_bits_on_threads(dtype):
     c = dict(b=2, hq=4, hkv=2, lq=70, lk=70, d=64, pattern="sorted", strict=False, seed=5)
@@ -175,21 +176,48 @@ def test_deterministic_backward_keeps_its_bits_on_threads(dtype):
 
 
 @pytest.mark.parametrize("d", [32, 40, 96, 136, 256])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_other_head_dims(d, dtype):
-    """The 32, 96 and 256 kernels, and head dims zero-padded into the next one."""
+    """The 32, 96 and 256 kernels and head dims zero-padded into the next one, both dQ modes,
+    under two schedules with identical bits (float64 above its limit: the decode forward and
+    the reference backward)."""
     c = case(lq=40, lk=33, d=d, hq=2, pattern="unsorted", seed=d)
     inputs, q_sets, k_sets, grads = build(c)
     want = outputs_and_grads(exact(c, q_sets, k_sets), inputs, torch.float64, grads)
     with sarkernels.use_backend("simt"):
-        got = outputs_and_grads(ours(c, q_sets, k_sets), inputs, dtype, grads)
-    if dtype == torch.float64:
-        for name, g, w in zip(NAMES, got, want):
-            torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
-        return
-    base = outputs_and_grads(pytorch_same_precision(c, q_sets, k_sets), inputs, dtype, grads)
-    for name, g, b, w in zip(NAMES, got, base, want):
-        assert_within(finite(g), finite(b), finite(w), dtype, name)
+        runs = []
+        for det in (False, True):
+            with deterministic(det):
+                runs.append(under_two_schedules(
+                    lambda: outputs_and_grads(ours(c, q_sets, k_sets), inputs, dtype, grads)))
+    base = None if dtype == torch.float64 else \
+        outputs_and_grads(pytorch_same_precision(c, q_sets, k_sets), inputs, dtype, grads)
+    for got in runs:
+        for i, (name, g, w) in enumerate(zip(NAMES, got, want)):
+            if base is None:
+                torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10,
+                                           msg=lambda m: f"{name}: {m}")
+            else:
+                assert_within(finite(g), finite(base[i]), finite(w), dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_backward_kernel_refuses_head_dims_past_the_built_limit(dtype):
+    """The limit the extension reports (the one sarkernels.ops and info() use) is the one the
+    glue enforces; the autograd backward takes the reference recompute past it (above)."""
+    limit = sarkernels.ops._simt.attention_max_head_dim[str(dtype).removeprefix("torch.")]
+    assert limit >= 128 and str(limit) in sarkernels.ops.ATTENTION_RULE
+    backward = torch.ops.sarkernels_simt.set_attention_backward
+    sets = torch.zeros(1, 17, dtype=torch.long)
+    for d in (limit, limit + 8):
+        q = torch.randn(1, 1, 17, d, dtype=dtype)
+        lse = torch.zeros(1, 1, 17, dtype=reference.work_dtype(dtype))
+        if d == limit:
+            dq, dk, dv = backward(q, None, q, q, q, q, lse, sets, sets, False, 1.0)
+            assert dq.shape == q.shape
+        else:
+            with pytest.raises(RuntimeError, match=f"multiples of 8 up to {limit} for"):
+                backward(q, None, q, q, q, q, lse, sets, sets, False, 1.0)
 
 
 @pytest.mark.asan

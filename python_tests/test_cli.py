@@ -1,16 +1,20 @@
 """The main job's command line: train/resume/checkpoints, 2-process training, sample, demo,
 and clear errors."""
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from sarkernels import checkpoint
+from sarkernels import checkpoint, data, sample
 from sarkernels.train import TrainConfig, train
 
 TINY = dict(dim=32, heads=2, layers=1, batch=8, warmup=2, ckpt_every=5, dropout=0.0)
@@ -28,6 +32,26 @@ def weights(run):
     return load_file(os.path.join(checkpoint.resolve(run), "model.safetensors"))
 
 
+@contextlib.contextmanager
+def busy_sibling():
+    """Another thread doing torch work throughout, so the training threads run with the
+    timing of a busy machine: a result that depended on it would differ from a quiet run."""
+    stop = threading.Event()
+
+    def work():
+        x = torch.randn(64, 64)
+        while not stop.wait(0.0005):  # a share of the cores, not all of them
+            x = (x @ x).tanh()
+
+    sibling = threading.Thread(target=work)
+    sibling.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sibling.join()
+
+
 @pytest.mark.parametrize("model", ["sar", "randar", "rar"])
 def test_resume_continues_exactly(tmp_path, model):
     cfg = lambda run: TrainConfig(model=model, steps=10, out=str(tmp_path / run), **TINY)
@@ -36,7 +60,8 @@ def test_resume_continues_exactly(tmp_path, model):
     # as if the run had been killed after its step-5 checkpoint
     shutil.rmtree(tmp_path / "b" / "step-000010")
     (tmp_path / "b" / "latest").write_text("step-000005")
-    resumed = train(cfg("b"), resume=True, progress=False)
+    with busy_sibling():
+        resumed = train(cfg("b"), resume=True, progress=False)
     assert os.path.basename(straight) == os.path.basename(resumed) == "step-000010"
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert a.keys() == b.keys()
@@ -97,11 +122,15 @@ def test_sample_cli_and_inpainting(tmp_path):
     cli("sample", "--ckpt", run, "--recipe", "mar", "--labels", "3,1,4", "--n", "2", "--out", str(out))
     from PIL import Image
     assert Image.open(out).size[0] > 3 * 48
-    digit = Image.new("L", (8, 8), 0)
-    digit.putpixel((2, 3), 255)
-    digit.save(tmp_path / "digit.png")
-    cli("sample", "--ckpt", run, "--labels", "7", "--image", str(tmp_path / "digit.png"),
-        "--mask", "top", "--out", str(tmp_path / "inpaint.png"))
+    digit = str(tmp_path / "digit.png")
+    cli("digit", "--label", "7", "--index", "2", "--out", digit)  # the README's way to get one
+    held_out = data.digits(8, "held_out")
+    want = held_out.tokens[(held_out.labels == 7).nonzero()[2, 0]]
+    pixels = Image.open(digit)
+    assert pixels.size == (8, 8) and pixels.getextrema() == (0, 255)  # bright ink on black
+    assert torch.equal(sample.image_tokens(digit, held_out.tokenizer), want)
+    cli("sample", "--ckpt", run, "--labels", "7", "--image", digit, "--mask", "top",
+        "--out", str(tmp_path / "inpaint.png"))
     assert os.path.exists(tmp_path / "inpaint.png")
 
 
@@ -138,12 +167,15 @@ def test_errors_are_one_clear_line(tmp_path):
         (["sample", "--ckpt", run, "--image", str(tmp_path / "none.png")], "cannot read image"),
         (["train", "--model", "sar", "--resume", "--out", str(tmp_path / "empty")], "does not exist"),
         (["train", "--data", "cifar", "--out", str(tmp_path / "x")], "unknown dataset"),
+        (["train", "--steps", "0", "--out", str(tmp_path / "x")], "--steps must be >= 1"),
+        (["demo", "--cfg", "-1", "--out", str(tmp_path / "demo")], "cfg_scale must be >= 0"),
     ]
     for args, message in cases:
         res = cli(*args, check=False)
         assert res.returncode == 2, (args, res.stderr)
         assert "Traceback" not in res.stderr and message in res.stderr, (args, res.stderr)
-        assert res.stderr.startswith("sarkernels: error:")
+        assert res.stderr.startswith("sarkernels: error:") and res.stderr.count("\n") == 1
+    assert not os.path.exists(tmp_path / "demo")  # rejected before two models were trained
 
 
 @pytest.mark.slow
@@ -160,3 +192,54 @@ def test_demo_quick(tmp_path):
     assert report["judge_held_out_accuracy"] > 0.9
     for name in ("samples.png", "inpainting.png", "report.md"):
         assert os.path.getsize(out / name) > 0
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_none_was_written(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sarkernels", "train", "--dim", "32", "--heads", "2", "--layers",
+         "1", "--batch", "8", "--steps", "100000", "--out", str(out), "--no-progress"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not out.exists():  # the run folder appears just before training starts
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and err == "sarkernels: interrupted; no checkpoint was written yet\n"
+
+
+def test_plain_install_runs_info_and_help_and_names_the_extra(tmp_path):
+    """What `pip install .` gives: no scikit-learn, scipy or pillow (the [demo] extra)."""
+    script = """
+import contextlib, io, json, runpy, sys
+for name in ("sklearn", "scipy", "PIL"):
+    sys.modules[name] = None  # not installed
+results = []
+for argv in json.loads(sys.argv[1]):
+    sys.argv = ["python -m sarkernels", *argv]
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_module("sarkernels", run_name="__main__", alter_sys=True)
+        except SystemExit as exc:
+            results.append([exc.code, err.getvalue()])
+print(json.dumps(results))
+"""
+    works = [["--help"], ["info"], ["info", "--json"]] + [
+        [command, "--help"] for command in ("train", "sample", "tokenize", "demo", "digit")]
+    needs = [(["train", "--steps", "1", "--out", str(tmp_path / "run")],
+              "'train --data digits' needs scikit-learn"),
+             (["sample", "--ckpt", str(tmp_path)], "'sample' needs pillow"),
+             (["tokenize", "--images", str(tmp_path), "--vq", "vq.pt", "--out", str(tmp_path / "t")],
+              "'tokenize' needs pillow"),
+             (["demo"], "'demo' needs scikit-learn, scipy, pillow"),
+             (["digit", "--label", "3"], "'digit' needs scikit-learn, pillow")]
+    res = subprocess.run([sys.executable, "-c", script, json.dumps(works + [a for a, _ in needs])],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads(res.stdout)
+    assert [code for code, _ in results[:len(works)]] == [0] * len(works), results
+    for (code, err), (_, message) in zip(results[len(works):], needs):
+        assert code == 2 and err == (f"sarkernels: error: {message}, which a plain install "
+                                     "lacks: pip install 'sarkernels[demo]'\n"), err

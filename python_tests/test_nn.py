@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from sarkernels import reference
-from sarkernels.nn import KVCache, Rope, SetAttention
+from sarkernels.nn import UNWRITTEN, KVCache, Rope, SetAttention
 
 
 def manual(module, x, sets, context=None, context_sets=None, strict=False):
@@ -43,10 +43,12 @@ def test_cache_steps_equal_one_pass(backend):
     for reuse in range(2):  # reset keeps the buffers and forgets the slots
         cache.reset()
         buffers = cache.k.data_ptr()
-        outs = [m(x[:, a:b], sets[:, a:b], rope=Rope(4, cells[:, a:b]), cache=cache, cache_start=a)
+        outs = [m(x[:, a:b], sets[:, a:b], rope=Rope(4, cells[:, a:b]), cache=cache,
+                  cache_slots=a if a % 2 else torch.arange(a, b))  # an int start or slot ids
                 for a, b in ((0, 1), (1, 3), (3, 6), (6, 10))]
         torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
-        assert cache.k.data_ptr() == buffers and cache.end == 10
+        assert cache.k.data_ptr() == buffers
+        assert torch.equal(cache.sets[:, :10], sets) and (cache.sets[:, 10:] == UNWRITTEN).all()
 
 
 def test_cache_bounds():

@@ -197,7 +197,9 @@ def test_gradcheck(backend):
         out, lse = sarkernels.set_attention(q, k, v, q_sets, k_sets, return_lse=True)
         return out, torch.where(torch.isinf(lse), 0, lse)
 
-    assert torch.autograd.gradcheck(f, (q, k, v))
+    # simt: the backward is the reference's (checked in full above); its forward runs per
+    # probe of the numerical Jacobian, so probe random directions only
+    assert torch.autograd.gradcheck(f, (q, k, v), fast_mode=backend == "simt")
 
 
 def good_args():

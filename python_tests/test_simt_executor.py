@@ -5,7 +5,6 @@ a warp GEMM against torch.matmul, identical bits under every schedule, and plant
 that must be reported, never hang.
 
 The whole module also runs under AddressSanitizer (`make simt-asan`, marker `asan`)."""
-import contextlib
 import os
 import re
 import signal
@@ -14,6 +13,8 @@ import sys
 
 import pytest
 import torch
+
+from conftest import simt_options as options
 
 simt = pytest.importorskip("sarkernels._simt", reason="built only with SARKERNELS_SIMT=1")
 pytestmark = pytest.mark.asan
@@ -25,16 +26,6 @@ needs_asan = pytest.mark.skipif(
 
 SCHEDULES = [("forward", 0), ("reverse", 0), ("random", 1), ("random", 2)]
 HALF_TYPES = [torch.bfloat16, torch.float16]
-
-
-@contextlib.contextmanager
-def options(schedule="forward", seed=0, threads=1):
-    previous = simt.options()
-    simt.set_options(schedule, seed, threads)
-    try:
-        yield
-    finally:
-        simt.set_options(**previous)
 
 
 def under_every_schedule(fn):

@@ -30,6 +30,7 @@ def same_bits_under_every_schedule(run, schedules=SCHEDULES):
     return results[0]
 
 
+@pytest.mark.asan  # the emulated kernels once under AddressSanitizer (make simt-asan)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_attention_same_bits_under_every_schedule(dtype):
     gen = torch.Generator().manual_seed(0)
@@ -43,6 +44,7 @@ def test_decode_attention_same_bits_under_every_schedule(dtype):
     torch.testing.assert_close(lse.double(), exact[1], atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.asan  # the emulated kernels once under AddressSanitizer (make simt-asan)
 @pytest.mark.parametrize("d", [1, 8, 16, 24])
 def test_kv_cache_append_same_bits_under_every_schedule(d):
     # d = 8 float32 rows are 32 bytes: the 16-byte copy kernel; the others copy bytes
@@ -78,6 +80,7 @@ def interleave_case(dtype, table, merge, gen):
     return run
 
 
+@pytest.mark.asan  # the emulated kernels once under AddressSanitizer (make simt-asan)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("table,merge", [(True, False), (False, True)])
 def test_interleave_same_bits_under_every_schedule(dtype, table, merge):
@@ -124,10 +127,11 @@ def test_decode_attention_every_head_dim(d):
 def test_decode_attention_refuses_head_dims_above_256():
     q = torch.randn(1, 1, 2, 264)
     sets = torch.zeros(1, 2, dtype=torch.long)
-    with pytest.raises(RuntimeError, match="head dims 1..256"):
+    with pytest.raises(RuntimeError, match="head dims up to 256"):
         torch.ops.sarkernels_simt.set_attention(q, q, q, sets, sets, False, 1.0)
 
 
+@pytest.mark.asan  # the emulated kernels once under AddressSanitizer (make simt-asan)
 @pytest.mark.parametrize("check", [True, False])
 def test_bad_slots_raise_and_write_nothing_whatever_check(check):
     """check=False only skips a device sync on CUDA; the simt flag read is free."""

@@ -165,3 +165,28 @@ def test_sample_official_randar_checkpoint_to_pictures(tmp_path):
     from sarkernels.sample import image_grid
     image_grid([list(images)], tmp_path / "pictures.png")
     assert Image.open(tmp_path / "pictures.png").mode == "RGB"
+
+
+def test_tokenize_leaves_out_an_unreadable_image_and_names_it(tmp_path, capsys):
+    from PIL import Image
+
+    from sarkernels.__main__ import main
+    from sarkernels.tokenize import load_token_folder
+
+    save_file(small_vq().state_dict(), tmp_path / "vq.safetensors")
+    for name in ("cats", "dogs"):
+        os.makedirs(tmp_path / "images" / name)
+        Image.new("RGB", (20, 24), "white").save(tmp_path / "images" / name / "0.png")
+    bad = tmp_path / "images" / "cats" / "1.png"
+    bad.write_bytes(b"not a picture")
+    tok = tmp_path / "tok"
+    args = ["tokenize", "--images", str(tmp_path / "images"), "--vq", str(tmp_path / "vq.safetensors"),
+            "--image-size", "16", "--out", str(tok), "--batch", "2", "--no-progress"]
+    assert main(args) == 0
+    assert capsys.readouterr().err.startswith(f"left out 1 unreadable image(s): {bad} "
+                                              "(UnidentifiedImageError: ")
+    assert load_token_folder(str(tok)).labels.tolist() == [0, 1]
+    os.remove(tok / "part-000001.safetensors")  # interrupted after the chunk holding it
+    assert main(args) == 0
+    assert f"left out 1 unreadable image(s): {bad}" in capsys.readouterr().err
+    assert load_token_folder(str(tok)).labels.tolist() == [0, 1]

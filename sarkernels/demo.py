@@ -10,8 +10,9 @@ import time
 
 import torch
 
-from . import checkpoint, data, metrics, sample
-from .train import TrainConfig, train
+from . import checkpoint, data, metrics, outputs, sample
+from .models.common import check_sampling
+from .train import TrainConfig, check_device, train
 
 # (model, recipe) pairs of the report, in row order
 ROWS = [("sar", "ar"), ("sar", "sar-ts"), ("sar", "mar"), ("randar", "randar-parallel"),
@@ -24,7 +25,9 @@ QUICK = dict(steps=30, ckpt_every=15)
 
 
 def run(out="demo_out", device="cpu", quick=False, cfg_scale=2.0, per_class=20, log=print):
-    os.makedirs(out, exist_ok=True)
+    check_sampling(1.0, 0, 1.0, cfg_scale)  # before minutes of training, not after
+    check_device(device)
+    outputs.folder(out)
     torch.manual_seed(0)
     train_set, held_out = data.digits(8, "train"), data.digits(8, "held_out")
     tok = train_set.tokenizer
@@ -41,7 +44,7 @@ def run(out="demo_out", device="cpu", quick=False, cfg_scale=2.0, per_class=20, 
         cfg = TrainConfig(model=kind, device=device, out=os.path.join(out, "runs", kind),
                           **{**size, **(QUICK if quick else {})})
         tic = time.perf_counter()
-        path = train(cfg, progress=True, log=log)
+        path = train(cfg, overwrite=True, progress=True, log=log)
         models[kind] = checkpoint.load(path, device)[0]
         report["models"][kind] = {"train_seconds": time.perf_counter() - tic, "checkpoint": path,
                                   "parameters": sum(p.numel() for p in models[kind].parameters()),

@@ -26,7 +26,7 @@ from . import reference
 from .rope import grid_shape, rope_2d
 
 __all__ = ["set_attention", "kv_cache_append", "interleave_position_instructions", "rope_2d",
-           "use_backend", "backends", "build_info"]
+           "use_backend", "current_backend", "backends", "build_info"]
 
 
 def _load(name):
@@ -44,11 +44,28 @@ _OPS = ("set_attention", "set_attention_backward", "kv_cache_append",
         "interleave_position_instructions", "interleave_position_instructions_backward")
 # set_attention_backward may be missing: the reference recompute stands in for it.
 _REQUIRED = tuple(op for op in _OPS if op != "set_attention_backward")
-# Which kernel set_attention's forward runs (the rule lives in csrc/kernel_ops.h).
+
+
+def _limits_text(limits):
+    """'256 for float16/bfloat16/float32, 128 for float64' from {dtype name: head dim}."""
+    by_dim = {}
+    for dtype, dim in limits.items():
+        by_dim.setdefault(dim, []).append(dtype)
+    return ", ".join(f"{dim} for {'/'.join(dtypes)}" for dim, dtypes in by_dim.items())
+
+
+# Which kernel set_attention runs (the rule lives in csrc/kernel_ops.h), with the fused
+# kernels' head-dim limits as built (csrc/include/sarkernels/attention_limits.h).
+_FUSED_LIMITS = next((dict(m.attention_max_head_dim) for m in (_C, _simt)
+                      if hasattr(m, "attention_max_head_dim")), None)
 ATTENTION_RULE = ("cpu: the CPU kernels, forward and backward; cuda and simt: the split-KV "
-                  "decode kernel for at most 16 queries (or a head dim not a multiple of 8), "
-                  "the fused training kernel otherwise; backward: the fused backward kernel "
-                  "(deterministic dQ under torch.use_deterministic_algorithms)")
+                  "decode kernel for at most 16 queries or a head dim the fused kernel lacks, "
+                  "the fused training kernel otherwise (head dims multiples of 8 up to "
+                  + (_limits_text(_FUSED_LIMITS) if _FUSED_LIMITS else "a limit unknown here: "
+                     "no fused kernels built")
+                  + "); backward: the fused backward kernel there (deterministic dQ under "
+                  "torch.use_deterministic_algorithms), the reference recompute for other "
+                  "head dims")
 # Implementation backends: op namespace, dispatch key, loaded module, load error.
 _IMPLS = {"cpu": ("sarkernels", "CPU", _C, LOAD_ERROR),
           "cuda": ("sarkernels", "CUDA", _C, LOAD_ERROR),
@@ -113,6 +130,11 @@ def use_backend(name):
         yield
     finally:
         _backend.reset(token)
+
+
+def current_backend():
+    """The backend :func:`use_backend` selected in this thread/task (``"auto"`` outside)."""
+    return _backend.get()
 
 
 # Dynamo cannot trace ContextVar.get: a compiled graph takes the backend current when it
@@ -266,8 +288,9 @@ def kv_cache_append(k_cache, v_cache, k, v, slots, *, check=True):
 
     ``check``: on CUDA tensors, reading the kernel's error flag costs a device-to-host copy
     (a sync); ``check=False``, and any call while a CUDA graph is being captured, skips it:
-    a bad slot then writes nothing but raises nothing. On CPU (every backend) the check is
-    free and always made.
+    a bad slot then writes nothing but raises nothing. The compiled CPU and simt kernels
+    check for free, always; the reference backend checks only with ``check=True`` (the
+    check reads values on the host).
     """
     fn = "kv_cache_append"
     _check_float(fn, "k_cache", k_cache)
@@ -295,7 +318,7 @@ def kv_cache_append(k_cache, v_cache, k, v, slots, *, check=True):
     if ops is not None:
         ops.kv_cache_append(k_cache, v_cache, k, v, slots, check)
     else:
-        reference.kv_cache_append(k_cache, v_cache, k, v, slots)
+        reference.kv_cache_append(k_cache, v_cache, k, v, slots, check)
 
 
 # ---------------------------------------------------------------- interleave
@@ -360,7 +383,7 @@ def interleave_position_instructions(tokens, positions, instruction, *, num_head
             tokens, positions, instruction, prefix, num_heads, grid[0], grid[1],
             float(rope_base), merge, check)
     return reference.interleave_position_instructions(
-        tokens, positions, instruction, num_heads, grid_size, rope_base, prefix, merge)
+        tokens, positions, instruction, num_heads, grid_size, rope_base, prefix, merge, check)
 
 
 # ---------------------------------------------------------------- registration
@@ -378,6 +401,12 @@ def _recompute_attention_backward(dout, dlse, q, k, v, q_sets, k_sets, strict, s
         outputs, grads = ((out, lse), (dout, dlse)) if dlse is not None else ((out,), (dout,))
         got = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
     return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(got, leaves))
+
+
+def _fused_backward_covers(module, q):
+    """Whether `module`'s fused backward (_C with CUDA, _simt) takes q's head dim."""
+    d = q.shape[-1]
+    return d % 8 == 0 and d <= module.attention_max_head_dim[str(q.dtype).removeprefix("torch.")]
 
 
 def _register(ns):
@@ -401,7 +430,10 @@ def _register(ns):
         q, k, v, q_sets, k_sets, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        if _has_kernel(ns, "set_attention_backward", _dispatch_key(q.device)):
+        cpu_kernels = ns == "sarkernels" and q.device.type == "cpu"
+        module = _simt if ns == "sarkernels_simt" else _C
+        if _has_kernel(ns, "set_attention_backward", _dispatch_key(q.device)) and \
+                (cpu_kernels or _fused_backward_covers(module, q)):
             dq, dk, dv = ops.set_attention_backward(
                 dout, dlse, q, k, v, out, lse, q_sets, k_sets, ctx.strict, ctx.scale)
         else:

@@ -62,24 +62,27 @@ def check_slots(slots, cache_len):
                          f"in slots[{b}]")
 
 
-def kv_cache_append(k_cache, v_cache, k, v, slots):
+def kv_cache_append(k_cache, v_cache, k, v, slots, check=True):
     """``k_cache[b, :, slots[b, i]] = k[b, :, i]`` (same for v), in place."""
-    check_slots(slots, k_cache.shape[2])
+    if check:
+        check_slots(slots, k_cache.shape[2])
     rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
     k_cache[rows, :, slots] = k.transpose(1, 2)  # advanced indices first: [B, n, H, D]
     v_cache[rows, :, slots] = v.transpose(1, 2)
 
 
-def instruction_rows(positions, instruction, num_heads=None, grid_size=None, rope_base=10000.0):
+def instruction_rows(positions, instruction, num_heads=None, grid_size=None, rope_base=10000.0,
+                     check=True):
     """The instruction of every token, ``[B, N, D]``: a table row, or the shared vector
     rotated by the cell's 2D RoPE (one rotation per head of ``D / num_heads``)."""
     limit = instruction.shape[0] if instruction.dim() == 2 else grid_size[0] * grid_size[1]
-    check_positions("interleave_position_instructions", positions, limit)
+    if check:
+        check_positions("interleave_position_instructions", positions, limit)
     if instruction.dim() == 2:
         return instruction[positions]
     batch, n = positions.shape
     heads = instruction.view(1, num_heads, 1, -1).expand(batch, -1, n, -1)
-    return rope_2d(heads, positions, grid_size, rope_base).transpose(1, 2).flatten(2)
+    return rope_2d(heads, positions, grid_size, rope_base, check=False).transpose(1, 2).flatten(2)
 
 
 def interleave_length(prefix_len, num_tokens, merge):
@@ -89,11 +92,11 @@ def interleave_length(prefix_len, num_tokens, merge):
 
 def interleave_position_instructions(tokens, positions, instruction, num_heads=None,
                                      grid_size=None, rope_base=10000.0, prefix=None,
-                                     merge=False):
+                                     merge=False, check=True):
     """The row layout of ``csrc/include/sarkernels/interleave_layout.h``: prefix rows first;
     then instruction i at row ``C + 2i`` and token i at ``C + 2i + 1``, or (merge) token i at
     ``C + i`` and instruction i added to the row before it."""
-    ins = instruction_rows(positions, instruction, num_heads, grid_size, rope_base)
+    ins = instruction_rows(positions, instruction, num_heads, grid_size, rope_base, check)
     ins = ins.to(tokens.dtype)
     batch, n, dim = tokens.shape
     c = 0 if prefix is None else prefix.shape[1]

@@ -64,13 +64,15 @@ def rope_cos_sin(positions, grid_w, head_dim, base=10000.0, dtype=torch.float32)
     return cos, sin
 
 
-def rope_2d(x, positions, grid_size, base=10000.0):
+def rope_2d(x, positions, grid_size, base=10000.0, *, check=True):
     """Rotates q or k ``x [B, H, L, D]`` by the 2D RoPE of each token's cell.
 
     ``positions [B, L]`` are integer row-major cells ``r * W + c`` of a ``grid_size =
     (H, W)`` grid (an int means a square grid); :data:`CLASS_TOKEN` (-1) zeroes the token
     (RandAR's class token). Any other position outside ``[0, H * W)`` raises ValueError,
-    as in :func:`interleave_position_instructions`. D must be a multiple of 4. Computed in
+    as in :func:`interleave_position_instructions` (``check=False`` skips that value check,
+    a host sync on CUDA, for callers whose cells are valid by construction). D must be a
+    multiple of 4. Computed in
     float32 (float64 for float64 input) and returned in ``x``'s dtype. Differentiable in
     ``x``.
     """
@@ -86,7 +88,8 @@ def rope_2d(x, positions, grid_size, base=10000.0):
                          f"got {tuple(positions.shape)}")
     if x.shape[-1] % 4:
         raise ValueError(f"rope_2d: head dim must be a multiple of 4, got {x.shape[-1]}")
-    check_positions("rope_2d", positions, grid_h * grid_w, class_token=True)
+    if check:
+        check_positions("rope_2d", positions, grid_h * grid_w, class_token=True)
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     cos, sin = rope_cos_sin(positions, grid_w, x.shape[-1], base, work)
     cos, sin = cos[:, None], sin[:, None]

@@ -1,4 +1,6 @@
 """Sampling recipes, labelled PNG grids, and known cells from an image and a mask."""
+import os
+
 import torch
 
 # name -> (models it applies to, generate() keywords, description)
@@ -16,23 +18,35 @@ RECIPES = {
 }
 
 
-def recipe(name, kind):
-    """generate() keywords of recipe ``name`` for a model of ``kind``."""
+def recipe(name, kind=None):
+    """generate() keywords of recipe ``name`` for a model of ``kind`` (any kind: None)."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
     kinds, kw, _ = RECIPES[name]
-    if kind not in kinds:
+    if kind is not None and kind not in kinds:
         raise ValueError(f"recipe {name!r} is for {'/'.join(kinds)} models, not {kind}")
     return dict(kw)
 
 
-def parse_labels(text, num_classes):
+def parse_labels(text):
+    """``"3,1,4"`` -> ``[3, 1, 4]``; a ValueError naming --labels for anything else."""
+    example = "give comma-separated class indices such as 0,1,2"
+    if not str(text).strip():
+        raise ValueError(f"--labels is empty: {example}")
+    items = str(text).split(",")
+    if not all(x.strip() for x in items):
+        raise ValueError(f"--labels {text!r} has an empty item: {example}")
     try:
-        labels = [int(x) for x in str(text).split(",") if x.strip()]
+        return [int(x) for x in items]
     except ValueError:
         raise ValueError(f"--labels must be comma-separated integers, got {text!r}") from None
-    if not labels or min(labels) < 0 or max(labels) >= num_classes:
-        raise ValueError(f"--labels must be in [0, {num_classes}), got {text!r}")
+
+
+def check_labels(labels, num_classes):
+    """The labels as a tensor, each a class of the model."""
+    if min(labels) < 0 or max(labels) >= num_classes:
+        raise ValueError(f"--labels must be in [0, {num_classes}), got "
+                         f"{','.join(map(str, labels))}")
     return torch.tensor(labels)
 
 
@@ -62,14 +76,22 @@ def image_grid(rows, path, row_titles=None, col_titles=None, cell=48):
     canvas.save(path)
 
 
+HALVES = ("left", "right", "top", "bottom")
+
+
 def half_mask(name, grid):
     """Cells to keep for ``left``/``right``/``top``/``bottom`` (the rest is generated)."""
     r, c = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    keep = {"left": c < grid // 2, "right": c >= grid // 2, "top": r < grid // 2,
-            "bottom": r >= grid // 2}
-    if name not in keep:
-        raise ValueError(f"mask must be left, right, top, bottom or a mask image, got {name!r}")
+    keep = dict(zip(HALVES, (c < grid // 2, c >= grid // 2, r < grid // 2, r >= grid // 2)))
     return keep[name].flatten()
+
+
+def check_mask(mask):
+    """A half name or an existing mask image file, or a ValueError saying which it must be."""
+    if mask not in HALVES and not os.path.isfile(mask):
+        raise ValueError(f"--mask must be {', '.join(HALVES)} or a mask image file; {mask!r} "
+                         "is neither")
+    return mask
 
 
 def load_grey(path, grid):
@@ -80,7 +102,16 @@ def load_grey(path, grid):
         img = Image.open(path).convert("L").resize((grid, grid), Image.BILINEAR)
     except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"cannot read image {path!r}: {exc}") from None
-    return torch.tensor(list(img.getdata()), dtype=torch.float32).view(grid, grid) / 255
+    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return pixels.float().view(grid, grid) / 255
+
+
+def save_grey(pixels, path):
+    """``[H, W]`` intensities in [0, 1] as a greyscale PNG that :func:`load_grey` reads back
+    exactly at the same size (bright ink on black, like the data)."""
+    from PIL import Image
+
+    Image.fromarray((pixels.clamp(0, 1) * 255).round().byte().numpy(), "L").save(path)
 
 
 def image_tokens(image_path, tokenizer, invert=False):
@@ -104,7 +135,7 @@ def known_from_image(image_path, mask, tokenizer, invert=False):
     or a mask image (bright = keep). ``invert`` for dark ink on a light background (digits)."""
     tokens = image_tokens(image_path, tokenizer, invert)
     grid = tokenizer.grid_size
-    keep = half_mask(mask, grid) if mask in ("left", "right", "top", "bottom") else \
+    keep = half_mask(mask, grid) if check_mask(mask) in HALVES else \
         (load_grey(mask, grid) > 0.5).flatten()
     if keep.all() or not keep.any():
         raise ValueError("the mask must keep some cells and leave some to generate")

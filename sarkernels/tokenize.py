@@ -5,8 +5,10 @@ import json
 import os
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from . import outputs
 from .data import TokenDataset, tokenizer_from_config
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
@@ -24,13 +26,38 @@ def image_folder(root):
     return classes, files
 
 
-def tokenize_folder(images, vq, out, batch=32, flip=False, device="cpu", progress=True):
+def _parts(out):
+    return sorted(p for p in os.listdir(out) if p.startswith("part-") and p.endswith(".safetensors"))
+
+
+def _open(path):
+    """The image at ``path`` fully read, or the reason it cannot be."""
     from PIL import Image
 
+    try:
+        image = Image.open(path)
+        image.load()
+        return image, None
+    except Exception as exc:  # PIL raises many types for a bad file; any of them means skip it
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def skipped_images(out):
+    """``[(path, reason)]`` of the images the finished chunks in ``out`` left out."""
+    found = []
+    for part in _parts(out):
+        with safe_open(os.path.join(out, part), "pt") as f:
+            found += json.loads((f.metadata() or {}).get("skipped", "[]"))
+    return found
+
+
+def tokenize_folder(images, vq, out, batch=32, flip=False, device="cpu", progress=True):
+    """Tokenizes every readable image; an unreadable one is left out and recorded with its
+    chunk (see :func:`skipped_images`), so a resumed run reports it too."""
     classes, files = image_folder(images)
+    outputs.folder(out)
     meta = {"classes": classes, "num_classes": len(classes), "tokenizer": vq.config(),
             "images": len(files), "flip": flip, "batch": batch}
-    os.makedirs(out, exist_ok=True)
     meta_path = os.path.join(out, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
@@ -46,30 +73,44 @@ def tokenize_folder(images, vq, out, batch=32, flip=False, device="cpu", progres
         from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc="tokenize", unit="batch")
     size = vq.settings["image_size"]
-    for start in chunks:
-        part = os.path.join(out, f"part-{start // batch:06d}.safetensors")
-        if os.path.exists(part):
-            continue
-        chunk = files[start:start + batch]
-        x = vq.from_pil([Image.open(p) for p, _ in chunk], size).to(device)
-        labels = torch.tensor([c for _, c in chunk])
-        tokens = vq.encode(x)
-        if flip:
-            tokens, labels = torch.cat([tokens, vq.encode(x.flip(-1))]), labels.repeat(2)
-        save_file({"tokens": tokens.cpu().int(), "labels": labels.int()}, part + ".tmp")
-        os.replace(part + ".tmp", part)
+    try:
+        for start in chunks:
+            part = os.path.join(out, f"part-{start // batch:06d}.safetensors")
+            if os.path.exists(part):
+                continue
+            opened = [(_open(p), p, c) for p, c in files[start:start + batch]]
+            readable = [(image, c) for (image, _), _, c in opened if image is not None]
+            skipped = [(p, why) for (_, why), p, _ in opened if why is not None]
+            labels = torch.tensor([c for _, c in readable], dtype=torch.long)
+            if readable:
+                x = vq.from_pil([image for image, _ in readable], size).to(device)
+                tokens = vq.encode(x).cpu()
+                if flip:
+                    tokens = torch.cat([tokens, vq.encode(x.flip(-1)).cpu()])
+                    labels = labels.repeat(2)
+            else:
+                tokens = torch.zeros(0, vq.grid_size ** 2, dtype=torch.long)
+            save_file({"tokens": tokens.int(), "labels": labels.int()}, part + ".tmp",
+                      metadata={"skipped": json.dumps(skipped)})
+            os.replace(part + ".tmp", part)
+    finally:  # an error or Ctrl-C is reported below the bar, not inside it
+        if progress:
+            chunks.close()
     return out
 
 
 def load_token_folder(path):
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
-    parts = sorted(p for p in os.listdir(path) if p.startswith("part-") and p.endswith(".safetensors"))
+    parts = _parts(path)
     expected = -(-meta["images"] // meta["batch"])
     if len(parts) != expected:
         raise ValueError(f"token folder {path!r} is incomplete ({len(parts)}/{expected} parts): "
                          "run tokenize again to finish it")
     chunks = [load_file(os.path.join(path, p)) for p in parts]
+    if not sum(len(c["labels"]) for c in chunks):
+        raise ValueError(f"token folder {path!r} holds no images: none of its "
+                         f"{meta['images']} could be read")
     return TokenDataset(torch.cat([c["tokens"] for c in chunks]).long(),
                         torch.cat([c["labels"] for c in chunks]).long(), meta["num_classes"],
                         tokenizer_from_config(meta["tokenizer"]))

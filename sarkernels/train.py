@@ -6,38 +6,105 @@ Every random draw of a step (batch indices, orders, partitions, label drops) com
 generator for the *global* batch, and each process takes its slice: N processes on a global
 batch follow the same trajectory as one process (up to floating-point reduction order).
 """
+import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
 
-from . import checkpoint, data, orders
+from . import checkpoint, data, ops, orders, outputs
+from .checkpoint import MODELS
+from .models.sar import TRAIN_SCHEDULES
+
+
+def _setting(default, help):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    model: str = "sar"             # sar | randar | rar
-    data: str = "digits"
-    grid: int = 8
-    dim: int = 128
-    layers: int = 4                # SAR: this many encoder and this many decoder layers
-    heads: int = 4
-    batch: int = 64                # global batch (split across processes)
-    steps: int = 1000
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup: int = 50
-    class_dropout: float = 0.1
-    dropout: float = 0.0
-    sar_schedule: str = "random"   # SAR training partitions (see SARTransformer)
+    """One training run. Each field with a ``help`` is a ``train`` option (see :func:`option`);
+    the help says what it means, in which unit."""
+    model: str = _setting("sar", "architecture: sar, randar or rar")
+    data: str = _setting("digits", "'digits' (embedded) or a token folder written by "
+                                   "'python -m sarkernels tokenize'")
+    grid: int = _setting(8, "digits only: token grid side, 8 or 16 (16 upsamples to 256 tokens)")
+    dim: int = _setting(128, "model width, channels")
+    layers: int = _setting(4, "transformer blocks (SAR: this many encoder and this many decoder)")
+    heads: int = _setting(4, "attention heads; dim / heads must be a multiple of 8 up to 256")
+    batch: int = _setting(64, "global batch, images per step (split across processes)")
+    steps: int = _setting(1000, "total optimizer steps of the run")
+    lr: float = _setting(2e-3, "peak AdamW learning rate")
+    weight_decay: float = _setting(0.05, "AdamW decoupled weight decay")
+    warmup: int = _setting(50, "linear warmup, steps; a cosine decay to 0 follows until --steps")
+    class_dropout: float = _setting(0.1, "probability of dropping a label (trains the "
+                                         "unconditional branch that CFG needs), in [0, 1)")
+    dropout: float = _setting(0.0, "dropout probability in the blocks, in [0, 1)")
+    sar_schedule: str = _setting("random", "SAR only: how training splits an order into sets: "
+                                           + ", ".join(TRAIN_SCHEDULES))
     rar_anneal: tuple = (0.25, 0.75)  # RAR: random-order ratio 1 -> 0 over these fractions
-    seed: int = 0
-    ckpt_every: int = 250
-    out: str = "runs/run"
-    device: str = "cpu"
+    seed: int = _setting(0, "seed of initialisation and of every random draw of training")
+    ckpt_every: int = _setting(250, "write a checkpoint every this many steps (and at the end)")
+    out: str = _setting("runs/run", "run folder: step-N/ checkpoints and 'latest'")
+    device: str = _setting("cpu", "cpu, cuda or cuda:N")
+
+    def validate(self):
+        """Raises ValueError naming the first setting that cannot train (before any work)."""
+        if self.model not in MODELS:
+            raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        for name in ("dim", "layers", "heads", "batch", "steps", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{option(name)} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        for name in ("warmup", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{option(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("class_dropout", "dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{option(name)} is a probability in [0, 1), got "
+                                 f"{getattr(self, name)}")
+        if self.sar_schedule not in TRAIN_SCHEDULES:
+            raise ValueError(f"--sar-schedule must be one of {', '.join(TRAIN_SCHEDULES)}, "
+                             f"got {self.sar_schedule!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"--dim {self.dim} must split evenly into --heads {self.heads}")
+        # the kernels' head-size rule, asked of the op itself on shape-only tensors
+        q = torch.empty(1, 1, 1, self.dim // self.heads, device="meta")
+        sets = torch.zeros(1, 1, dtype=torch.long, device="meta")
+        try:
+            ops.set_attention(q, q, q, sets, sets)
+        except ValueError as exc:
+            raise ValueError(f"--dim {self.dim} / --heads {self.heads}: {exc}") from None
+        check_device(self.device)
+
+
+# What --resume may change: everything else defines the run and comes from its checkpoint.
+RESUMABLE = ("steps", "ckpt_every", "device")
+
+
+def option(name):
+    """The command-line option of a TrainConfig field: ``--class-dropout`` for ``class_dropout``."""
+    return "--" + name.replace("_", "-")
+
+
+def check_device(name):
+    """A device this machine can train or sample on, or ValueError naming --device."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here (torch "
+                             f"{torch.__version__}); use --device cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name!r}: sarkernels runs on cpu or cuda")
 
 
 def build_model(cfg, tokenizer, num_classes):
@@ -45,11 +112,9 @@ def build_model(cfg, tokenizer, num_classes):
                   grid_size=tokenizer.grid_size, dim=cfg.dim, n_head=cfg.heads,
                   multiple_of=32, class_dropout=cfg.class_dropout, dropout=cfg.dropout)
     if cfg.model == "sar":
-        return checkpoint.MODELS["sar"](encoder_layers=cfg.layers, decoder_layers=cfg.layers,
-                                        train_schedule=cfg.sar_schedule, **common)
-    if cfg.model in ("randar", "rar"):
-        return checkpoint.MODELS[cfg.model](n_layer=cfg.layers, token_dropout=cfg.dropout, **common)
-    raise ValueError(f"--model must be sar, randar or rar, got {cfg.model!r}")
+        return MODELS["sar"](encoder_layers=cfg.layers, decoder_layers=cfg.layers,
+                             train_schedule=cfg.sar_schedule, **common)
+    return MODELS[cfg.model](n_layer=cfg.layers, token_dropout=cfg.dropout, **common)
 
 
 class _Loss(nn.Module):
@@ -79,16 +144,65 @@ def _distributed(device):
     return dist.get_rank(), world
 
 
-def train(cfg, resume=False, progress=True, log=print):
-    """Trains (or resumes) the run in ``cfg.out``; returns the final checkpoint directory."""
+def _comparable(settings):
+    """Settings as JSON stores them (tuples become lists), for comparing with a saved run."""
+    return json.loads(json.dumps(settings))
+
+
+def resume_config(out, given):
+    """The settings of the run in ``out`` (its newest checkpoint's), with ``given`` (a dict
+    of explicitly passed settings) on top; :func:`train` refuses those --resume may not change."""
+    saved = checkpoint.read_config(checkpoint.resolve(out))["train"]
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **given, "out": out})
+
+
+def prepare_run(cfg, resume, overwrite):
+    """Checks ``cfg.out`` before any work; returns ``(step_dir, train_state)`` to resume from,
+    or ``(None, None)`` for a fresh run. Never modifies the folder."""
+    if resume and overwrite:
+        raise ValueError("--resume continues a run and --overwrite starts it over: pass one")
+    if not resume:
+        steps = checkpoint.step_folders(cfg.out)
+        if steps and not overwrite:
+            raise ValueError(f"--out {cfg.out} already holds a run (newest {steps[-1]}): pass "
+                             "--resume to continue it or --overwrite to start over")
+        return None, None
+    step_dir = checkpoint.resolve(cfg.out)
+    saved = checkpoint.read_config(step_dir)["train"]
+    now = _comparable(asdict(cfg))
+    changed = [f"{option(k)} {now[k]!r} (the run has {saved[k]!r})" for k in now
+               if k not in RESUMABLE and k != "out" and k in saved and saved[k] != now[k]]
+    if changed:
+        raise ValueError(f"--resume continues {step_dir} as it was configured; it may change "
+                         f"only {', '.join(map(option, RESUMABLE))}, not "
+                         + "; ".join(changed))
+    state = checkpoint.load_train_state(step_dir)
+    done = state["step"]
+    if cfg.steps <= done:
+        raise ValueError(f"{step_dir} is at step {done}, so --steps {cfg.steps} leaves nothing "
+                         f"to train: pass --steps greater than {done} to train further")
+    return step_dir, state
+
+
+def train(cfg, resume=False, overwrite=False, progress=True, log=print):
+    """Trains (or, with ``resume``, continues) the run in ``cfg.out``; returns the final
+    checkpoint directory. An existing run is only replaced with ``overwrite``. Everything
+    that can be checked is checked before any work (ValueError naming the setting)."""
+    cfg.validate()
+    step_dir, state = prepare_run(cfg, resume, overwrite)
+    dataset = data.load(cfg.data, cfg.grid, "train")
     rank, world = _distributed(cfg.device)
     if cfg.batch % world:
         raise ValueError(f"--batch {cfg.batch} must split evenly over {world} processes")
+    if rank == 0:  # the last check, and the first change to the run folder
+        outputs.folder(cfg.out)
+        if not resume:
+            checkpoint.new_run(cfg.out)
     device = cfg.device
     if device.startswith("cuda") and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         torch.cuda.set_device(device)
-    dataset = data.load(cfg.data, cfg.grid, "train")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, dataset.tokenizer, dataset.num_classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -98,10 +212,8 @@ def train(cfg, resume=False, progress=True, log=print):
     gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
     if resume:
-        step_dir = checkpoint.resolve(cfg.out)
         loaded, _, _ = checkpoint.load(step_dir, device)
         model.load_state_dict(loaded.state_dict())
-        state = checkpoint.load_train_state(step_dir)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
@@ -124,34 +236,39 @@ def train(cfg, resume=False, progress=True, log=print):
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda"))
     model.train()
     final = None
-    for step in range(start, cfg.steps):
-        tic = time.perf_counter()
-        index = torch.randint(0, len(dataset), (cfg.batch,), generator=gen)
-        if cfg.model == "rar":
-            ratio = orders.rar_ratio(step, cfg.rar_anneal[0] * cfg.steps, cfg.rar_anneal[1] * cfg.steps)
-            layout = model.training_layout(cfg.batch, gen, random_ratio=ratio)
-        else:
-            layout = model.training_layout(cfg.batch, gen)
-        layout = {k: v[shard] for k, v in layout.items()}
-        tokens, labels = dataset.tokens[index][shard].to(device), dataset.labels[index][shard].to(device)
-        with autocast:
-            loss = step_model(tokens, labels, layout)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
+    try:
+        for step in range(start, cfg.steps):
+            tic = time.perf_counter()
+            index = torch.randint(0, len(dataset), (cfg.batch,), generator=gen)
+            if cfg.model == "rar":
+                ratio = orders.rar_ratio(step, cfg.rar_anneal[0] * cfg.steps,
+                                         cfg.rar_anneal[1] * cfg.steps)
+                layout = model.training_layout(cfg.batch, gen, random_ratio=ratio)
+            else:
+                layout = model.training_layout(cfg.batch, gen)
+            layout = {k: v[shard] for k, v in layout.items()}
+            tokens = dataset.tokens[index][shard].to(device)
+            labels = dataset.labels[index][shard].to(device)
+            with autocast:
+                loss = step_model(tokens, labels, layout)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            if bar is not None:
+                rate = cfg.batch * tokens.shape[1] / (time.perf_counter() - tic)
+                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}")
+                bar.update()
+            done = step + 1
+            if rank == 0 and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+                final = checkpoint.save(cfg.out, done, model, config, {
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "step": done})
+    finally:  # an error or Ctrl-C is reported below the bar, not inside it
         if bar is not None:
-            rate = cfg.batch * tokens.shape[1] / (time.perf_counter() - tic)
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}")
-            bar.update()
-        done = step + 1
-        if rank == 0 and (done % cfg.ckpt_every == 0 or done == cfg.steps):
-            final = checkpoint.save(cfg.out, done, model, config, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": done})
-    if bar is not None:
-        bar.close()
+            bar.close()
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

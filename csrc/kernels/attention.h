@@ -8,14 +8,23 @@
 #include <initializer_list>
 
 #include "kernels/platform.cuh"
+#include "sarkernels/attention_limits.h"
 #include "sarkernels/params.h"
 
 namespace sarkernels::kernels {
 
-// Head dims with a kernel, for every dtype. Kernels exist for 32, 64, 96, 128 and 256; a
-// smaller multiple of 8 runs in the next one up, zero-padded.
-inline bool set_attention_kernel_has_head_dim(int64_t d) {
-  return d % 8 == 0 && 8 <= d && d <= 256;
+inline size_t dtype_size(DType dtype) {
+  return dtype == DType::kFloat64 ? 8 : dtype == DType::kFloat32 ? 4 : 2;
+}
+
+// Head dims with a kernel: multiples of 8 up to sarkernels/attention_limits.h's limit, each
+// run by the kernel of the next capacity up (32, 64, 96, 128, 256), zero-padded; the glue
+// sends other head dims to the decode forward and the reference backward.
+inline int64_t set_attention_kernel_max_head_dim(DType dtype) {
+  return fused_attention_max_head_dim(dtype_size(dtype));
+}
+inline bool set_attention_kernel_has_head_dim(DType dtype, int64_t d) {
+  return d % 8 == 0 && 8 <= d && d <= set_attention_kernel_max_head_dim(dtype);
 }
 
 // Tiles move in 16-byte chunks: an operand's base and batch/head/row strides (elements of

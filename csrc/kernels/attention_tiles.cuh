@@ -37,22 +37,22 @@ struct FwdTiles {
 // dK/dV blocks: keys per block (16 per warp) x queries per step, and the columns of dK and
 // dV one block owns (kCols < D: several blocks per key tile, each recomputing P and dS,
 // so that dK and dV fit in registers). Smaller query steps at large head dims keep S^T and
-// dP^T in registers too; float64 takes small tiles for shared memory.
+// dP^T in registers (tensor cores) and the Q and dO stages within an sm_80 block's shared
+// memory (float32 at 256); float64 takes small tiles for shared memory.
 template <typename T, int D>
 struct BwdTiles {
   static constexpr bool kDouble = sizeof(T) == 8;
-  static constexpr int kKeys = kTensorCores<T> ? 64 : kDouble && D > 128 ? 16 : 32;
+  static constexpr int kKeys = kTensorCores<T> ? 64 : 32;
   static constexpr int kQueries =
-      kTensorCores<T> ? (D > 128 ? 16 : D > 64 ? 32 : 64) : kDouble ? 16 : 32;
+      kTensorCores<T> ? (D > 128 ? 16 : D > 64 ? 32 : 64) : kDouble || D > 128 ? 16 : 32;
   static constexpr int kCols = D < (kDouble ? 32 : 128) ? D : kDouble ? 32 : 128;
 };
 
 // Deterministic dQ blocks: queries x keys, as the forward's but narrower key tiles at
-// large head dims (dQ, S and dP live in registers together), and one warp's queries for
-// float64 above head dim 128 (shared memory holds Q and dO).
+// large head dims (dQ, S and dP live in registers together).
 template <typename T, int D>
 struct DqTiles {
-  static constexpr int kM = sizeof(T) == 8 && D > 128 ? 16 : FwdTiles<T, D>::kM;
+  static constexpr int kM = FwdTiles<T, D>::kM;
   static constexpr int kN = kTensorCores<T> && D > 64 ? 32 : FwdTiles<T, D>::kN;
   static constexpr int kCols = FwdTiles<T, D>::kCols;
 };
@@ -410,29 +410,31 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock& 
 
 // ---------------------------------------------------------------- host side
 
-// The most dynamic shared memory a block gets on the GPUs the kernels target (sm_90; an
-// sm_80 A100 has 163 KB: enough for every configuration but float64 above head dim 128).
-inline constexpr size_t kMaxSmem = 227 * 1024;
+// The most dynamic shared memory a block gets on an sm_80 A100 (sm_90 gives 227 KB): every
+// configuration fits it, the largest being float64 dK/dV at head dim 128 (139 KB). GPUs
+// with less (sm_86/sm_89: 99 KB) lack some of the head-dim-128 and 256 ones: launch()
+// throws, naming the kernel and both sizes, instead of launching.
+inline constexpr size_t kMaxSmem = 163 * 1024;
 
 // Calls f(Type<T>{}, std::integral_constant<int, D>{}) for the dtype and the head-dim
 // capacity D of the kernel that serves head_dim.
 template <typename F>
 void dispatch_head_dim(DType dtype, int64_t head_dim, const char* what, F&& f) {
-  if (!set_attention_kernel_has_head_dim(head_dim)) {
+  if (!set_attention_kernel_has_head_dim(dtype, head_dim)) {
     throw std::invalid_argument(std::string(what) + ": no kernel for head dim " +
-                                std::to_string(head_dim) + " (a multiple of 8 up to 256)");
+                                std::to_string(head_dim) + " (a multiple of 8 up to " +
+                                std::to_string(set_attention_kernel_max_head_dim(dtype)) +
+                                " for this dtype)");
   }
   ::sarkernels::kernels::dispatch(dtype, [&](auto tag) {
     if (head_dim <= 32) return f(tag, std::integral_constant<int, 32>{});
     if (head_dim <= 64) return f(tag, std::integral_constant<int, 64>{});
     if (head_dim <= 96) return f(tag, std::integral_constant<int, 96>{});
     if (head_dim <= 128) return f(tag, std::integral_constant<int, 128>{});
-    return f(tag, std::integral_constant<int, 256>{});
+    if constexpr (fused_attention_max_head_dim(sizeof(typename decltype(tag)::type)) > 128) {
+      return f(tag, std::integral_constant<int, 256>{});
+    }
   });
-}
-
-inline size_t dtype_size(DType dtype) {
-  return dtype == DType::kFloat64 ? 8 : dtype == DType::kFloat32 ? 4 : 2;
 }
 
 inline void check_rows_aligned(const char* fn, const char* name, const void* base,

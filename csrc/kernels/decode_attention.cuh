@@ -7,7 +7,9 @@
 // Head dims: multiples of 8 up to 256, each run by the smallest compiled maximum (64, 128,
 // 256) that holds it. Computes in acc_t<T> (float, or double for float64).
 // Empty rows: a row is empty iff no key is visible (l == 0 exactly): zeros and lse -inf.
-// A NaN score is never mistaken for "empty": it propagates to out and lse.
+// A NaN score is never mistaken for "empty": it propagates to out and lse. A key whose
+// value row holds a NaN/inf scores NaN for the rows that see it and has its value row
+// zeroed, so rows that do not see it never meet it as 0 * NaN (the reference's rule).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -49,6 +51,11 @@ SK_DEVICE A nan_max(A a, A b) {
 }
 
 template <typename A>
+SK_DEVICE bool is_finite(A x) {
+  return x - x == A(0);  // NaN for inf and NaN
+}
+
+template <typename A>
 SK_DEVICE A warp_max(A x) {
   for (int o = 16; o > 0; o >>= 1) x = nan_max(x, shfl_xor(x, o));
   return x;
@@ -65,6 +72,7 @@ template <typename A>
 struct DecodeSmem {
   int64_t* q_set;  // [rows]
   int64_t* k_set;  // [kKeyTile]
+  int* v_bad;      // [kKeyTile]: the key's value row holds a NaN or inf
   A* q;            // [rows][D], pre-scaled
   A* k;            // [kKeyTile][D + 1]: +1 so lanes reading different keys avoid bank conflicts
   A* v;            // [kKeyTile][D]
@@ -73,13 +81,14 @@ struct DecodeSmem {
   SK_DEVICE DecodeSmem(unsigned char* base, int rows, int64_t d)
       : q_set(reinterpret_cast<int64_t*>(base)),
         k_set(q_set + rows),
-        q(reinterpret_cast<A*>(k_set + kKeyTile)),
+        v_bad(reinterpret_cast<int*>(k_set + kKeyTile)),
+        q(reinterpret_cast<A*>(k_set + 2 * kKeyTile)),
         k(q + rows * d),
         v(k + kKeyTile * (d + 1)),
         prob(v + kKeyTile * d) {}
 
   static size_t bytes(int rows, int64_t d) {
-    return sizeof(int64_t) * (rows + kKeyTile) +
+    return sizeof(int64_t) * (rows + 2 * kKeyTile) +
            sizeof(A) * (rows * d + kKeyTile * (2 * d + 1) + kDecodeWarps * kKeyTile);
   }
 };
@@ -139,6 +148,15 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_split_kernel(SetAtte
       sm.k_set[j] = j < n_keys ? p.k_sets[b * p.len_k + kt + j] : 0;
     }
     sync_threads();
+    if (warp == 0) {  // lane j scrubs key j's value row
+      bool bad = false;
+      for (int64_t d = 0; d < D; ++d) bad = bad || !is_finite(sm.v[lane * D + d]);
+      if (bad) {
+        for (int64_t d = 0; d < D; ++d) sm.v[lane * D + d] = A(0);
+      }
+      sm.v_bad[lane] = bad;
+    }
+    sync_threads();
     A* prob_s = sm.prob + warp * kKeyTile;
     SK_UNROLL
     for (int i = 0; i < kRowsPerWarp; ++i) {
@@ -147,6 +165,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_split_kernel(SetAtte
       if (r < n_rows && lane < n_keys && visible(sm.q_set[r], sm.k_set[lane], p.strict)) {
         s = 0;
         for (int64_t d = 0; d < D; ++d) s += sm.q[r * D + d] * sm.k[lane * (D + 1) + d];
+        if (sm.v_bad[lane]) s = A(NAN);
       }
       const A m_new = nan_max(m[i], warp_max(s));
       if (m_new == -A(INFINITY)) continue;  // nothing visible to this row yet

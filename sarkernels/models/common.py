@@ -105,8 +105,13 @@ def check_sampling(temperature, top_k, top_p, cfg_scale):
         raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
 
 
-def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """One token per row of ``logits [..., V]`` (float32 math)."""
+def sample(logits, noise, temperature=1.0, top_k=0, top_p=1.0):
+    """One token per row of ``logits [..., V]`` (float32 math), without a host sync.
+
+    ``noise`` holds Exp(1) draws of ``logits``' shape (:func:`draw_noise`): the token is
+    ``argmax(probs / noise)``, the exponential race ``torch.multinomial`` runs for a single
+    draw, minus its host-side check of the probabilities.
+    """
     logits = logits.float() / temperature
     if top_k:
         kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[..., -1:]
@@ -116,10 +121,13 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    probs = F.softmax(logits, -1).flatten(0, -2)
-    device = probs.device if generator is None else generator.device
-    draw = torch.multinomial(probs.to(device), 1, generator=generator)
-    return draw.to(logits.device).view(logits.shape[:-1])
+    # A zero draw would turn a masked token's 0 / 0 into NaN, which argmax picks.
+    return (F.softmax(logits, -1) / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(-1)
+
+
+def draw_noise(noise, generator=None):
+    """Fills ``noise`` in place with the Exp(1) draws :func:`sample` takes."""
+    return noise.exponential_(generator=generator)
 
 
 def guidance_batch(labels, num_classes, cfg_scale):
@@ -145,7 +153,8 @@ def from_preset(cls, presets, name, overrides):
 
 def guided(logits, cfg_scale, done, n):
     """Classifier-free guidance on a doubled batch (conditional rows first), the scale
-    ramping linearly from 1 to ``cfg_scale`` with the fraction ``done / n`` decoded."""
+    ramping linearly from 1 to ``cfg_scale`` with the fraction ``done / n`` decoded
+    (``done`` an int or a 0-d device tensor)."""
     if cfg_scale is None:
         return logits
     cond, uncond = logits.chunk(2)

@@ -1,16 +1,18 @@
 """The decoder-only stack RandAR and RAR share (LlamaGen's GPT), and their generation loop.
 
 Every sequence slot attends causally by slot index; 2D RoPE uses each slot's grid cell
-(the class token's rotation is all zero, as in RandAR). A subclass says how the slots of a
-step are embedded (``_feed``) and where the cache resumes after a step (``_resume_slot``).
+(the class token's rotation is all zero, as in RandAR). A subclass says which slots a step
+feeds (``_slots``), how they are embedded (``_feed``) and where the cache resumes after a
+step (``_resume_slot``).
 """
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..nn import Block, KVCache, Rope
+from ..nn import Block, Rope
 from ..rope import CLASS_TOKEN
 from . import common
+from .generation import Generation, Step, pick
 
 PRESETS = {  # LlamaGen GPT sizes
     "B": dict(dim=768, n_layer=12, n_head=12),
@@ -20,7 +22,7 @@ PRESETS = {  # LlamaGen GPT sizes
 }
 
 
-class DecoderOnly(nn.Module):
+class DecoderOnly(Generation, nn.Module):
     def __init__(self, *, vocab_size=16384, num_classes=1000, grid_size=16, dim=1024,
                  n_layer=24, n_head=16, n_kv_head=None, multiple_of=256, class_dropout=0.1,
                  token_dropout=0.1, dropout=0.1):
@@ -57,59 +59,37 @@ class DecoderOnly(nn.Module):
         logits = self(tokens, labels, order)
         return F.cross_entropy(logits.flatten(0, 1).float(), tokens.gather(1, order).flatten())
 
-    def trunk(self, x, cells, start=0, caches=None):
-        """Causal (by slot) layers over slots ``start ..``; returns the normed states."""
+    def trunk(self, x, cells, slots=None, caches=None):
+        """Causal (by slot) layers over the sequence slots ``slots [L]`` (default 0 .. L-1);
+        returns the normed states."""
         b, length, _ = x.shape
-        sets = torch.arange(start, start + length, device=x.device).expand(b, length)
+        slots = torch.arange(length, device=x.device) if slots is None else slots
+        sets = slots.expand(b, length)
         rope = Rope(self.grid_size, cells)
         for i, layer in enumerate(self.layers):
             x = layer(x, sets, rope=rope, cache=None if caches is None else caches[i],
-                      cache_start=start)
+                      cache_slots=slots)
         return self.norm(x)
 
     def _cells_with_class(self, cells):
         return torch.cat([cells.new_full((cells.shape[0], 1), CLASS_TOKEN), cells], 1)
 
-    @torch.no_grad()
-    def generate(self, labels, *, order="random", schedule=None, steps=None, cfg_scale=None,
-                 temperature=1.0, top_k=0, top_p=1.0, known=None, generator=None,
-                 use_kv_cache=True, progress=False, on_step=None):
-        """Samples ``[B, N]`` tokens in raster order for class ``labels [B]``.
+    def _new_caches(self, batch):
+        return {"layers": self._kv_caches(batch, self._max_slots(), len(self.layers))}
 
-        order: "random", "raster" or a permutation; schedule: set sizes (see
-        :func:`sarkernels.orders.set_sizes`) with ``steps``; ``known = (positions, tokens)``
-        teacher-forces cells first (inpainting/outpainting), which appear unchanged in the
-        output. ``cfg_scale`` (None = off) runs the null class as a doubled batch, the scale
-        ramping from 1 to ``cfg_scale``. ``on_step(step, logits, cells)`` sees every step's
-        guided logits and the cells they are for.
-        """
-        device = self.output.weight.device
-        labels = common.check_labels(labels, self.num_classes).to(device)
-        common.check_sampling(temperature, top_k, top_p, cfg_scale)
-        schedule, steps = self._default_schedule(schedule, steps,
-                                                 self.n_tokens - common.count_known(known))
-        plan = common.make_plan(len(labels), self.n_tokens, self.vocab_size, order=order,
-                                schedule=schedule, steps=steps, known=known,
-                                generator=generator, device=device)
-        labels, reps = common.guidance_batch(labels, self.num_classes, cfg_scale)
-        cls = self.cls_embedding.embedding_table(labels)[:, None]
-        caches = None
-        if use_kv_cache:
-            head_dim = self.tok_embeddings.embedding_dim // self.n_head
-            kv_heads = self.config["n_kv_head"] or self.n_head
-            caches = [KVCache(len(labels), kv_heads, self._max_slots(), head_dim,
-                              self.output.weight.dtype, device) for _ in self.layers]
-        decoded, start = plan.num_known, 0
-        for step, n in enumerate(common.with_progress(plan.sizes, progress)):
-            x, cells = self._feed(start, decoded, n, cls, plan.cells.repeat(reps, 1),
-                                  plan.tokens.repeat(reps, 1))
-            h = self.trunk(x, cells, start, caches)
-            logits = common.guided(self.output(h[:, -n:]).float(), cfg_scale, decoded,
-                                   self.n_tokens)
-            plan.tokens[:, decoded:decoded + n] = common.sample(logits, temperature, top_k,
-                                                                top_p, generator)
-            if on_step is not None:
-                on_step(step, logits, plan.cells[:, decoded:decoded + n])
+    def _schedule(self, plan, use_kv_cache):
+        """Per step ``feed [3, L]`` (slot, order index or -1 for the class token, 1 for an
+        instruction) and ``targets [n]``; the last n fed slots are the queries."""
+        steps, start, decoded = [], 0, plan.num_known
+        for n in plan.sizes:
+            feed = torch.tensor(self._slots(start, decoded, n))
+            steps.append(Step((feed, torch.arange(decoded, decoded + n)), decoded, n))
             start = self._resume_slot(decoded) if use_kv_cache else 0
             decoded += n
-        return common.to_raster(plan.cells, plan.tokens)
+        return steps
+
+    def _step(self, state, sampling, feed, targets, noise):
+        slots, index, instruction = feed.unbind(0)
+        x, cells = self._feed(state, slots, index, instruction.bool())
+        h = self.trunk(x, cells, slots, None if state.caches is None else state.caches["layers"])
+        return pick(self, state, sampling, h[:, -targets.shape[0]:], targets, noise)

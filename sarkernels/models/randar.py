@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import ops, orders
+from ..rope import CLASS_TOKEN
 from . import common
 from .decoder_only import DecoderOnly
 
@@ -29,7 +30,7 @@ class RandARTransformer(DecoderOnly):
         x = self.token_dropout(self.tok_embeddings(tokens.gather(1, order)))
         seq = ops.interleave_position_instructions(
             x, order, self.pos_instruct_embeddings[0].to(x.dtype), num_heads=self.n_head,
-            grid_size=self.grid_size, prefix=self.cls_embedding(labels).to(x.dtype))
+            grid_size=self.grid_size, prefix=self.cls_embedding(labels).to(x.dtype), check=False)
         h = self.trunk(seq, self._cells_with_class(order.repeat_interleave(2, 1)))
         return self.output(h[:, 1::2])
 
@@ -53,17 +54,23 @@ class RandARTransformer(DecoderOnly):
     def _instructions(self, cells):
         b, length = cells.shape
         heads = self.pos_instruct_embeddings.view(1, self.n_head, 1, -1).expand(b, -1, length, -1)
-        return ops.rope_2d(heads, cells, self.grid_size).transpose(1, 2).flatten(2)
+        return ops.rope_2d(heads, cells, self.grid_size, check=False).transpose(1, 2).flatten(2)
 
-    def _feed(self, start, decoded, n, cls, cells, tokens):
-        """Slots ``start ..`` of the committed layout up to ``decoded`` tokens, then the
-        instruction queries of tokens ``decoded .. decoded + n - 1``."""
-        slot = torch.arange(max(start, 1), 1 + 2 * decoded, device=cells.device)
-        index = torch.cat([(slot - 1) // 2, torch.arange(decoded, decoded + n, device=cells.device)])
-        is_instruction = torch.cat([(slot - 1) % 2 == 0, index.new_ones(n, dtype=torch.bool)])
-        c, t = cells[:, index], tokens[:, index].clamp_min(0)
-        x = torch.where(is_instruction[None, :, None], self._instructions(c),
-                        self.tok_embeddings(t))
-        if start == 0:
-            return torch.cat([cls, x], 1), self._cells_with_class(c)
-        return x, c
+    def _slots(self, start, decoded, n):
+        """Slots ``start ..`` of the committed layout up to ``decoded`` tokens (slot 0 the
+        class token, 2i+1 the instruction of token i, 2i+2 token i), then the instruction
+        queries of tokens ``decoded .. decoded + n - 1``."""
+        committed = range(start, 1 + 2 * decoded)
+        queries = range(1 + 2 * decoded, 1 + 2 * decoded + n)
+        return ([*committed, *queries],
+                [(s - 1) // 2 for s in committed] + list(range(decoded, decoded + n)),
+                [(s - 1) % 2 == 0 for s in committed] + [True] * n)
+
+    def _feed(self, state, slots, index, instruction):
+        is_class = index < 0
+        index = index.clamp_min(0)
+        cells = state.cells[:, index]
+        x = torch.where(instruction[:, None], self._instructions(cells),
+                        self.tok_embeddings(state.tokens_at(index)))
+        return (torch.where(is_class[:, None], state.cls, x),
+                torch.where(is_class, CLASS_TOKEN, cells))

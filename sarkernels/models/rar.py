@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import ops, orders
+from ..rope import CLASS_TOKEN
 from . import common
 from .decoder_only import DecoderOnly
 
@@ -27,7 +28,7 @@ class RARTransformer(DecoderOnly):
         x = self.token_dropout(self.tok_embeddings(tokens.gather(1, order)))
         seq = ops.interleave_position_instructions(
             x, order, self.target_aware.to(x.dtype), prefix=self.cls_embedding(labels).to(x.dtype),
-            merge=True)
+            merge=True, check=False)
         h = self.trunk(seq, self._cells_with_class(order))
         return self.output(h[:, :-1])
 
@@ -50,13 +51,17 @@ class RARTransformer(DecoderOnly):
     def _resume_slot(self, decoded):
         return decoded + 1
 
-    def _feed(self, start, decoded, n, cls, cells, tokens):
-        """Slot s holds token s-1 (the class token at s=0) plus TA of cell s, for slots
-        ``start .. decoded``; the last one predicts token ``decoded``."""
-        slot = torch.arange(start, decoded + n, device=cells.device)
-        prev = (slot - 1).clamp_min(0)
-        x = self.tok_embeddings(tokens[:, prev].clamp_min(0))
-        if start == 0:
-            x = torch.cat([cls, x[:, 1:]], 1)
-        rope_cells = self._cells_with_class(cells)[:, slot]
-        return x + self.target_aware[cells[:, slot]], rope_cells
+    def _slots(self, start, decoded, n):
+        """Slots ``start .. decoded``: slot s holds token s-1 (the class token at s=0);
+        the last one predicts token ``decoded``."""
+        slots = range(start, decoded + n)
+        return list(slots), [s - 1 for s in slots], [False] * len(slots)
+
+    def _feed(self, state, slots, index, instruction):
+        """Slot s: its token (or the class token) plus TA of the next target, cell s; RoPE
+        at the token's own cell."""
+        is_class = index < 0
+        index = index.clamp_min(0)
+        x = torch.where(is_class[:, None], state.cls, self.tok_embeddings(state.tokens_at(index)))
+        return (x + self.target_aware[state.cells[:, slots]],
+                torch.where(is_class, CLASS_TOKEN, state.cells[:, index]))

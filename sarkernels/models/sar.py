@@ -7,17 +7,19 @@ self-attention ``set(key) <= set(query)``, cross-attention to the encoder output
 training keeps it, since the masks already hide it from every query that matters.
 
 Generation caches the encoder K/V of committed tokens, the decoder self-attention K/V of
-earlier queries and, per decoder layer, the cross-attention K/V of the encoder memory: one
-decoder pass and one encoder pass per set.
+earlier queries and, per decoder layer, the cross-attention K/V of the encoder memory: step
+t runs one encoder pass over set t-1 (the class token at t = 0) and one decoder pass over
+the queries of set t.
 """
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .. import orders
-from ..nn import Block, KVCache, Rope
+from ..nn import Block, Rope
 from ..rope import CLASS_TOKEN
 from . import common
+from .generation import Generation, Step, pick
 
 PRESETS = {  # LlamaGen widths, depth split half encoder / half decoder (sar.md)
     "B": dict(dim=768, encoder_layers=6, decoder_layers=6, n_head=12),
@@ -27,7 +29,7 @@ PRESETS = {  # LlamaGen widths, depth split half encoder / half decoder (sar.md)
 TRAIN_SCHEDULES = ("random", "cosine", "constant", "mar")
 
 
-class SARTransformer(nn.Module):
+class SARTransformer(Generation, nn.Module):
     """Training draws, per sample, an order (``train_order``: "random" or "raster") and a
     partition (``train_schedule``: "random"/"cosine"/"constant" sizes with ``train_steps``
     sets, or a count drawn uniformly from 1..N when None; "mar": a random given prefix, then
@@ -68,23 +70,23 @@ class SARTransformer(nn.Module):
 
     # ------------------------------------------------------------------ passes
 
-    def encode(self, x, sets, cells, caches=None, start=0):
+    def encode(self, x, sets, cells, caches=None, slots=None):
         rope = Rope(self.grid_size, cells)
         for i, layer in enumerate(self.encoder):
             x = layer(x, sets, rope=rope, cache=None if caches is None else caches[i],
-                      cache_start=start)
+                      cache_slots=slots)
         return self.encoder_norm(x)
 
-    def decode(self, cells, sets, memory, memory_sets, memory_cells, caches=None, start=0,
-               memory_caches=None, memory_start=0):
+    def decode(self, cells, sets, memory, memory_sets, memory_cells, caches=None, slots=None,
+               memory_caches=None, memory_slots=None):
         x = self.query_pos(cells)
         rope = Rope(self.grid_size, cells, memory_cells)
         for i, layer in enumerate(self.decoder):
             x = layer(x, sets, rope=rope, cache=None if caches is None else caches[i],
-                      cache_start=start, memory=memory, memory_sets=memory_sets,
+                      cache_slots=slots, memory=memory, memory_sets=memory_sets,
                       memory_rope=rope,
                       memory_cache=None if memory_caches is None else memory_caches[i],
-                      memory_start=memory_start)
+                      memory_slots=memory_slots)
         return self.norm(x)
 
     def _encoder_inputs(self, cls, tokens, cells, sets):
@@ -130,65 +132,53 @@ class SARTransformer(nn.Module):
 
     # ------------------------------------------------------------------ generation
 
-    @torch.no_grad()
-    def generate(self, labels, *, order="random", schedule="constant", steps=None, cfg_scale=None,
-                 temperature=1.0, top_k=0, top_p=1.0, known=None, generator=None,
-                 use_kv_cache=True, progress=False, on_step=None):
-        """Same contract as :meth:`RandARTransformer.generate`; known cells form the first
-        set (fed to the encoder, never sampled), then the schedule splits the rest into
-        ``steps`` sets (default: 16, or fewer when fewer cells remain)."""
-        device = self.output.weight.device
-        labels = common.check_labels(labels, self.num_classes).to(device)
-        common.check_sampling(temperature, top_k, top_p, cfg_scale)
+    def _default_schedule(self, schedule, steps, remaining):
+        """Known cells form the first set (fed to the encoder, never sampled), then the
+        schedule ("constant" by default) splits the rest into ``steps`` sets (default: 16,
+        or fewer when fewer cells remain)."""
+        schedule = "constant" if schedule is None else schedule
         if steps is None and isinstance(schedule, str) and schedule != "ar":
-            steps = min(16, self.n_tokens - common.count_known(known))
-        plan = common.make_plan(len(labels), self.n_tokens, self.vocab_size, order=order,
-                                schedule=schedule, steps=steps, known=known,
-                                generator=generator, device=device)
-        sizes = ([plan.num_known] if plan.num_known else []) + plan.sizes
-        labels, reps = common.guidance_batch(labels, self.num_classes, cfg_scale)
-        b2 = len(labels)
-        cls = self.cls_embedding.embedding_table(labels)[:, None]
-        cells = plan.cells.repeat(reps, 1)
-        sets = orders.set_ids(sizes, device).expand(b2, -1)
-        caches = self._new_caches(b2) if use_kv_cache else None
-        if use_kv_cache:  # the class token's encoder pass
-            memory = self.encode(cls, sets.new_zeros(b2, 1), cells.new_full((b2, 1), CLASS_TOKEN),
-                                 caches["encoder"], 0)
-            memory_sets, memory_cells = sets.new_zeros(b2, 1), cells.new_full((b2, 1), CLASS_TOKEN)
-        pos = 0
-        for step, size in enumerate(common.with_progress(sizes, progress)):
-            span = slice(pos, pos + size)
-            if use_kv_cache:
-                h = self.decode(cells[:, span], sets[:, span], memory, memory_sets, memory_cells,
-                                caches["decoder"], pos, caches["cross"], caches["cross"][0].end)
-            else:
-                tokens = plan.tokens.repeat(reps, 1)
-                x, enc_sets, enc_cells = self._encoder_inputs(cls, tokens[:, :pos], cells[:, :pos],
-                                                              sets[:, :pos])
-                memory = self.encode(x, enc_sets, enc_cells)
-                h = self.decode(cells[:, :pos + size], sets[:, :pos + size], memory, enc_sets,
-                                enc_cells)[:, pos:]
-            is_known = step == 0 and plan.num_known
-            if not is_known:
-                logits = common.guided(self.output(h).float(), cfg_scale, pos, self.n_tokens)
-                plan.tokens[:, span] = common.sample(logits, temperature, top_k, top_p, generator)
-                if on_step is not None:
-                    on_step(step, logits, plan.cells[:, span])
-            if use_kv_cache and pos + size < self.n_tokens:  # the set joins the encoder
-                tokens = plan.tokens[:, span].repeat(reps, 1)
-                x = self.tok_embeddings(tokens) + self.token_pos(cells[:, span])
-                memory = self.encode(x, sets[:, span], cells[:, span], caches["encoder"], 1 + pos)
-                memory_sets, memory_cells = sets[:, span], cells[:, span]
-            pos += size
-        return common.to_raster(plan.cells, plan.tokens)
+            steps = min(16, remaining)
+        return schedule, steps
 
     def _new_caches(self, batch):
-        dim = self.tok_embeddings.embedding_dim
-        head_dim, kv_heads = dim // self.n_head, self.config["n_kv_head"] or self.n_head
-        w = self.output.weight
-        make = lambda length, count: [KVCache(batch, kv_heads, length, head_dim, w.dtype, w.device)
-                                      for _ in range(count)]
-        return {"encoder": make(1 + self.n_tokens, len(self.encoder)),
-                "decoder": make(self.n_tokens, len(self.decoder)),
-                "cross": make(1 + self.n_tokens, len(self.decoder))}
+        n = self.n_tokens
+        return {"encoder": self._kv_caches(batch, 1 + n, len(self.encoder)),
+                "decoder": self._kv_caches(batch, n, len(self.decoder)),
+                "cross": self._kv_caches(batch, 1 + n, len(self.decoder))}
+
+    def _schedule(self, plan, use_kv_cache):
+        """Per step ``enc [2, Le]`` (order index, -1 for the class token; set id) of the
+        encoder inputs, ``dec [2, Ld]`` of the decoder queries, and ``targets [n]``."""
+        sizes = ([plan.num_known] if plan.num_known else []) + plan.sizes
+        ids = orders.set_ids(sizes).tolist()
+        steps, pos = [], 0
+        for t, size in enumerate(sizes):
+            if use_kv_cache:
+                enc, dec = range(pos - sizes[t - 1], pos) if t else [-1], range(pos, pos + size)
+            else:
+                enc, dec = [-1, *range(pos)], range(pos + size)
+            n = 0 if t == 0 and plan.num_known else size
+            steps.append(Step((torch.tensor([list(enc), [ids[i] if i >= 0 else 0 for i in enc]]),
+                               torch.tensor([list(dec), [ids[i] for i in dec]]),
+                               torch.arange(pos + size - n, pos + size)), pos, n))
+            pos += size
+        return steps
+
+    def _step(self, state, sampling, enc, dec, targets, noise):
+        """Encoder slot 1 + i holds token i (slot 0 the class token); decoder slot i the
+        query of token i; the cross cache mirrors the encoder's slots."""
+        (index, sets), (queries, query_sets) = enc, dec
+        rows = state.cells.shape[0]
+        is_class, at = index < 0, index.clamp_min(0)
+        cells = state.cells[:, at]
+        x = self.tok_embeddings(state.tokens_at(at)) + self.token_pos(cells)
+        x = torch.where(is_class[:, None], state.cls, x)
+        cells, sets = torch.where(is_class, CLASS_TOKEN, cells), sets.expand(rows, -1)
+        caches = state.caches or {}
+        memory = self.encode(x, sets, cells, caches.get("encoder"), index + 1)
+        h = self.decode(state.cells[:, queries], query_sets.expand(rows, -1), memory, sets, cells,
+                        caches.get("decoder"), queries, caches.get("cross"), index + 1)
+        if not targets.shape[0]:
+            return None
+        return pick(self, state, sampling, h[:, -targets.shape[0]:], targets, noise)

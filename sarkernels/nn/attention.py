@@ -13,38 +13,41 @@ UNWRITTEN = torch.iinfo(torch.int64).max
 class KVCache:
     """Preallocated K/V ``[B, Hkv, S, D]`` plus the set id of every slot.
 
-    Unwritten slots carry :data:`UNWRITTEN` and are invisible to every query. Writes go
-    through :func:`sarkernels.kv_cache_append` at consecutive slots ``start, start+1, ...``
-    (re-writing earlier slots is allowed); attention reads slots ``[0, end)`` only.
+    Unwritten slots carry :data:`UNWRITTEN` and are invisible to every query, so attention
+    reads the whole fixed-size cache: its shapes never change while it fills, which lets a
+    decode step be compiled or captured in a CUDA graph. Writes go through
+    :func:`sarkernels.kv_cache_append`; re-writing earlier slots is allowed. ``check=False``
+    skips the op's slot check (a host sync on CUDA) for callers whose slots are correct by
+    construction.
     """
 
-    def __init__(self, batch, heads, max_len, head_dim, dtype=torch.float32, device="cpu"):
+    def __init__(self, batch, heads, max_len, head_dim, dtype=torch.float32, device="cpu",
+                 check=True):
         self.k = torch.zeros(batch, heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.sets = torch.full((batch, max_len), UNWRITTEN, dtype=torch.long, device=device)
-        self.end = 0
+        self.check = check
 
     def reset(self):
         """Forget every slot, keeping the buffers."""
         self.sets.fill_(UNWRITTEN)
-        self.end = 0
 
-    def write(self, k, v, sets, start):
-        """Writes ``n = k.shape[2]`` tokens with set ids ``sets [B, n]`` at slots
-        ``start .. start+n-1``."""
-        n = k.shape[2]
-        if start < 0 or start + n > self.k.shape[2]:
-            raise ValueError(f"KVCache.write: slots [{start}, {start + n}) exceed the cache's "
-                             f"{self.k.shape[2]} slots")
-        slots = torch.arange(start, start + n, device=k.device).expand(k.shape[0], n)
-        # The slots are in range and distinct by construction: no error-flag sync on CUDA.
+    def write(self, k, v, sets, slots):
+        """Writes ``n = k.shape[2]`` tokens with set ids ``sets [B, n]`` at ``slots``: an int
+        (the first of n consecutive slots, bounds-checked here) or an integer tensor ``[n]``
+        or ``[B, n]``."""
+        b, _, n, _ = k.shape
+        if isinstance(slots, int):
+            if slots < 0 or slots + n > self.k.shape[2]:
+                raise ValueError(f"KVCache.write: slots [{slots}, {slots + n}) exceed the cache's "
+                                 f"{self.k.shape[2]} slots")
+            slots = torch.arange(slots, slots + n, device=k.device)
+        slots = slots.expand(b, n)
         ops.kv_cache_append(self.k, self.v, k.to(self.k.dtype), v.to(self.v.dtype), slots,
-                            check=False)
-        self.sets[:, start:start + n] = sets
-        self.end = max(self.end, start + n)
+                            check=self.check)
+        self.sets.scatter_(1, slots, sets.expand(b, n))
 
-    def view(self):
-        return self.k[:, :, :self.end], self.v[:, :, :self.end], self.sets[:, :self.end]
+
 
 
 @dataclass
@@ -62,9 +65,9 @@ class SetAttention(nn.Module):
 
     ``forward(x, sets)`` is self-attention; with ``context``/``context_sets`` it is
     cross-attention (keys and values from the context). With ``cache`` the new keys and
-    values are written to it at slots ``cache_start ..`` and the queries attend over all the
-    cache has seen. ``rope`` (a :class:`Rope`) rotates q and k by the cells' 2D RoPE.
-    The fused ``wqkv`` stacks q, k, v rows (LlamaGen's layout) for self-attention.
+    values are written to it at ``cache_slots`` (see :meth:`KVCache.write`) and the queries
+    attend over the whole cache. ``rope`` (a :class:`Rope`) rotates q and k by the cells'
+    2D RoPE. The fused ``wqkv`` stacks q, k, v rows (LlamaGen's layout) for self-attention.
     """
 
     def __init__(self, dim, num_heads, num_kv_heads=None, qk_norm=False, bias=False):
@@ -85,7 +88,7 @@ class SetAttention(nn.Module):
         return t.unflatten(-1, (heads, self.head_dim)).transpose(1, 2)
 
     def forward(self, x, sets, *, context=None, context_sets=None, strict=False, rope=None,
-                cache=None, cache_start=0):
+                cache=None, cache_slots=0):
         dim = self.num_heads * self.head_dim
         kv_dim = self.num_kv_heads * self.head_dim
         if context is None:
@@ -104,10 +107,11 @@ class SetAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q = ops.rope_2d(q, rope.cells, rope.grid_size)
-            k = ops.rope_2d(k, k_cells, rope.grid_size)
+            # the model computes its cells: valid by construction, no value check (a sync)
+            q = ops.rope_2d(q, rope.cells, rope.grid_size, check=False)
+            k = ops.rope_2d(k, k_cells, rope.grid_size, check=False)
         if cache is not None:
-            cache.write(k, v, context_sets, cache_start)
-            k, v, context_sets = cache.view()
+            cache.write(k, v, context_sets, cache_slots)
+            k, v, context_sets = cache.k, cache.v, cache.sets
         out = ops.set_attention(q, k, v, sets, context_sets, strict=strict)
         return self.wo(out.transpose(1, 2).flatten(2))

@@ -40,12 +40,12 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(dim, eps=1e-5)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x, sets, *, rope=None, cache=None, cache_start=0, memory=None,
-                memory_sets=None, memory_rope=None, memory_cache=None, memory_start=0):
+    def forward(self, x, sets, *, rope=None, cache=None, cache_slots=0, memory=None,
+                memory_sets=None, memory_rope=None, memory_cache=None, memory_slots=0):
         x = x + self.resid_dropout(self.attention(self.attention_norm(x), sets, rope=rope,
-                                                  cache=cache, cache_start=cache_start))
+                                                  cache=cache, cache_slots=cache_slots))
         if memory is not None:
             x = x + self.resid_dropout(self.cross_attention(
                 self.cross_norm(x), sets, context=memory, context_sets=memory_sets,
-                strict=True, rope=memory_rope, cache=memory_cache, cache_start=memory_start))
+                strict=True, rope=memory_rope, cache=memory_cache, cache_slots=memory_slots))
         return x + self.feed_forward(self.ffn_norm(x))

@@ -1,0 +1,199 @@
+"""What each ``python -m sarkernels`` command accepts: options with one-line help (default
+and unit), descriptions and example commands. Parsing mistakes raise :class:`UsageError`,
+which the command line prints as one ``sarkernels: error:`` line."""
+import argparse
+import textwrap
+from dataclasses import fields
+
+EXAMPLES = {
+    "info": """\
+examples:
+  python -m sarkernels info
+  python -m sarkernels info --json""",
+    "train": """\
+examples:
+  python -m sarkernels train --model sar --steps 1500 --out runs/sar
+  python -m sarkernels train --model randar --data digits --grid 16 --out runs/r16
+  python -m sarkernels train --out runs/sar --resume                  # continues exactly
+  python -m sarkernels train --out runs/sar --resume --steps 3000     # trains further
+  torchrun --nproc_per_node 2 -m sarkernels train --model randar --out runs/r2
+  python -m sarkernels train --model randar --data photos_tokens --dim 512 --layers 12 --heads 8 --out runs/photos""",
+    "sample": """\
+examples:
+  python -m sarkernels sample --ckpt runs/sar --recipe sar-ts --labels 0,1,2 --n 4 --cfg 2 --out grid.png
+  python -m sarkernels digit --label 3 --out digit.png    # a held-out digit to inpaint
+  python -m sarkernels sample --ckpt runs/sar --image digit.png --mask left --out inpaint.png
+  python -m sarkernels sample --model randar --ckpt RandAR-L.safetensors --preset L --vq vq_ds16_c2i.pt --labels 207,360,387 --cfg 4 --out grid.png
+  python -m sarkernels sample --ckpt runs/photos --labels 0,1 --out photos.png""",
+    "tokenize": """\
+examples:
+  python -m sarkernels tokenize --images photos/ --vq vq_ds16_c2i.pt --out photos_tokens --flip""",
+    "demo": """\
+examples:
+  python -m sarkernels demo --out demo_out
+  python -m sarkernels demo --quick --out /tmp/demo""",
+    "digit": """\
+examples:
+  python -m sarkernels digit --label 3 --out digit.png
+  python -m sarkernels sample --ckpt runs/sar --image digit.png --mask left --out inpaint.png""",
+}
+
+
+class UsageError(ValueError):
+    """A command-line mistake: one line, exit status 2."""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action):
+        help = action.help or ""
+        unset = action.default in (None, argparse.SUPPRESS) or action.default is False
+        if not unset and "(default" not in help:
+            help += " (default: %(default)s)"
+        return help
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=_Formatter, **kwargs)
+
+    def error(self, message):  # argparse's own mistakes get the same one line as ours
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _command(sub, name, help, description=None):
+    return sub.add_parser(name, help=help, description=textwrap.fill(description or help, 88),
+                          epilog=EXAMPLES.get(name))
+
+
+def _train_parser(sub):
+    from .checkpoint import MODELS
+    from .models.sar import TRAIN_SCHEDULES
+    from .train import RESUMABLE, TrainConfig, option
+
+    p = _command(sub, "train", "train a SAR, RandAR or RAR model, or continue one",
+                 "Train a model into a run folder (--out): AdamW, warmup + cosine decay, atomic "
+                 "checkpoints every --ckpt-every steps. Under torchrun every process trains on "
+                 "its slice of the global --batch.")
+    choices = {"model": list(MODELS), "grid": [8, 16], "sar_schedule": list(TRAIN_SCHEDULES)}
+    for f in fields(TrainConfig):
+        if "help" not in f.metadata:
+            continue  # not a command-line setting
+        # SUPPRESS: only the options given appear, so --resume can tell them from defaults
+        p.add_argument(option(f.name), type=type(f.default),
+                       default=argparse.SUPPRESS, choices=choices.get(f.name),
+                       help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
+    resumable = ", ".join(map(option, RESUMABLE))
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest checkpoint, with its own "
+                        f"settings; only {resumable} may differ")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that already holds a run (its checkpoints "
+                        "are deleted)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _sample_parser(sub):
+    from .sample import HALVES, RECIPES
+
+    p = _command(sub, "sample", "sample a checkpoint to a PNG grid (or inpaint an image)",
+                 "Generate a grid of pictures, one column per label, from a run folder, a step "
+                 "folder or official RandAR/RAR weights (.safetensors with --vq).")
+    p.add_argument("--ckpt", required=True,
+                   help="run folder (its newest checkpoint), step folder, or official .safetensors")
+    p.add_argument("--recipe",
+                   help="generation order and steps (default: sar-ts for SAR, randar-parallel "
+                        "for RandAR, ar for RAR): "
+                        + "; ".join(f"{k} = {v[2]}" for k, v in RECIPES.items()))
+    p.add_argument("--labels", default="0,1,2,3,4,5,6,7,8,9",
+                   help="comma-separated class indices, one grid column each")
+    p.add_argument("--n", type=_positive, default=1, help="samples per label (grid rows)")
+    p.add_argument("--cfg", type=float,
+                   help="classifier-free guidance scale, >= 0 (default: none, no guidance)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, > 0")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="keep the likeliest tokens up to this probability mass, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+    p.add_argument("--image", help="inpaint/outpaint this image: keep its --mask cells, generate "
+                                   "the rest (digits: bright ink on black) (default: none)")
+    p.add_argument("--mask", help=f"with --image: {', '.join(HALVES)} or a mask image "
+                                  "(white = keep) (default: left)")
+    p.add_argument("--invert", action="store_true",
+                   help="with --image: the image has dark ink on light paper")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--out", default="samples.png", help="PNG file to write")
+    p.add_argument("--model", choices=["randar", "rar"], default="randar",
+                   help="official .safetensors --ckpt only: its architecture")
+    p.add_argument("--preset", default="L",
+                   help="official --ckpt only: B, L, XL or XXL (sets the heads)")
+    p.add_argument("--heads", type=_positive,
+                   help="official --ckpt only: attention heads (default: the --preset's)")
+    p.add_argument("--vq", help="LlamaGen VQ checkpoint (.pt or .safetensors) that decodes codes "
+                                "into pictures (default: the one the run was tokenized with)")
+    p.add_argument("--image-size", type=_positive, default=256,
+                   help="--vq only: picture side, pixels")
+
+
+def _tokenize_parser(sub):
+    p = _command(sub, "tokenize", "turn an image folder (a subfolder per class) into tokens",
+                 "Center-crop every image of an ImageFolder (one subfolder per class), encode it "
+                 "with a LlamaGen VQ, and write a token folder to train on. Chunks are written "
+                 "atomically: an interrupted run continues where it stopped. Unreadable images "
+                 "are left out and listed at the end.")
+    p.add_argument("--images", required=True, help="folder with one subfolder of images per class")
+    p.add_argument("--vq", required=True, help="LlamaGen VQ checkpoint (.pt or .safetensors)")
+    p.add_argument("--image-size", type=_positive, default=256,
+                   help="center-crop side, pixels (256 for VQ-16)")
+    p.add_argument("--out", required=True, help="token folder to write (meta.json, part-N files)")
+    p.add_argument("--batch", type=_positive, default=32, help="images per chunk and VQ batch")
+    p.add_argument("--flip", action="store_true", help="also add horizontally flipped copies")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _demo_parser(sub):
+    p = _command(sub, "demo", "train small SAR and RandAR models on digits, sample, report",
+                 "Train a small SAR and a small RandAR on the embedded digits (about five "
+                 "minutes on two CPU cores), sample them with several recipes, and write "
+                 "samples.png, inpainting.png, report.md and report.json.")
+    p.add_argument("--out", default="demo_out", help="folder for pictures, reports and runs/")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--quick", action="store_true", help="a few training steps per model: a smoke test, not a result")
+    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale, >= 0")
+
+
+def _digit_parser(sub):
+    p = _command(sub, "digit", "write a held-out digit as a PNG (an image to inpaint)",
+                 "Write one of the 360 held-out digits (never trained on) as an 8x8 greyscale "
+                 "PNG, bright ink on black like the data: an image for sample --image.")
+    p.add_argument("--label", type=int, required=True, help="which digit, 0 to 9")
+    p.add_argument("--index", type=int, default=0, help="which held-out image of that digit, from 0")
+    p.add_argument("--out", default="digit.png", help="PNG file to write")
+
+
+def parser():
+    parser = _Parser(prog="python -m sarkernels",
+                     description="Set-autoregressive image generation: train, sample, tokenize, "
+                                 "demo.\n'python -m sarkernels COMMAND --help' lists its options "
+                                 "with defaults, and examples.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p_info = _command(sub, "info", "compiled backends, build details, and why one is unusable")
+    p_info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _train_parser(sub)
+    _sample_parser(sub)
+    _tokenize_parser(sub)
+    _demo_parser(sub)
+    _digit_parser(sub)
+    return parser
+
+

@@ -404,9 +404,9 @@ def _recompute_attention_backward(dout, dlse, q, k, v, q_sets, k_sets, strict, s
 
 
 def _fused_backward_covers(module, q):
-    """Whether `module`'s fused backward (_C with CUDA, _simt) takes q's head dim."""
-    d = q.shape[-1]
-    return d % 8 == 0 and d <= module.attention_max_head_dim[str(q.dtype).removeprefix("torch.")]
+    """Whether `module`'s fused backward (_C with CUDA, _simt) takes q's head dim (a multiple
+    of 8: set_attention checked it)."""
+    return q.shape[-1] <= module.attention_max_head_dim[str(q.dtype).removeprefix("torch.")]
 
 
 def _register(ns):

@@ -258,6 +258,8 @@ def test_cli_resolution(runs, tmp_path, capsys):
                    "does not combine with --image, --mask or --recipe")
     one_line_error(capsys, sample + ["--resolution", "2x", "--spatial-cfg", "-1"],
                    "--spatial-cfg must be >= 0")
+    one_line_error(capsys, sample + ["--resolution", "2x", "--ntk-boundary", "-1"],
+                   "--ntk-boundary must be >= 0")
     sample[2] = runs / "sar"
     one_line_error(capsys, sample + ["--resolution", "2x"],
                    "--resolution needs a RandAR model (resolution extrapolation is RandAR's)")

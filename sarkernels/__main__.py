@@ -66,6 +66,8 @@ def _check_sample(args):
                              "not combine with --image, --mask or --recipe")
         if args.spatial_cfg < 0:
             raise UsageError(f"--spatial-cfg must be >= 0, got {args.spatial_cfg}")
+        if args.ntk_boundary < 0:
+            raise UsageError(f"--ntk-boundary must be >= 0, got {args.ntk_boundary}")
     if args.mask is not None and args.image is None:
         raise UsageError("--mask says which cells of --image to keep: pass --image too")
     if args.image is not None:
@@ -137,7 +139,7 @@ def _extrapolate(args, model, config, path, tok, labels):
     scale = sample.parse_resolution(args.resolution)
     tokens = model.generate_extrapolated(
         labels.repeat(args.n).to(args.device), scale, cfg=3.0 if args.cfg is None else args.cfg,
-        spatial_cfg=args.spatial_cfg, temperature=args.temperature, top_k=args.top_k,
+        spatial_cfg=args.spatial_cfg, ntk_boundary=args.ntk_boundary, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed))
     side = scale * model.grid_size
     low = tokens.view(-1, side, side)[:, ::scale, ::scale].flatten(1)  # stage 1's samples

@@ -138,6 +138,9 @@ def _sample_parser(sub):
     p.add_argument("--spatial-cfg", type=float, default=2.5,
                    help="--resolution only: spatial guidance scale, >= 0 (--cfg, default 3 "
                         "there, is the class guidance)")
+    p.add_argument("--ntk-boundary", type=int, default=2,
+                   help="--resolution only: RoPE frequencies below this index (per axis, the "
+                        "highest) use extrapolated integer positions, the rest interpolated ones")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--out", default="samples.png", help="PNG file to write")
     p.add_argument("--model", choices=["randar", "rar"], default="randar",

@@ -113,7 +113,8 @@ def test_interleave_takes_fractional_angles_on_every_backend(backend):
 @pytest.mark.parametrize("kw,match", [
     (dict(grid_size=3), "pass num_heads and no grid_size"),
     (dict(num_heads=None), "pass num_heads and no grid_size"),
-    (dict(rope_angles=torch.zeros(36, 3, dtype=torch.float64)), r"rope_angles must be \[P, head_dim / 2 = 4\]"),
+    (dict(rope_angles=torch.zeros(36, 3, dtype=torch.float64)),
+     r"rope_angles must be \[P, head_dim / 2 = 4\]"),
     (dict(positions=torch.tensor([[0, 36]])), r"positions\[0, 1\] = 36 is outside \[0, 36\)"),
 ])
 def test_interleave_angle_table_mistakes(kw, match):
@@ -137,9 +138,9 @@ def test_rope_2d_angle_table_mistakes():
 
 def extrapolate(m, cache, seed=3, **kw):
     logits = []
-    tokens = m.generate_extrapolated(torch.tensor([1, 7]), generator=torch.Generator().manual_seed(seed),
-                                     use_kv_cache=cache, on_step=lambda s, l, c: logits.append(l),
-                                     **kw)
+    tokens = m.generate_extrapolated(torch.tensor([1, 7]), use_kv_cache=cache,
+                                     generator=torch.Generator().manual_seed(seed),
+                                     on_step=lambda s, l, c: logits.append(l), **kw)
     return tokens, logits
 
 
@@ -171,7 +172,8 @@ def test_extrapolation_cache_equals_recompute_on_simt():
 
 def test_stage_one_gives_the_lattice():
     m = toy()
-    low = m.generate(torch.tensor([1, 7]), cfg_scale=3.0, generator=torch.Generator().manual_seed(5))
+    low = m.generate(torch.tensor([1, 7]), cfg_scale=3.0,
+                     generator=torch.Generator().manual_seed(5))
     sizes = []
     big = m.generate_extrapolated(torch.tensor([1, 7]), generator=torch.Generator().manual_seed(5),
                                   on_step=lambda s, l, c: sizes.append(c.shape[1]))
@@ -225,7 +227,8 @@ def test_three_branch_guidance_on_a_toy_model():
     (dict(scale=1), "scale must be an int >= 2"), (dict(scale=2.0), "scale must be an int"),
     (dict(mask_ratio=1.5), r"mask_ratio must be in \[0, 1\]"),
     (dict(spatial_cfg=-1), "spatial_cfg must be >= 0"),
-    (dict(low_res=torch.zeros(2, 5, dtype=torch.long)), r"low_res must be integer tokens \[B, G\*G\]")])
+    (dict(low_res=torch.zeros(2, 5, dtype=torch.long)),
+     r"low_res must be integer tokens \[B, G\*G\]")])
 def test_bad_extrapolation_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         toy().generate_extrapolated(torch.tensor([1, 7]), **kw)

@@ -139,8 +139,9 @@ def _extrapolate(args, model, config, path, tok, labels):
     scale = sample.parse_resolution(args.resolution)
     tokens = model.generate_extrapolated(
         labels.repeat(args.n).to(args.device), scale, cfg=3.0 if args.cfg is None else args.cfg,
-        spatial_cfg=args.spatial_cfg, ntk_boundary=args.ntk_boundary, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed))
+        spatial_cfg=args.spatial_cfg, ntk_boundary=args.ntk_boundary,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        generator=torch.Generator().manual_seed(args.seed))
     side = scale * model.grid_size
     low = tokens.view(-1, side, side)[:, ::scale, ::scale].flatten(1)  # stage 1's samples
     small = tok.decode(low).cpu()

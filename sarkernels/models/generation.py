@@ -239,7 +239,8 @@ class Generation:
         if compile:
             step = compile(step) if callable(compile) else torch.compile(step, fullgraph=True)
         session = Session(state, step, graphs)
-        if canvas is None and (graphs or compile):  # worth keeping: captures and compiles take seconds
+        # worth keeping: captures and compiles take seconds
+        if canvas is None and (graphs or compile):
             self._generation_session = (key, session)
         return session
 

@@ -93,8 +93,9 @@ class RandARTransformer(DecoderOnly):
         order = orders.hierarchical_order(batch, grid, scale, generator)
         lattice = order[:, :n]
         from_cell = (lattice // side // scale) * grid + lattice % side // scale
+        steps = side * side - n if steps is None else steps
         plan = common.make_plan(batch, side * side, self.vocab_size, order=order,
-                                schedule="randar", steps=side * side - n if steps is None else steps,
+                                schedule="randar", steps=steps,
                                 known=(lattice, low_res.gather(1, from_cell)),
                                 generator=generator, device=device)
         keep = torch.ones(3, batch, side * side)

@@ -266,3 +266,19 @@ def test_cli_resolution(runs, tmp_path, capsys):
     sample[2] = runs / "sar"
     one_line_error(capsys, sample + ["--resolution", "2x"],
                    "--resolution needs a RandAR model (resolution extrapolation is RandAR's)")
+
+
+def test_a_16x16_model_extrapolates_to_32x32():
+    """ImageNet's token grid: 256 lattice tokens, the 32x32 result, cache == recompute."""
+    torch.manual_seed(0)
+    m = RandARTransformer(vocab_size=17, num_classes=10, grid_size=16, dim=32, n_head=2,
+                          n_layer=1, multiple_of=32).eval()
+    for p in m.parameters():  # the zero-initialised head would make every token a coin toss
+        torch.nn.init.normal_(p, std=0.3)
+    low = torch.randint(17, (1, 256))
+    cached, fresh = (m.generate_extrapolated(torch.tensor([1]), low_res=low, steps=3,
+                                             use_kv_cache=cache,
+                                             generator=torch.Generator().manual_seed(0))
+                     for cache in (True, False))
+    assert cached.shape == (1, 1024) and torch.equal(cached, fresh)
+    assert torch.equal(cached.view(32, 32)[::2, ::2].flatten(), low[0])

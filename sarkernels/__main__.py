@@ -59,6 +59,15 @@ def _check_sample(args):
     sample.parse_labels(args.labels)
     if args.recipe is not None:
         sample.recipe(args.recipe)
+    if args.resolution is not None:
+        sample.parse_resolution(args.resolution)
+        if args.image is not None or args.mask is not None or args.recipe is not None:
+            raise UsageError("--resolution extrapolates freshly generated samples: it does "
+                             "not combine with --image, --mask or --recipe")
+        if args.spatial_cfg < 0:
+            raise UsageError(f"--spatial-cfg must be >= 0, got {args.spatial_cfg}")
+        if args.ntk_boundary < 0:
+            raise UsageError(f"--ntk-boundary must be >= 0, got {args.ntk_boundary}")
     if args.mask is not None and args.image is None:
         raise UsageError("--mask says which cells of --image to keep: pass --image too")
     if args.image is not None:
@@ -94,6 +103,8 @@ def _sample(args):
         model, config, path = checkpoint.load(args.ckpt, args.device)
         tok = vq or data.tokenizer_from_config(config["tokenizer"])
     labels = sample.check_labels(sample.parse_labels(args.labels), config["num_classes"])
+    if args.resolution is not None:
+        return _extrapolate(args, model, config, path, tok, labels)
     name = args.recipe or {"sar": "sar-ts", "randar": "randar-parallel", "rar": "ar"}[config["model"]]
     kw = sample.recipe(name, config["model"])
     if args.image:
@@ -114,6 +125,36 @@ def _sample(args):
         titles.insert(0, "kept cells")
     sample.image_grid(rows, args.out, row_titles=titles, col_titles=labels.tolist())
     print(f"wrote {args.out}: {name} from {path}")
+
+
+def _extrapolate(args, model, config, path, tok, labels):
+    """``sample --resolution Sx``: rows of trained-grid samples, each above its extrapolation."""
+    import torch
+
+    from . import sample
+
+    if config["model"] != "randar":
+        raise UsageError(f"--resolution needs a RandAR model (resolution extrapolation is "
+                         f"RandAR's), but {path} holds a {config['model']} model")
+    scale = sample.parse_resolution(args.resolution)
+    tokens = model.generate_extrapolated(
+        labels.repeat(args.n).to(args.device), scale, cfg=3.0 if args.cfg is None else args.cfg,
+        spatial_cfg=args.spatial_cfg, ntk_boundary=args.ntk_boundary,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        generator=torch.Generator().manual_seed(args.seed))
+    side = scale * model.grid_size
+    low = tokens.view(-1, side, side)[:, ::scale, ::scale].flatten(1)  # stage 1's samples
+    small = tok.decode(low).cpu()
+    large = tok.decode(tokens, (side, side)).cpu()
+    rows, titles = [], []
+    for i in range(args.n):
+        cols = slice(i * len(labels), (i + 1) * len(labels))
+        rows += [list(small[cols]), list(large[cols])]
+        titles += [f"sample {i}", f"{scale}x"]
+    sample.image_grid(rows, args.out, row_titles=titles, col_titles=labels.tolist(),
+                      cell=max(48, large.shape[-1]))
+    print(f"wrote {args.out}: {model.grid_size}x{model.grid_size} samples and their {side}x{side} "
+          f"extrapolations from {path}")
 
 
 def _tokenize(args):

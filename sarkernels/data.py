@@ -34,9 +34,11 @@ class DigitsTokenizer:
                               align_corners=False)[:, 0]
         return x.round().clamp(0, LEVELS - 1).long().flatten(1)
 
-    def decode(self, tokens):
-        """tokens -> grey images ``[B, 1, grid, grid]`` in [0, 1]."""
-        return (tokens.float() / (LEVELS - 1)).view(-1, 1, self.grid_size, self.grid_size)
+    def decode(self, tokens, grid=None):
+        """tokens -> grey images ``[B, 1, grid, grid]`` in [0, 1]; ``grid = (H, W)`` for
+        another token grid than the tokenizer's (a resolution-extrapolated sample)."""
+        h, w = grid or (self.grid_size, self.grid_size)
+        return (tokens.float() / (LEVELS - 1)).view(-1, 1, h, w)
 
     def config(self):
         return {"name": self.name, "grid": self.grid_size}

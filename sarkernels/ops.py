@@ -23,7 +23,7 @@ import importlib
 import torch
 
 from . import reference
-from .rope import grid_shape, rope_2d
+from .rope import check_angles, grid_shape, rope_2d, rotate_instruction
 
 __all__ = ["set_attention", "kv_cache_append", "interleave_position_instructions", "rope_2d",
            "use_backend", "current_backend", "backends", "build_info"]
@@ -325,7 +325,7 @@ def kv_cache_append(k_cache, v_cache, k, v, slots, *, check=True):
 
 def interleave_position_instructions(tokens, positions, instruction, *, num_heads=None,
                                      grid_size=None, rope_base=10000.0, prefix=None,
-                                     merge=False, check=True):
+                                     merge=False, check=True, rope_angles=None):
     """Builds RandAR's ``[prefix, instr_0, tok_0, instr_1, tok_1, ...]`` (``merge=False``,
     ``[B, C + 2N, D]``) or RAR's target-aware ``[prefix + instr_0 on its last row,
     tok_0 + instr_1, ..., tok_(N-1)]`` (``merge=True``, ``[B, C + N, D]``).
@@ -337,6 +337,12 @@ def interleave_position_instructions(tokens, positions, instruction, *, num_head
     and prefix. Positions outside the table/grid raise ValueError; ``check`` is
     :func:`kv_cache_append`'s (``check=False`` on CUDA: no sync, and a bad position gives a
     meaningless result instead of an error).
+
+    ``rope_angles`` (instead of ``grid_size``, with a vector instruction): an explicit table
+    ``[P, D / num_heads / 2]`` of rotation angles per position (:func:`sarkernels.rope.
+    rope_angles`; resolution extrapolation's fractional positions). The instruction is
+    rotated once per table row by :func:`rope_2d` and then gathered like a table
+    instruction ``[P, D]``, so positions must lie in ``[0, P)``.
     """
     fn = "interleave_position_instructions"
     _check_float(fn, "tokens", tokens)
@@ -357,6 +363,8 @@ def interleave_position_instructions(tokens, positions, instruction, *, num_head
     if merge and n and (prefix is None or prefix.shape[1] == 0):
         raise ValueError(f"{fn}: merge=True adds instr_0 to the last prefix row, so it needs a "
                          "prefix with at least one row")
+    if rope_angles is not None:
+        instruction = _instruction_table(fn, instruction, rope_angles, num_heads, grid_size, d)
     if grid_size is not None:
         grid_size = grid_shape(fn, grid_size)
     if instruction.dim() == 2:
@@ -370,9 +378,7 @@ def interleave_position_instructions(tokens, positions, instruction, *, num_head
         if num_heads is None or grid_size is None:
             raise ValueError(f"{fn}: a vector instruction is rotated by 2D RoPE and needs "
                              "num_heads and grid_size")
-        if num_heads < 1 or d % (4 * num_heads):
-            raise ValueError(f"{fn}: D={d} must split into num_heads={num_heads} heads of a "
-                             "multiple of 4")
+        _check_heads(fn, d, num_heads)
         grid = grid_size
     else:
         raise ValueError(f"{fn}: instruction must be a table [P, D] or a vector [D], got shape "
@@ -384,6 +390,25 @@ def interleave_position_instructions(tokens, positions, instruction, *, num_head
             float(rope_base), merge, check)
     return reference.interleave_position_instructions(
         tokens, positions, instruction, num_heads, grid_size, rope_base, prefix, merge, check)
+
+
+def _check_heads(fn, d, num_heads):
+    if num_heads < 1 or d % (4 * num_heads):
+        raise ValueError(f"{fn}: D={d} must split into num_heads={num_heads} heads of a "
+                         "multiple of 4")
+
+
+def _instruction_table(fn, instruction, angles, num_heads, grid_size, d):
+    """The vector instruction rotated by every row of an explicit angle table: ``[P, D]``."""
+    if instruction.dim() != 1 or grid_size is not None or num_heads is None:
+        raise ValueError(f"{fn}: rope_angles rotates a vector instruction [D]: pass num_heads "
+                         f"and no grid_size (got instruction {_shape(instruction)}, "
+                         f"grid_size={grid_size}, num_heads={num_heads})")
+    _check_heads(fn, d, num_heads)
+    check_angles(fn, angles, d // num_heads, "rope_angles")
+    _check_device(fn, [("instruction", instruction), ("rope_angles", angles)])
+    rows = torch.arange(angles.shape[0], device=instruction.device)[None]
+    return rotate_instruction(instruction, rows, num_heads, angles=angles)[0]
 
 
 # ---------------------------------------------------------------- registration

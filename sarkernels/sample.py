@@ -42,6 +42,16 @@ def parse_labels(text):
         raise ValueError(f"--labels must be comma-separated integers, got {text!r}") from None
 
 
+def parse_resolution(text):
+    """``"2x"`` -> 2: the scale of the grid side for resolution extrapolation (an integer
+    of 2 or more); a ValueError naming --resolution for anything else."""
+    digits = str(text).strip().lower().removesuffix("x")
+    if not digits.isdigit() or int(digits) < 2:
+        raise ValueError(f"--resolution must be an integer scale of 2 or more followed by x, "
+                         f"such as 2x (twice the trained grid side), got {text!r}")
+    return int(digits)
+
+
 def check_labels(labels, num_classes):
     """The labels as a tensor, each a class of the model."""
     if min(labels) < 0 or max(labels) >= num_classes:

@@ -117,7 +117,7 @@ def test_tokenize_train_sample_on_an_image_folder(tmp_path):
     parts = sorted(os.listdir(tmp_path / "tok"))
     assert parts == ["meta.json", "part-000000.safetensors", "part-000001.safetensors"]
     os.remove(tmp_path / "tok" / "part-000001.safetensors")  # interrupted: resume finishes it
-    from sarkernels.tokenize import load_token_folder
+    from sarkernels.app.tokenize import load_token_folder
     with pytest.raises(ValueError, match="incomplete"):
         load_token_folder(str(tmp_path / "tok"))
     cli("tokenize", "--images", str(tmp_path / "images"), "--vq", str(tmp_path / "vq.safetensors"),
@@ -143,7 +143,7 @@ def test_sample_official_randar_checkpoint_to_pictures(tmp_path):
     save_file(vq.state_dict(), tmp_path / "vq.safetensors")
     randar = RandARTransformer(vocab_size=64, num_classes=5, grid_size=8, dim=64, n_layer=2, n_head=4)
     save_file(randar.state_dict(), tmp_path / "randar.safetensors")  # the official key pattern
-    from sarkernels import checkpoint
+    from sarkernels.app import checkpoint
     loaded = checkpoint.load_official(str(tmp_path / "randar.safetensors"), n_head=4, grid_size=8)
     for k, v in randar.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
@@ -162,7 +162,7 @@ def test_sample_official_randar_checkpoint_to_pictures(tmp_path):
     tokens = loaded.generate(torch.tensor([0, 4]), generator=torch.Generator().manual_seed(0))
     images = vq.decode(tokens)
     assert images.shape == (2, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
-    from sarkernels.sample import image_grid
+    from sarkernels.app.sample import image_grid
     image_grid([list(images)], tmp_path / "pictures.png")
     assert Image.open(tmp_path / "pictures.png").mode == "RGB"
 
@@ -171,7 +171,7 @@ def test_tokenize_leaves_out_an_unreadable_image_and_names_it(tmp_path, capsys):
     from PIL import Image
 
     from sarkernels.__main__ import main
-    from sarkernels.tokenize import load_token_folder
+    from sarkernels.app.tokenize import load_token_folder
 
     save_file(small_vq().state_dict(), tmp_path / "vq.safetensors")
     for name in ("cats", "dogs"):

@@ -46,7 +46,7 @@ def tokenizer_from_config(config):
     if config.get("name") == "digits":
         return DigitsTokenizer(config["grid"])
     if config.get("name") == "vq":
-        from .tokenizers import VQHandle
+        from ..tokenizers import VQHandle
         return VQHandle(config)
     raise ValueError(f"unknown tokenizer {config.get('name')!r}")
 

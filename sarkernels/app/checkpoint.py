@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import data
-from .models import RandARTransformer, RARTransformer, SARTransformer
+from ..models import RandARTransformer, RARTransformer, SARTransformer
 
 MODELS = {"sar": SARTransformer, "randar": RandARTransformer, "rar": RARTransformer}
 KEEP = 2
@@ -153,7 +153,7 @@ def load_official(path, kind="randar", n_head=16, grid_size=16, device="cpu"):
         hidden = state["layers.0.feed_forward.w1.weight"].shape[0]
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{path!r} does not have RandAR's key pattern ({exc})") from None
-    from .nn import find_multiple
+    from ..nn import find_multiple
     multiple = next((m for m in (256, 128, 64, 32, 16, 8, 1)
                      if find_multiple(int(2 * 4 * dim / 3), m) == hidden), None)
     if multiple is None or dim % n_head:

@@ -1,7 +1,10 @@
-"""Sampling recipes, labelled PNG grids, and known cells from an image and a mask."""
+"""The ``sample`` command: sampling recipes, labelled PNG grids, and known cells from an
+image and a mask."""
 import os
 
 import torch
+
+from .cli_args import UsageError
 
 # name -> (models it applies to, generate() keywords, description)
 RECIPES = {
@@ -121,7 +124,7 @@ def image_tokens(image_path, tokenizer, invert=False):
         return tokenizer.encode(((1 - pixels) if invert else pixels)[None] * 16)[0]
     from PIL import Image, UnidentifiedImageError
 
-    from .tokenizers import VQTokenizer
+    from ..tokenizers import VQTokenizer
     try:
         image = Image.open(image_path)
     except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
@@ -141,3 +144,74 @@ def known_from_image(image_path, mask, tokenizer, invert=False):
         raise ValueError("the mask must keep some cells and leave some to generate")
     positions = keep.nonzero().flatten()
     return positions, tokens[positions]
+
+
+def official(args):
+    """``--ckpt`` names official RandAR/RAR weights rather than a sarkernels checkpoint."""
+    return (os.path.isfile(args.ckpt) and args.ckpt.endswith(".safetensors")
+            and not os.path.isfile(os.path.join(os.path.dirname(args.ckpt), "config.json")))
+
+
+def check(args):
+    """Everything about a sample command that can be checked before loading a model."""
+    from . import outputs
+    from ..models.common import check_sampling
+    from ..models.decoder_only import PRESETS
+    from .train import check_device
+
+    parse_labels(args.labels)
+    if args.recipe is not None:
+        recipe(args.recipe)
+    if args.mask is not None and args.image is None:
+        raise UsageError("--mask says which cells of --image to keep: pass --image too")
+    if args.image is not None:
+        if not os.path.isfile(args.image):
+            raise UsageError(f"cannot read image {args.image!r} (--image): no such file")
+        check_mask(args.mask or "left")
+    check_sampling(args.temperature, args.top_k, args.top_p, args.cfg)
+    check_device(args.device)
+    outputs.picture(args.out)
+    if official(args):
+        if args.vq is None:
+            raise UsageError(f"{args.ckpt} holds official weights that make VQ codes: pass --vq "
+                             "to decode them into pictures")
+        if args.heads is None and args.preset not in PRESETS:
+            raise UsageError(f"unknown --preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+
+
+def run(args):
+    """The ``sample`` command: a PNG grid of pictures (or an inpainting) from a checkpoint."""
+    check(args)
+    from . import checkpoint, data
+    from ..models.decoder_only import PRESETS
+    from ..tokenizers import VQTokenizer
+
+    vq = VQTokenizer.from_checkpoint(args.vq, args.image_size).to(args.device) if args.vq else None
+    if official(args):
+        heads = args.heads or PRESETS[args.preset]["n_head"]
+        model = checkpoint.load_official(args.ckpt, args.model, heads, vq.grid_size, args.device)
+        config, path, tok = {"model": args.model, "num_classes": model.num_classes}, args.ckpt, vq
+    else:
+        model, config, path = checkpoint.load(args.ckpt, args.device)
+        tok = vq or data.tokenizer_from_config(config["tokenizer"])
+    labels = check_labels(parse_labels(args.labels), config["num_classes"])
+    name = args.recipe or {"sar": "sar-ts", "randar": "randar-parallel", "rar": "ar"}[config["model"]]
+    kw = recipe(name, config["model"])
+    if args.image:
+        kw["known"] = known_from_image(args.image, args.mask or "left", tok, args.invert)
+    batch = labels.repeat(args.n)
+    tokens = model.generate(batch.to(args.device), cfg_scale=args.cfg, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p,
+                            generator=torch.Generator().manual_seed(args.seed), **kw).cpu()
+    images = tok.decode(tokens.to(args.device)).cpu()
+    images = images.view(args.n, len(labels), *images.shape[1:])
+    rows = [list(r) for r in images]
+    titles = [f"sample {i}" for i in range(args.n)]
+    if args.image:
+        known = torch.zeros(tok.grid_size ** 2, dtype=torch.long)
+        known[kw["known"][0]] = kw["known"][1]
+        kept = tok.decode(known[None].to(args.device)).cpu()[0]
+        rows.insert(0, [kept] * len(labels))
+        titles.insert(0, "kept cells")
+    image_grid(rows, args.out, row_titles=titles, col_titles=labels.tolist())
+    print(f"wrote {args.out}: {name} from {path}")

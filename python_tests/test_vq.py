@@ -117,7 +117,7 @@ def test_tokenize_train_sample_on_an_image_folder(tmp_path):
     parts = sorted(os.listdir(tmp_path / "tok"))
     assert parts == ["meta.json", "part-000000.safetensors", "part-000001.safetensors"]
     os.remove(tmp_path / "tok" / "part-000001.safetensors")  # interrupted: resume finishes it
-    from sarkernels.app.tokenize import load_token_folder
+    from sarkernels.app.data import load_token_folder
     with pytest.raises(ValueError, match="incomplete"):
         load_token_folder(str(tmp_path / "tok"))
     cli("tokenize", "--images", str(tmp_path / "images"), "--vq", str(tmp_path / "vq.safetensors"),
@@ -171,7 +171,7 @@ def test_tokenize_leaves_out_an_unreadable_image_and_names_it(tmp_path, capsys):
     from PIL import Image
 
     from sarkernels.__main__ import main
-    from sarkernels.app.tokenize import load_token_folder
+    from sarkernels.app.data import load_token_folder
 
     save_file(small_vq().state_dict(), tmp_path / "vq.safetensors")
     for name in ("cats", "dogs"):

@@ -11,10 +11,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import data
-from ..models import RandARTransformer, RARTransformer, SARTransformer
+from .. import tokenizers
+from ..models import MODELS
 
-MODELS = {"sar": SARTransformer, "randar": RandARTransformer, "rar": RARTransformer}
 KEEP = 2
 
 
@@ -127,7 +126,7 @@ def load(path, device="cpu"):
     config = read_config(path)
     try:
         model = MODELS[config["model"]](**config["model_config"])
-        data.tokenizer_from_config(config["tokenizer"])
+        tokenizers.from_config(config["tokenizer"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}/config.json is corrupt or unknown: {exc}") from None
     try:

@@ -52,7 +52,8 @@ def _sample(args):
 def _tokenize(args):
     _require("tokenize", "PIL")
     from . import outputs
-    from .tokenize import image_folder, skipped_images, tokenize_folder
+    from .data import skipped_images
+    from .tokenize import image_folder, tokenize_folder
     from ..tokenizers import VQTokenizer
     from .train import check_device
 

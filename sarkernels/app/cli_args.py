@@ -76,7 +76,7 @@ def _command(sub, name, help, description=None):
 
 
 def _train_parser(sub):
-    from .checkpoint import MODELS
+    from ..models import MODELS
     from ..models.sar import TRAIN_SCHEDULES
     from .train import RESUMABLE, TrainConfig, option
 

@@ -1,54 +1,20 @@
-"""Token datasets and tokenizers. The default is embedded real data: scikit-learn's
-handwritten digits (1,797 8x8 images, 10 classes), one token per pixel intensity level.
+"""Token datasets: the embedded digits (scikit-learn's 1,797 handwritten 8x8 images, 10
+classes, one token per pixel intensity level) and token folders.
 
-A tokenizer has ``name``, ``vocab_size``, ``grid_size``, ``encode(images) -> [B, N]``,
-``decode(tokens) -> images`` in [0, 1] ``[B, C, H, W]`` and ``config()`` (enough to rebuild
-it with :func:`tokenizer_from_config`); a VQ tokenizer can stand in for it.
+A token folder (written by ``python -m sarkernels tokenize``) holds ``meta.json`` (classes,
+image count, chunk size, the tokenizer's ``config()``) and ``part-NNNNNN.safetensors``
+chunks of ``tokens`` and ``labels``, each with the images it left out in its metadata.
+Every file is written under a temporary name and renamed, so a present chunk is complete.
 """
+import json
 import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-LEVELS = 17  # the digits' pixel intensities are integers 0..16
-
-
-class DigitsTokenizer:
-    """Pixel intensity level (0..16) as the token; ``grid=16`` upsamples 8x8 images
-    bilinearly and re-quantises to the same 17 levels (256 tokens, ImageNet-VQ length)."""
-
-    name = "digits"
-    vocab_size = LEVELS
-
-    def __init__(self, grid=8):
-        if grid not in (8, 16):
-            raise ValueError(f"digits grid must be 8 or 16, got {grid}")
-        self.grid_size = grid
-
-    def encode(self, images):
-        """``images [B, 8, 8]`` with values in 0..16 -> tokens ``[B, grid * grid]``."""
-        x = torch.as_tensor(images, dtype=torch.float32)
-        if self.grid_size != 8:
-            x = F.interpolate(x[:, None], size=(self.grid_size,) * 2, mode="bilinear",
-                              align_corners=False)[:, 0]
-        return x.round().clamp(0, LEVELS - 1).long().flatten(1)
-
-    def decode(self, tokens):
-        """tokens -> grey images ``[B, 1, grid, grid]`` in [0, 1]."""
-        return (tokens.float() / (LEVELS - 1)).view(-1, 1, self.grid_size, self.grid_size)
-
-    def config(self):
-        return {"name": self.name, "grid": self.grid_size}
-
-
-def tokenizer_from_config(config):
-    if config.get("name") == "digits":
-        return DigitsTokenizer(config["grid"])
-    if config.get("name") == "vq":
-        from ..tokenizers import VQHandle
-        return VQHandle(config)
-    raise ValueError(f"unknown tokenizer {config.get('name')!r}")
+from .. import tokenizers
 
 
 @dataclass
@@ -73,7 +39,7 @@ def digits(grid=8, split="train", held_out=360, seed=0):
     index = perm[held_out:] if split == "train" else perm[:held_out]
     if split not in ("train", "held_out"):
         raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
-    tok = DigitsTokenizer(grid)
+    tok = tokenizers.DigitsTokenizer(grid)
     images = torch.as_tensor(data.images, dtype=torch.float32)[index]
     return TokenDataset(tok.encode(images), torch.as_tensor(data.target)[index].long(), 10, tok)
 
@@ -83,9 +49,62 @@ def load(name, grid=8, split="train"):
     if os.path.isfile(os.path.join(name, "meta.json")):
         if split != "train":
             raise ValueError(f"token folder {name!r} has only a training split")
-        from .tokenize import load_token_folder
         return load_token_folder(name)
     if name != "digits":
         raise ValueError(f"unknown dataset {name!r} (use digits or a token folder from "
                          "'python -m sarkernels tokenize')")
     return digits(grid, split)
+
+
+def _parts(folder):
+    return sorted(p for p in os.listdir(folder) if p.startswith("part-") and p.endswith(".safetensors"))
+
+
+def part_path(folder, index):
+    return os.path.join(folder, f"part-{index:06d}.safetensors")
+
+
+def start_token_folder(folder, meta):
+    """Writes ``meta.json``, or checks that the one there has the same settings (a resume)."""
+    path = os.path.join(folder, "meta.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            if json.load(f) != meta:
+                raise ValueError(f"{folder!r} holds a tokenization with other settings; use a new --out")
+        return
+    with open(path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def write_part(path, tokens, labels, skipped):
+    """One chunk, atomically; ``skipped`` lists ``(path, reason)`` of the images left out."""
+    save_file({"tokens": tokens.int(), "labels": labels.int()}, path + ".tmp",
+              metadata={"skipped": json.dumps(skipped)})
+    os.replace(path + ".tmp", path)
+
+
+def skipped_images(folder):
+    """``[(path, reason)]`` of the images the finished chunks in ``folder`` left out."""
+    found = []
+    for part in _parts(folder):
+        with safe_open(os.path.join(folder, part), "pt") as f:
+            found += json.loads((f.metadata() or {}).get("skipped", "[]"))
+    return found
+
+
+def load_token_folder(path):
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    parts = _parts(path)
+    expected = -(-meta["images"] // meta["batch"])
+    if len(parts) != expected:
+        raise ValueError(f"token folder {path!r} is incomplete ({len(parts)}/{expected} parts): "
+                         "run tokenize again to finish it")
+    chunks = [load_file(os.path.join(path, p)) for p in parts]
+    if not sum(len(c["labels"]) for c in chunks):
+        raise ValueError(f"token folder {path!r} holds no images: none of its "
+                         f"{meta['images']} could be read")
+    return TokenDataset(torch.cat([c["tokens"] for c in chunks]).long(),
+                        torch.cat([c["labels"] for c in chunks]).long(), meta["num_classes"],
+                        tokenizers.from_config(meta["tokenizer"]))

@@ -182,9 +182,9 @@ def check(args):
 def run(args):
     """The ``sample`` command: a PNG grid of pictures (or an inpainting) from a checkpoint."""
     check(args)
-    from . import checkpoint, data
+    from . import checkpoint
     from ..models.decoder_only import PRESETS
-    from ..tokenizers import VQTokenizer
+    from ..tokenizers import VQTokenizer, from_config
 
     vq = VQTokenizer.from_checkpoint(args.vq, args.image_size).to(args.device) if args.vq else None
     if official(args):
@@ -193,7 +193,7 @@ def run(args):
         config, path, tok = {"model": args.model, "num_classes": model.num_classes}, args.ckpt, vq
     else:
         model, config, path = checkpoint.load(args.ckpt, args.device)
-        tok = vq or data.tokenizer_from_config(config["tokenizer"])
+        tok = vq or from_config(config["tokenizer"])
     labels = check_labels(parse_labels(args.labels), config["num_classes"])
     name = args.recipe or {"sar": "sar-ts", "randar": "randar-parallel", "rar": "ar"}[config["model"]]
     kw = recipe(name, config["model"])

@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import ops, orders
 from . import checkpoint, data, outputs
-from .checkpoint import MODELS
+from ..models import MODELS
 from ..models.sar import TRAIN_SCHEDULES
 
 

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import tokenizers
+from ..tokenizers.digits import LEVELS
 
 
 @dataclass
@@ -23,7 +24,7 @@ class TokenDataset:
     tokens: torch.Tensor
     labels: torch.Tensor
     num_classes: int
-    tokenizer: object
+    tokenizer: tokenizers.Tokenizer
 
     def __len__(self):
         return len(self.labels)
@@ -40,7 +41,7 @@ def digits(grid=8, split="train", held_out=360, seed=0):
     if split not in ("train", "held_out"):
         raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
     tok = tokenizers.DigitsTokenizer(grid)
-    images = torch.as_tensor(data.images, dtype=torch.float32)[index]
+    images = torch.as_tensor(data.images, dtype=torch.float32)[index, None] / (LEVELS - 1)
     return TokenDataset(tok.encode(images), torch.as_tensor(data.target)[index].long(), 10, tok)
 
 

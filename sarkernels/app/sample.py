@@ -4,6 +4,7 @@ import os
 
 import torch
 
+from ..tokenizers.digits import grey
 from .cli_args import UsageError
 
 # name -> (models it applies to, generate() keywords, description)
@@ -97,16 +98,21 @@ def check_mask(mask):
     return mask
 
 
-def load_grey(path, grid):
-    """An image file as ``[grid, grid]`` intensities in [0, 1] (ink bright, like the data)."""
+def open_picture(path):
+    """The picture file at ``path`` (PIL), or a ValueError saying why it cannot be read."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        img = Image.open(path).convert("L").resize((grid, grid), Image.BILINEAR)
+        picture = Image.open(path)
+        picture.load()
     except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"cannot read image {path!r}: {exc}") from None
-    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    return pixels.float().view(grid, grid) / 255
+    return picture
+
+
+def load_grey(path, grid):
+    """An image file as ``[grid, grid]`` intensities in [0, 1] (ink bright, like the data)."""
+    return grey(open_picture(path), grid)
 
 
 def save_grey(pixels, path):
@@ -118,19 +124,10 @@ def save_grey(pixels, path):
 
 
 def image_tokens(image_path, tokenizer, invert=False):
-    """An image file through the tokenizer: ``[N]`` tokens."""
-    if tokenizer.name == "digits":
-        pixels = load_grey(image_path, 8)
-        return tokenizer.encode(((1 - pixels) if invert else pixels)[None] * 16)[0]
-    from PIL import Image, UnidentifiedImageError
-
-    from ..tokenizers import VQTokenizer
-    try:
-        image = Image.open(image_path)
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"cannot read image {image_path!r}: {exc}") from None
-    vq = tokenizer.model() if hasattr(tokenizer, "model") else tokenizer
-    return vq.encode(VQTokenizer.from_pil([image], vq.settings["image_size"]))[0]
+    """An image file through the tokenizer: ``[N]`` tokens. ``invert`` reads dark ink on
+    light paper as the digits look (bright on black)."""
+    images = tokenizer.from_pil([open_picture(image_path)])
+    return tokenizer.encode((1 - images) if invert else images)[0]
 
 
 def known_from_image(image_path, mask, tokenizer, invert=False):

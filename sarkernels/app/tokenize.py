@@ -46,7 +46,6 @@ def tokenize_folder(images, vq, out, batch=32, flip=False, device="cpu", progres
     if progress:
         from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc="tokenize", unit="batch")
-    size = vq.settings["image_size"]
     try:
         for start in chunks:
             part = data.part_path(out, start // batch)
@@ -57,7 +56,7 @@ def tokenize_folder(images, vq, out, batch=32, flip=False, device="cpu", progres
             skipped = [(p, why) for (_, why), p, _ in opened if why is not None]
             labels = torch.tensor([c for _, c in readable], dtype=torch.long)
             if readable:
-                x = vq.from_pil([image for image, _ in readable], size).to(device)
+                x = vq.from_pil([image for image, _ in readable]).to(device)
                 tokens = vq.encode(x).cpu()
                 if flip:
                     tokens = torch.cat([tokens, vq.encode(x.flip(-1)).cpu()])

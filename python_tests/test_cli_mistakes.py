@@ -194,3 +194,11 @@ def test_ctrl_c_after_a_checkpoint_names_it(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == (
         f"sarkernels: interrupted; the newest checkpoint is {tmp_path / 'step-000002'}: continue "
         f"with python -m sarkernels train --out {tmp_path} --resume\n")
+
+
+def test_ctrl_c_before_any_checkpoint_says_none_exists(tmp_path, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint, "save", interrupt)
+    assert main(["train", *TINY, "--steps", "4", "--ckpt-every", "2", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "sarkernels: interrupted; no checkpoint was written yet\n"

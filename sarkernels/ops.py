@@ -44,13 +44,28 @@ _OPS = ("set_attention", "set_attention_backward", "kv_cache_append",
         "interleave_position_instructions", "interleave_position_instructions_backward")
 # set_attention_backward may be missing: the reference recompute stands in for it.
 _REQUIRED = tuple(op for op in _OPS if op != "set_attention_backward")
-# Which kernel set_attention's forward runs (the rule lives in csrc/kernel_ops.h).
+
+
+def _limits_text(limits):
+    """'256 for float16/bfloat16/float32, 128 for float64' from {dtype name: head dim}."""
+    by_dim = {}
+    for dtype, dim in limits.items():
+        by_dim.setdefault(dim, []).append(dtype)
+    return ", ".join(f"{dim} for {'/'.join(dtypes)}" for dim, dtypes in by_dim.items())
+
+
+# Which kernel set_attention runs (the rule lives in csrc/kernel_ops.h), with the fused
+# kernels' head-dim limits as built (csrc/include/sarkernels/attention_limits.h).
+_FUSED_LIMITS = next((dict(m.attention_max_head_dim) for m in (_C, _simt)
+                      if hasattr(m, "attention_max_head_dim")), None)
 ATTENTION_RULE = ("cpu: the CPU kernels, forward and backward; cuda and simt: the split-KV "
                   "decode kernel for at most 16 queries or a head dim the fused kernel lacks, "
-                  "the fused training kernel otherwise (head dims multiples of 8 up to 128, "
-                  "float64 up to 64); backward: the fused backward kernel there "
-                  "(deterministic dQ under torch.use_deterministic_algorithms), the reference "
-                  "recompute for other head dims")
+                  "the fused training kernel otherwise (head dims multiples of 8 up to "
+                  + (_limits_text(_FUSED_LIMITS) if _FUSED_LIMITS else "a limit unknown here: "
+                     "no fused kernels built")
+                  + "); backward: the fused backward kernel there (deterministic dQ under "
+                  "torch.use_deterministic_algorithms), the reference recompute for other "
+                  "head dims")
 # Implementation backends: op namespace, dispatch key, loaded module, load error.
 _IMPLS = {"cpu": ("sarkernels", "CPU", _C, LOAD_ERROR),
           "cuda": ("sarkernels", "CUDA", _C, LOAD_ERROR),
@@ -388,10 +403,10 @@ def _recompute_attention_backward(dout, dlse, q, k, v, q_sets, k_sets, strict, s
     return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(got, leaves))
 
 
-def _fused_backward_covers(q):
-    """Head dims of the fused CUDA/simt backward (csrc/kernels/attention_tiles.cuh): larger
-    ones would spill registers."""
-    return q.shape[-1] % 8 == 0 and q.shape[-1] <= (64 if q.dtype == torch.float64 else 128)
+def _fused_backward_covers(module, q):
+    """Whether `module`'s fused backward (_C with CUDA, _simt) takes q's head dim (a multiple
+    of 8: set_attention checked it)."""
+    return q.shape[-1] <= module.attention_max_head_dim[str(q.dtype).removeprefix("torch.")]
 
 
 def _register(ns):
@@ -416,8 +431,9 @@ def _register(ns):
         if dout is None:
             dout = torch.zeros_like(out)
         cpu_kernels = ns == "sarkernels" and q.device.type == "cpu"
+        module = _simt if ns == "sarkernels_simt" else _C
         if _has_kernel(ns, "set_attention_backward", _dispatch_key(q.device)) and \
-                (cpu_kernels or _fused_backward_covers(q)):
+                (cpu_kernels or _fused_backward_covers(module, q)):
             dq, dk, dv = ops.set_attention_backward(
                 dout, dlse, q, k, v, out, lse, q_sets, k_sets, ctx.strict, ctx.scale)
         else:

@@ -47,6 +47,8 @@ def test_every_tokenizer_has_the_protocol_and_one_image_range(tmp_path):
         out = tok.decode(tokens)
         assert out.shape[:2] == images.shape[:2] and out.dtype == torch.float32
         assert 0 <= out.min() and out.max() <= 1, tok.name
+        wide = tok.decode(torch.cat([tokens, tokens], 1), (tok.grid_size, 2 * tok.grid_size))
+        assert wide.shape == (*out.shape[:3], 2 * out.shape[3])  # another token grid
         rebuilt = from_config(tok.config())
         assert type(rebuilt).__name__ in ("DigitsTokenizer", "VQHandle")
         assert (rebuilt.name, rebuilt.vocab_size, rebuilt.grid_size) == \

@@ -40,9 +40,11 @@ class DigitsTokenizer:
             x = F.interpolate(x, size=(self.grid_size,) * 2, mode="bilinear", align_corners=False)
         return x.round().clamp(0, LEVELS - 1).long().flatten(1)
 
-    def decode(self, tokens):
-        """tokens -> grey images ``[B, 1, grid, grid]`` in [0, 1]."""
-        return (tokens.float() / (LEVELS - 1)).view(-1, 1, self.grid_size, self.grid_size)
+    def decode(self, tokens, grid=None):
+        """tokens -> grey images ``[B, 1, grid, grid]`` in [0, 1]; ``grid = (H, W)`` for
+        another token grid than the tokenizer's (a resolution-extrapolated sample)."""
+        h, w = grid or (self.grid_size, self.grid_size)
+        return (tokens.float() / (LEVELS - 1)).view(-1, 1, h, w)
 
     def from_pil(self, pictures):
         """PIL pictures -> grey ``[B, 1, 8, 8]`` in [0, 1], read as the data looks."""

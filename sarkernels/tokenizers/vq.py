@@ -276,9 +276,10 @@ class VQTokenizer(nn.Module):
 
     decode_codes = decode_code  # the name sarkernels documented first
 
-    def decode(self, codes):
-        """codes ``[B, h*w]`` -> images ``[B, 3, H, W]`` in [0, 1]."""
-        return (self.decode_code(codes) + 1) / 2
+    def decode(self, codes, grid=None):
+        """codes ``[B, h*w]`` -> images ``[B, 3, H, W]`` in [0, 1]; ``grid = (h, w)`` for
+        another code grid than ``grid_size``."""
+        return (self.decode_code(codes, grid) + 1) / 2
 
     @staticmethod
     def to_uint8(images):
@@ -325,8 +326,8 @@ class VQHandle:
     def encode(self, images):
         return self.model().encode(images)
 
-    def decode(self, codes):
-        return self.model().decode(codes)
+    def decode(self, codes, grid=None):
+        return self.model().decode(codes, grid)
 
     def from_pil(self, pictures):
         return _from_pil(pictures, self._config["image_size"])

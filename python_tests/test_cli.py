@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sarkernels import checkpoint, data, sample
-from sarkernels.train import TrainConfig, train
+from sarkernels.app import checkpoint, data, sample
+from sarkernels.app.train import TrainConfig, train
 
 TINY = dict(dim=32, heads=2, layers=1, batch=8, warmup=2, ckpt_every=5, dropout=0.0)
 

@@ -237,7 +237,7 @@ def test_bad_extrapolation_arguments(kw, match):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Tiny finished randar and sar runs."""
-    from sarkernels.train import TrainConfig, train
+    from sarkernels.app.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("runs")
     for model in ("randar", "sar"):

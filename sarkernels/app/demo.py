@@ -11,7 +11,7 @@ import time
 import torch
 
 from . import checkpoint, data, metrics, outputs, sample
-from .models.common import check_sampling
+from ..models.common import check_sampling
 from .train import TrainConfig, check_device, train
 
 # (model, recipe) pairs of the report, in row order

@@ -77,8 +77,8 @@ def _command(sub, name, help, description=None):
 
 
 def _train_parser(sub):
-    from .checkpoint import MODELS
-    from .models.sar import TRAIN_SCHEDULES
+    from ..models import MODELS
+    from ..models.sar import TRAIN_SCHEDULES
     from .train import RESUMABLE, TrainConfig, option
 
     p = _command(sub, "train", "train a SAR, RandAR or RAR model, or continue one",

@@ -1,6 +1,7 @@
 # make demo   fresh machine -> .venv, pinned torch, build, then the main job (demo_out/)
 # make test   fresh machine -> .venv, pinned torch, build (with the SIMT executor), CUDA
-#             compile check, pytest, then the SIMT kernels under AddressSanitizer (simt-asan)
+#             compile check, pytest (and the training-attention benchmark's CPU smoke test),
+#             then the SIMT kernels under AddressSanitizer (simt-asan)
 # make bench  CPU microbenchmarks with ratios (benchmarks/RESULTS.md records them)
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
@@ -36,9 +37,12 @@ cuda-check: $(STAMP)
 		cmake --build build/cuda-check --target cuda_compile_check; \
 	else echo "nvcc not found: CUDA compile check skipped"; fi
 
+# The benchmark's smoke test runs apart: python_tests import helpers from their own
+# `conftest` module, which benchmarks/conftest.py would shadow in one pytest run.
 test: export SARKERNELS_SIMT := 1
 test: build cuda-check
 	$(PY) -m pytest python_tests -q
+	$(PY) -m pytest benchmarks/test_attention_training.py -q
 	$(MAKE) simt-asan
 
 # The `asan` tests with an AddressSanitizer build of sarkernels._simt. It lives in a copy of

@@ -13,7 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 
-#include "kernels/attention_bwd.cuh"
+#include "kernels/attention.h"
 #include "kernels/decode_attention.cuh"
 #include "kernels/interleave.cuh"
 #include "kernels/kv_cache_append.cuh"
@@ -54,8 +54,9 @@ struct KernelOps {
     return {in.out, in.lse};
   }
 
-  // The fused backward (kernels/attention_bwd.cuh) for every head dim the ops accept
-  // (multiples of 8 up to 256). dQ by atomics, or by a separate pass over the keys when
+  // The fused backward (kernels/attention_bwd.cuh) for the head dims it has
+  // (set_attention_kernel_has_head_dim; sarkernels/ops.py takes the reference recompute
+  // for others). dQ by atomics, or by a separate pass over the keys when
   // torch asks for deterministic algorithms (torch.use_deterministic_algorithms).
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> set_attention_backward(
       const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
@@ -63,9 +64,11 @@ struct KernelOps {
       const at::Tensor& q_sets, const at::Tensor& k_sets, bool strict, double scale) {
     const typename Target::Guard guard(q.device());
     check_attention_backward(dout, dlse, q, out, lse);
-    TORCH_CHECK(kernels::set_attention_kernel_has_head_dim(dtype_of(q, "q"), q.size(3)),
+    const DType kdt = dtype_of(q, "q");
+    TORCH_CHECK(kernels::set_attention_kernel_has_head_dim(kdt, q.size(3)),
                 "set_attention_backward: the kernels take head dims that are multiples of 8 up "
-                "to 128 (float64: 64), got q ", q.sizes(), " of ", q.scalar_type());
+                "to ", kernels::set_attention_kernel_max_head_dim(kdt), " for ", q.scalar_type(),
+                ", got q ", q.sizes());
     const at::ScalarType dt = q.scalar_type(), acc = acc_type(dt);
     AttentionInputs in = attention_operands(q, k, v, q_sets, k_sets, dt);
     // out and dout share one layout, lse and dlse another (the kernels take one stride set each)
@@ -80,7 +83,6 @@ struct KernelOps {
     for (const at::Tensor& t : {dq, dk, dv}) Target::poison(t);
     const SetAttentionBwdParams g{in.p, dout_c.data_ptr(), dlse ? dlse_c.data_ptr() : nullptr,
                                   dq.data_ptr(), dk.data_ptr(), dv.data_ptr()};
-    const DType kdt = dtype_of(q, "q");
     const bool deterministic = at::globalContext().deterministicAlgorithms();
     const int64_t bytes = int64_t(kernels::attention_bwd_workspace_bytes(g, kdt, deterministic));
     at::Tensor ws = at::empty({bytes / int64_t(c10::elementSize(acc))}, q.options().dtype(acc));
@@ -157,7 +159,7 @@ struct KernelOps {
   // The training kernels move rows in 16-byte chunks: an operand whose rows are not 16-byte
   // aligned (odd strides or storage offset) is copied into fresh contiguous memory.
   static at::Tensor aligned(const at::Tensor& t) {
-    const bool ok = kernels::attention::rows_aligned(
+    const bool ok = kernels::rows_aligned(
         t.data_ptr(), {t.stride(0), t.stride(1), t.stride(2)}, t.element_size());
     return ok ? t : t.clone(at::MemoryFormat::Contiguous);
   }

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "sarkernels/attention_limits.h"
 #include "schemas.h"
 #ifdef SARKERNELS_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -41,6 +42,9 @@ PYBIND11_MODULE(_C, m) {
   info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
                          std::to_string(CUDART_VERSION % 1000 / 10);
   info["cuda_archs"] = SARKERNELS_ARCHS;
+  py::dict limits;  // of the fused attention kernels compiled in (sarkernels/ops.py reads it)
+  for (const auto& l : sarkernels::kFusedAttentionLimits) limits[l.dtype] = l.max_head_dim;
+  m.attr("attention_max_head_dim") = limits;
 #else
   info["cuda"] = false;
   info["cuda_version"] = py::none();

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sarkernels.demo
-from sarkernels import checkpoint, data, sample
-from sarkernels.train import TrainConfig, train
+import sarkernels.app.demo
+from sarkernels.app import checkpoint, data, sample
+from sarkernels.app.train import TrainConfig, train
 
 TINY = dict(dim=32, heads=2, layers=1, batch=8, warmup=2, ckpt_every=5, dropout=0.0)
 
@@ -188,7 +188,7 @@ def test_demo_quick(tmp_path):
     assert [(r["model"], r["recipe"], r["steps"]) for r in report["recipes"]] == [
         ("sar", "ar", 64), *[("sar", "sar-ts", k) for k in (4, 8, 16, 32, 64)], ("sar", "mar", 4),
         ("randar", "randar-parallel", 22), ("randar", "randar-ar", 64)]
-    assert report["models"]["sar"]["train_sets"] == sarkernels.demo.SAR_TRAIN_SETS
+    assert report["models"]["sar"]["train_sets"] == sarkernels.app.demo.SAR_TRAIN_SETS
     assert report["judge_held_out_accuracy"] > 0.9
     for name in ("samples.png", "inpainting.png", "report.md"):
         assert os.path.getsize(out / name) > 0

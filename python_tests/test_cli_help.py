@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 
-from sarkernels.cli_args import parser
+from sarkernels.app.cli_args import parser
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-import sarkernels.demo
-import sarkernels.train
+import sarkernels.app.demo
+import sarkernels.app.train
 import sarkernels.tokenizers
-from sarkernels import checkpoint
+from sarkernels.app import checkpoint
 from sarkernels.__main__ import main
-from sarkernels.train import TrainConfig, train
+from sarkernels.app.train import TrainConfig, train
 
 TINY = ["--dim", "32", "--heads", "2", "--layers", "1", "--batch", "8", "--warmup", "2",
         "--no-progress"]
@@ -54,8 +54,8 @@ def no_work(monkeypatch):
     """Training, the demo's training and VQ loading fail the test if a mistake reaches them."""
     def work(*args, **kwargs):
         raise AssertionError("work started before the mistake was found")
-    monkeypatch.setattr(sarkernels.train, "build_model", work)
-    monkeypatch.setattr(sarkernels.demo, "train", work)
+    monkeypatch.setattr(sarkernels.app.train, "build_model", work)
+    monkeypatch.setattr(sarkernels.app.demo, "train", work)
     monkeypatch.setattr(sarkernels.tokenizers.VQTokenizer, "from_checkpoint", work)
 
 
@@ -194,3 +194,4 @@ def test_ctrl_c_after_a_checkpoint_names_it(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == (
         f"sarkernels: interrupted; the newest checkpoint is {tmp_path / 'step-000002'}: continue "
         f"with python -m sarkernels train --out {tmp_path} --resume\n")
+

@@ -9,9 +9,10 @@ import sys
 import pytest
 import torch
 
-from sarkernels import checkpoint, orders
+from sarkernels import orders
+from sarkernels.app import checkpoint
 from sarkernels.models import SARTransformer
-from sarkernels.train import TrainConfig, train
+from sarkernels.app.train import TrainConfig, train
 
 TINY = dict(dim=32, heads=2, layers=1, batch=8, warmup=2, ckpt_every=5)
 N = 16  # tokens of the 4x4 model below

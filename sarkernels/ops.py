@@ -23,7 +23,7 @@ import importlib
 import torch
 
 from . import reference
-from .rope import grid_shape, rope_2d
+from .rope import check_angles, grid_shape, rope_2d, rotate_instruction
 
 __all__ = ["set_attention", "kv_cache_append", "interleave_position_instructions", "rope_2d",
            "use_backend", "current_backend", "backends", "build_info"]
@@ -44,13 +44,28 @@ _OPS = ("set_attention", "set_attention_backward", "kv_cache_append",
         "interleave_position_instructions", "interleave_position_instructions_backward")
 # set_attention_backward may be missing: the reference recompute stands in for it.
 _REQUIRED = tuple(op for op in _OPS if op != "set_attention_backward")
-# Which kernel set_attention's forward runs (the rule lives in csrc/kernel_ops.h).
+
+
+def _limits_text(limits):
+    """'256 for float16/bfloat16/float32, 128 for float64' from {dtype name: head dim}."""
+    by_dim = {}
+    for dtype, dim in limits.items():
+        by_dim.setdefault(dim, []).append(dtype)
+    return ", ".join(f"{dim} for {'/'.join(dtypes)}" for dim, dtypes in by_dim.items())
+
+
+# Which kernel set_attention runs (the rule lives in csrc/kernel_ops.h), with the fused
+# kernels' head-dim limits as built (csrc/include/sarkernels/attention_limits.h).
+_FUSED_LIMITS = next((dict(m.attention_max_head_dim) for m in (_C, _simt)
+                      if hasattr(m, "attention_max_head_dim")), None)
 ATTENTION_RULE = ("cpu: the CPU kernels, forward and backward; cuda and simt: the split-KV "
                   "decode kernel for at most 16 queries or a head dim the fused kernel lacks, "
-                  "the fused training kernel otherwise (head dims multiples of 8 up to 128, "
-                  "float64 up to 64); backward: the fused backward kernel there "
-                  "(deterministic dQ under torch.use_deterministic_algorithms), the reference "
-                  "recompute for other head dims")
+                  "the fused training kernel otherwise (head dims multiples of 8 up to "
+                  + (_limits_text(_FUSED_LIMITS) if _FUSED_LIMITS else "a limit unknown here: "
+                     "no fused kernels built")
+                  + "); backward: the fused backward kernel there (deterministic dQ under "
+                  "torch.use_deterministic_algorithms), the reference recompute for other "
+                  "head dims")
 # Implementation backends: op namespace, dispatch key, loaded module, load error.
 _IMPLS = {"cpu": ("sarkernels", "CPU", _C, LOAD_ERROR),
           "cuda": ("sarkernels", "CUDA", _C, LOAD_ERROR),
@@ -310,7 +325,7 @@ def kv_cache_append(k_cache, v_cache, k, v, slots, *, check=True):
 
 def interleave_position_instructions(tokens, positions, instruction, *, num_heads=None,
                                      grid_size=None, rope_base=10000.0, prefix=None,
-                                     merge=False, check=True):
+                                     merge=False, check=True, rope_angles=None):
     """Builds RandAR's ``[prefix, instr_0, tok_0, instr_1, tok_1, ...]`` (``merge=False``,
     ``[B, C + 2N, D]``) or RAR's target-aware ``[prefix + instr_0 on its last row,
     tok_0 + instr_1, ..., tok_(N-1)]`` (``merge=True``, ``[B, C + N, D]``).
@@ -322,6 +337,12 @@ def interleave_position_instructions(tokens, positions, instruction, *, num_head
     and prefix. Positions outside the table/grid raise ValueError; ``check`` is
     :func:`kv_cache_append`'s (``check=False`` on CUDA: no sync, and a bad position gives a
     meaningless result instead of an error).
+
+    ``rope_angles`` (instead of ``grid_size``, with a vector instruction): an explicit table
+    ``[P, D / num_heads / 2]`` of rotation angles per position (:func:`sarkernels.rope.
+    rope_angles`; resolution extrapolation's fractional positions). The instruction is
+    rotated once per table row by :func:`rope_2d` and then gathered like a table
+    instruction ``[P, D]``, so positions must lie in ``[0, P)``.
     """
     fn = "interleave_position_instructions"
     _check_float(fn, "tokens", tokens)
@@ -342,6 +363,8 @@ def interleave_position_instructions(tokens, positions, instruction, *, num_head
     if merge and n and (prefix is None or prefix.shape[1] == 0):
         raise ValueError(f"{fn}: merge=True adds instr_0 to the last prefix row, so it needs a "
                          "prefix with at least one row")
+    if rope_angles is not None:
+        instruction = _instruction_table(fn, instruction, rope_angles, num_heads, grid_size, d)
     if grid_size is not None:
         grid_size = grid_shape(fn, grid_size)
     if instruction.dim() == 2:
@@ -355,9 +378,7 @@ def interleave_position_instructions(tokens, positions, instruction, *, num_head
         if num_heads is None or grid_size is None:
             raise ValueError(f"{fn}: a vector instruction is rotated by 2D RoPE and needs "
                              "num_heads and grid_size")
-        if num_heads < 1 or d % (4 * num_heads):
-            raise ValueError(f"{fn}: D={d} must split into num_heads={num_heads} heads of a "
-                             "multiple of 4")
+        _check_heads(fn, d, num_heads)
         grid = grid_size
     else:
         raise ValueError(f"{fn}: instruction must be a table [P, D] or a vector [D], got shape "
@@ -369,6 +390,25 @@ def interleave_position_instructions(tokens, positions, instruction, *, num_head
             float(rope_base), merge, check)
     return reference.interleave_position_instructions(
         tokens, positions, instruction, num_heads, grid_size, rope_base, prefix, merge, check)
+
+
+def _check_heads(fn, d, num_heads):
+    if num_heads < 1 or d % (4 * num_heads):
+        raise ValueError(f"{fn}: D={d} must split into num_heads={num_heads} heads of a "
+                         "multiple of 4")
+
+
+def _instruction_table(fn, instruction, angles, num_heads, grid_size, d):
+    """The vector instruction rotated by every row of an explicit angle table: ``[P, D]``."""
+    if instruction.dim() != 1 or grid_size is not None or num_heads is None:
+        raise ValueError(f"{fn}: rope_angles rotates a vector instruction [D]: pass num_heads "
+                         f"and no grid_size (got instruction {_shape(instruction)}, "
+                         f"grid_size={grid_size}, num_heads={num_heads})")
+    _check_heads(fn, d, num_heads)
+    check_angles(fn, angles, d // num_heads, "rope_angles")
+    _check_device(fn, [("instruction", instruction), ("rope_angles", angles)])
+    rows = torch.arange(angles.shape[0], device=instruction.device)[None]
+    return rotate_instruction(instruction, rows, num_heads, angles=angles)[0]
 
 
 # ---------------------------------------------------------------- registration
@@ -388,10 +428,10 @@ def _recompute_attention_backward(dout, dlse, q, k, v, q_sets, k_sets, strict, s
     return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(got, leaves))
 
 
-def _fused_backward_covers(q):
-    """Head dims of the fused CUDA/simt backward (csrc/kernels/attention_tiles.cuh): larger
-    ones would spill registers."""
-    return q.shape[-1] % 8 == 0 and q.shape[-1] <= (64 if q.dtype == torch.float64 else 128)
+def _fused_backward_covers(module, q):
+    """Whether `module`'s fused backward (_C with CUDA, _simt) takes q's head dim (a multiple
+    of 8: set_attention checked it)."""
+    return q.shape[-1] <= module.attention_max_head_dim[str(q.dtype).removeprefix("torch.")]
 
 
 def _register(ns):
@@ -416,8 +456,9 @@ def _register(ns):
         if dout is None:
             dout = torch.zeros_like(out)
         cpu_kernels = ns == "sarkernels" and q.device.type == "cpu"
+        module = _simt if ns == "sarkernels_simt" else _C
         if _has_kernel(ns, "set_attention_backward", _dispatch_key(q.device)) and \
-                (cpu_kernels or _fused_backward_covers(q)):
+                (cpu_kernels or _fused_backward_covers(module, q)):
             dq, dk, dv = ops.set_attention_backward(
                 dout, dlse, q, k, v, out, lse, q_sets, k_sets, ctx.strict, ctx.scale)
         else:

@@ -30,6 +30,25 @@ def make_order(order, batch, n, generator=None, device="cpu"):
     return order
 
 
+def lattice_cells(grid, scale):
+    """Cell ``(scale*r, scale*c)`` of the ``scale*grid`` square grid for every cell ``(r, c)``
+    of the ``grid`` square grid, in the latter's raster order: ``[grid * grid]``."""
+    r = torch.arange(grid) * scale
+    return (r[:, None] * (scale * grid) + r[None]).flatten()
+
+
+def hierarchical_order(batch, grid, scale, generator=None):
+    """Resolution extrapolation's order on the ``scale*grid`` square grid (RandAR's):
+    first the :func:`lattice_cells` (rows and columns that are multiples of ``scale``),
+    shuffled, then every other cell, shuffled; a fresh draw per sample: ``[B, (scale*grid)**2]``."""
+    side = scale * grid
+    later = torch.ones(side * side)
+    later[lattice_cells(grid, scale)] = 0
+    keys = torch.rand(batch, side * side, generator=generator,
+                      device=generator.device if generator else "cpu")
+    return (keys + later.to(keys.device)).argsort(-1).cpu()
+
+
 def _steps(steps, n, name):
     if steps is None:
         raise ValueError(f"schedule {name!r} needs steps")

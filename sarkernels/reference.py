@@ -6,7 +6,7 @@ Low-precision inputs are computed in float32; float64 stays float64.
 """
 import torch
 
-from .rope import check_positions, rope_2d
+from .rope import check_positions, rotate_instruction
 
 
 def work_dtype(dtype):
@@ -80,9 +80,7 @@ def instruction_rows(positions, instruction, num_heads=None, grid_size=None, rop
         check_positions("interleave_position_instructions", positions, limit)
     if instruction.dim() == 2:
         return instruction[positions]
-    batch, n = positions.shape
-    heads = instruction.view(1, num_heads, 1, -1).expand(batch, -1, n, -1)
-    return rope_2d(heads, positions, grid_size, rope_base, check=False).transpose(1, 2).flatten(2)
+    return rotate_instruction(instruction, positions, num_heads, grid_size, rope_base)
 
 
 def interleave_length(prefix_len, num_tokens, merge):

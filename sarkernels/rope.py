@@ -10,7 +10,7 @@ import numbers
 
 import torch
 
-__all__ = ["rope_2d", "rope_cos_sin", "CLASS_TOKEN"]
+__all__ = ["rope_2d", "rope_angles", "rope_cos_sin", "rotate_instruction", "CLASS_TOKEN"]
 
 #: Position value that marks a token for RandAR's class-token rotation (cos = sin = 0):
 #: the rotated vector becomes zero, so every query gives that key a logit of 0.
@@ -46,25 +46,58 @@ def check_positions(fn, positions, limit, class_token=False):
                          f"{allowed}")
 
 
-def rope_cos_sin(positions, grid_w, head_dim, base=10000.0, dtype=torch.float32):
-    """cos and sin of every (token, pair): ``[*positions.shape, head_dim // 2]``.
+def rope_angles(grid_size, head_dim, base=10000.0, *, scale=1, ntk_boundary=0, device=None):
+    """The rotation angle of every (cell, pair): ``[S*H * S*W, head_dim // 2]`` float64, for
+    the ``S*H x S*W`` grid (``S = scale``) in row-major cell order.
 
-    Angles are computed in float64 and rounded once to ``dtype``. Negative positions
-    (:data:`CLASS_TOKEN`) get cos = sin = 0.
+    ``scale=1`` is the trained grid: integer positions, the rule :func:`rope_2d` applies by
+    default. ``scale > 1`` is resolution extrapolation's NTK-style mix (RandAR's): per
+    axis, frequency index ``k < ntk_boundary`` (the highest frequencies) takes the
+    extrapolated integer positions ``0 .. S*H - 1``, the others the interpolated
+    positions ``linspace(0, H - 1, S*H)`` that stay inside the trained range. Pass the
+    table as ``angles`` to :func:`rope_2d` and ``rope_angles`` to
+    :func:`~sarkernels.interleave_position_instructions`. Built on ``device``.
     """
-    quarter = head_dim // 4
-    k = torch.arange(quarter, device=positions.device, dtype=torch.float64)
+    grid_h, grid_w = grid_shape("rope_angles", grid_size)
+    if not isinstance(scale, numbers.Integral) or scale < 1:
+        raise ValueError(f"rope_angles: scale must be an int >= 1, got {scale!r}")
+    if head_dim % 4:
+        raise ValueError(f"rope_angles: head_dim must be a multiple of 4, got {head_dim}")
+    f64 = dict(dtype=torch.float64, device=device)
+    k = torch.arange(head_dim // 4, **f64)
     freqs = base ** (-4.0 * k / head_dim)
-    cell = positions.to(torch.int64).clamp_min(0)
-    coords = torch.stack([cell // grid_w, cell % grid_w], -1).to(torch.float64)
-    angles = (coords[..., :, None] * freqs).flatten(-2)  # row angles, then column angles
+
+    def axis(n):  # positions [S*n, quarter] of one axis, per frequency
+        extrapolated = torch.arange(scale * n, **f64)[:, None]
+        interpolated = torch.linspace(0, n - 1, scale * n, **f64)[:, None]
+        return torch.where(k < ntk_boundary, extrapolated, interpolated) * freqs
+
+    rows, cols = axis(grid_h), axis(grid_w)
+    return torch.cat([rows[:, None].expand(-1, len(cols), -1),
+                      cols[None].expand(len(rows), -1, -1)], -1).flatten(0, 1)
+
+
+def rope_cos_sin(positions, angles, dtype=torch.float32):
+    """cos and sin of every (token, pair): ``[*positions.shape, head_dim // 2]`` from the
+    ``angles`` table (:func:`rope_angles`), rounded once to ``dtype``. Negative positions
+    (:data:`CLASS_TOKEN`) get cos = sin = 0."""
+    rows = angles.to(positions.device)[positions.to(torch.int64).clamp_min(0)]
     keep = (positions >= 0)[..., None]
-    cos = torch.where(keep, angles.cos(), 0.0).to(dtype)
-    sin = torch.where(keep, angles.sin(), 0.0).to(dtype)
-    return cos, sin
+    return (torch.where(keep, rows.cos(), 0.0).to(dtype),
+            torch.where(keep, rows.sin(), 0.0).to(dtype))
 
 
-def rope_2d(x, positions, grid_size, base=10000.0, *, check=True):
+def check_angles(fn, angles, head_dim, name="angles"):
+    """An explicit angle table ``[P, head_dim // 2]`` of floats (see :func:`rope_angles`)."""
+    if not isinstance(angles, torch.Tensor) or not angles.dtype.is_floating_point:
+        raise TypeError(f"{fn}: {name} must be a float tensor [P, {head_dim // 2}], got "
+                        f"{getattr(angles, 'dtype', type(angles).__name__)}")
+    if angles.dim() != 2 or angles.shape[1] != head_dim // 2:
+        raise ValueError(f"{fn}: {name} must be [P, head_dim / 2 = {head_dim // 2}], got "
+                         f"{tuple(angles.shape)}")
+
+
+def rope_2d(x, positions, grid_size=None, base=10000.0, *, check=True, angles=None):
     """Rotates q or k ``x [B, H, L, D]`` by the 2D RoPE of each token's cell.
 
     ``positions [B, L]`` are integer row-major cells ``r * W + c`` of a ``grid_size =
@@ -72,11 +105,16 @@ def rope_2d(x, positions, grid_size, base=10000.0, *, check=True):
     (RandAR's class token). Any other position outside ``[0, H * W)`` raises ValueError,
     as in :func:`interleave_position_instructions` (``check=False`` skips that value check,
     a host sync on CUDA, for callers whose cells are valid by construction). D must be a
-    multiple of 4. Computed in
-    float32 (float64 for float64 input) and returned in ``x``'s dtype. Differentiable in
-    ``x``.
+    multiple of 4. Computed in float32 (float64 for float64 input) and returned in ``x``'s
+    dtype. Differentiable in ``x``.
+
+    ``angles`` (instead of ``grid_size``): an explicit table ``[P, D / 2]`` of rotation
+    angles per position (:func:`rope_angles`, e.g. the fractional positions of resolution
+    extrapolation); ``positions`` then index its rows and must lie in ``[0, P)`` (or be
+    :data:`CLASS_TOKEN`).
     """
-    grid_h, grid_w = grid_shape("rope_2d", grid_size)
+    if (grid_size is None) == (angles is None):
+        raise ValueError("rope_2d: pass exactly one of grid_size and angles")
     if x.dim() != 4:
         raise ValueError(f"rope_2d: x must be [B, H, L, D], got shape {tuple(x.shape)}")
     if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point or \
@@ -88,10 +126,26 @@ def rope_2d(x, positions, grid_size, base=10000.0, *, check=True):
                          f"got {tuple(positions.shape)}")
     if x.shape[-1] % 4:
         raise ValueError(f"rope_2d: head dim must be a multiple of 4, got {x.shape[-1]}")
+    if angles is None:
+        angles = rope_angles(grid_shape("rope_2d", grid_size), x.shape[-1], base,
+                             device=positions.device)
+    else:
+        check_angles("rope_2d", angles, x.shape[-1])
     if check:
-        check_positions("rope_2d", positions, grid_h * grid_w, class_token=True)
+        check_positions("rope_2d", positions, angles.shape[0], class_token=True)
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    cos, sin = rope_cos_sin(positions, grid_w, x.shape[-1], base, work)
+    cos, sin = rope_cos_sin(positions, angles, work)
     cos, sin = cos[:, None], sin[:, None]
     x0, x1 = x.to(work).unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(-2).to(x.dtype)
+
+
+def rotate_instruction(instruction, positions, num_heads, grid_size=None, base=10000.0, *,
+                       angles=None):
+    """RandAR's position instructions ``[B, L, D]``: the shared vector ``instruction [D]``
+    split into ``num_heads`` heads, each rotated by the 2D RoPE of ``positions [B, L]``
+    (``grid_size`` or an ``angles`` table, as in :func:`rope_2d`; positions unchecked)."""
+    batch, n = positions.shape
+    heads = instruction.view(1, num_heads, 1, -1).expand(batch, -1, n, -1)
+    return rope_2d(heads, positions, grid_size, base, check=False,
+                   angles=angles).transpose(1, 2).flatten(2)

@@ -11,33 +11,13 @@
 //    convert kernel), or, deterministic, by a query-tile kernel that walks the key tiles
 //    like the forward and owns its rows of dQ (no atomics; recomputes Q K^T and dO V^T).
 // The gradient through lse enters as dS = P * (dP - delta) with delta including -dlse.
+// Defines the backward's entry points (kernels/attention.h): include in one translation
+// unit per target.
 #pragma once
-#include "kernels/attention_fwd.cuh"
 #include "kernels/attention_tiles.cuh"
 
 namespace sarkernels::kernels {
 namespace attention {
-
-// dK/dV blocks: keys per block (16 per warp) x queries per step, and the columns of dK and
-// dV one block owns (kCols < D: several blocks per key tile, each recomputing P and dS,
-// so that dK and dV fit in registers). Smaller query steps at large head dims keep S^T and
-// dP^T in registers too; float64 takes small tiles for shared memory.
-template <typename T, int D>
-struct BwdTiles {
-  static constexpr bool kDouble = sizeof(T) == 8;
-  static constexpr int kKeys = kTensorCores<T> ? 64 : kDouble && D > 128 ? 16 : 32;
-  static constexpr int kQueries = kTensorCores<T> ? (D > 64 ? 32 : 64) : kDouble ? 16 : 32;
-  static constexpr int kCols = D < (kDouble ? 32 : 128) ? D : kDouble ? 32 : 128;
-};
-
-// Deterministic dQ blocks: queries x keys, as the forward's but narrower key tiles at
-// large head dims (dQ, S and dP live in registers together), and one warp's queries for
-// float64 above head dim 128 (shared memory holds Q and dO).
-template <typename T, int D>
-struct DqTiles {
-  static constexpr int kM = sizeof(T) == 8 && D > 128 ? 16 : FwdTiles<T, D>::kM;
-  static constexpr int kN = kTensorCores<T> && D > 64 ? 32 : FwdTiles<T, D>::kN;
-};
 
 constexpr int kRowThreads = 128;  // threads per block of the row-wise kernels
 
@@ -266,7 +246,7 @@ struct DqLayout {
 
 // Register budget of one block per SM: ptxas's default (occupancy-driven) budget spills
 // at some head dims.
-template <typename T, int D, int BM, int BN>
+template <typename T, int D, int BM, int BN, int DC>
 __global__ void __launch_bounds__(DqLayout<T, D, BM, BN>::kThreads, 1)
     set_attention_dq_kernel(SetAttentionBwdParams g, AttentionBwdWorkspace w) {
   using Acc = acc_t<T>;
@@ -279,7 +259,7 @@ __global__ void __launch_bounds__(DqLayout<T, D, BM, BN>::kThreads, 1)
   const T* const dout_rows = reinterpret_cast<T*>(smem + Lay::kDout) + 16 * warp_id() * kLd;
   Acc* const scratch =
       reinterpret_cast<Acc*>(smem + Lay::kScratch) + warp_id() * kFragScratch<T, BN>;
-  const QueryBlock qb = query_block<BM>(p);
+  const QueryBlock qb = query_block<BM, D, DC>(p);
   const int64_t row0 = (qb.b * p.heads_q + qb.h) * p.len_q + qb.q0;
   Acc lse[2], delta[2];
   SK_UNROLL for (int i = 0; i < 2; ++i) {
@@ -295,7 +275,7 @@ __global__ void __launch_bounds__(DqLayout<T, D, BM, BN>::kThreads, 1)
   load_rows_async<Lay::kThreads, BM, D>(reinterpret_cast<T*>(smem + Lay::kDout), dout,
                                         p.out_row_stride, qb.nq, dim);
   cp_async_commit();
-  Frag<Acc, D> dq;
+  Frag<Acc, DC> dq;  // columns c0 .. c0 + DC
   dq.zero();
   for_each_key_tile<Lay::kThreads>(
       p, qb, q_rows, KeyStages<T, D, BN>(smem + Lay::kKeys),
@@ -305,13 +285,14 @@ __global__ void __launch_bounds__(DqLayout<T, D, BM, BN>::kThreads, 1)
         ds.zero();
         gemm_smem_a<T, BN, D, BFrom::kRowsN>(ds, dout_rows, kLd, v_tile, kLd);
         score_grads(ds, s, [&](int, int e) { return delta[e >> 1]; });
-        gemm_frag_a<T, D, BN, BFrom::kRowsK>(dq, ds, scratch, k_tile, kLd);
+        gemm_frag_a<T, DC, BN, BFrom::kRowsK>(dq, ds, scratch, k_tile + qb.c0, kLd);
       });
 
   const Acc factor[2] = {Acc(p.scale), Acc(p.scale)};
-  stage_frag<T, D>(q_rows, dq, factor);
+  stage_frag<T, D>(q_rows + qb.c0, dq, factor);
   sync_threads();
-  store_rows<Lay::kThreads, D>(static_cast<T*>(g.dq) + row0 * dim, dim, q_tile, qb.nq, dim);
+  store_rows<Lay::kThreads, D>(static_cast<T*>(g.dq) + row0 * dim + qb.c0, dim, q_tile + qb.c0,
+                               qb.nq, clamp_rows(dim - qb.c0, DC));
 }
 
 // ---------------------------------------------------------------- launch plans
@@ -329,11 +310,12 @@ LaunchPlan dkdv_plan(const SetAttentionParams& p) {
           dim3(Lay::kThreads), Lay::kBytes};
 }
 
-template <typename T, int D, int BM, int BN>
+template <typename T, int D, int BM, int BN, int DC>
 LaunchPlan dq_plan(const SetAttentionParams& p) {
   using Lay = DqLayout<T, D, BM, BN>;
   static_assert(Lay::kBytes <= kMaxSmem, "dQ tiles exceed shared memory");
-  return {flat_grid("set_attention_backward", ceil_div(p.len_q, BM), p.batch * p.heads_q),
+  return {flat_grid("set_attention_backward", ceil_div(p.len_q, BM) * (D / DC),
+                    p.batch * p.heads_q),
           dim3(Lay::kThreads), Lay::kBytes};
 }
 
@@ -341,15 +323,14 @@ inline size_t round16(size_t n) { return (n + 15) / 16 * 16; }
 
 }  // namespace attention
 
-// Bytes of AttentionBwdWorkspace for p (16-byte aligned buffer).
-inline size_t attention_bwd_workspace_bytes(const SetAttentionBwdParams& g, DType dtype,
+size_t attention_bwd_workspace_bytes(const SetAttentionBwdParams& g, DType dtype,
                                             bool deterministic) {
   const SetAttentionParams& p = g.fwd;
   const size_t e = dtype == DType::kFloat64 ? 8 : 4, rows = size_t(p.batch * p.heads_q * p.len_q);
   return 2 * attention::round16(rows * e) + (deterministic ? 0 : rows * size_t(p.head_dim) * e);
 }
 
-inline AttentionBwdWorkspace attention_bwd_workspace(const SetAttentionBwdParams& g, DType dtype,
+AttentionBwdWorkspace attention_bwd_workspace(const SetAttentionBwdParams& g, DType dtype,
                                                      bool deterministic, void* buffer) {
   const SetAttentionParams& p = g.fwd;
   const size_t e = dtype == DType::kFloat64 ? 8 : 4, rows = size_t(p.batch * p.heads_q * p.len_q);
@@ -358,11 +339,7 @@ inline AttentionBwdWorkspace attention_bwd_workspace(const SetAttentionBwdParams
   return {at, at + vec, deterministic ? nullptr : at + 2 * vec};
 }
 
-// dq, dk, dv (contiguous, the inputs' dtype) of set_attention_forward's op, given out, lse
-// and dout (out's strides) and optionally dlse (lse's strides). deterministic: dQ by a
-// separate pass over the key tiles instead of atomics (bitwise reproducible; w without
-// dq_accum). Same head dims as the forward.
-inline void set_attention_backward(const SetAttentionBwdParams& g, const AttentionBwdWorkspace& w,
+void set_attention_backward(const SetAttentionBwdParams& g, const AttentionBwdWorkspace& w,
                                    DType dtype, bool deterministic, cudaStream_t stream) {
   using namespace attention;
   const SetAttentionParams& p = g.fwd;
@@ -387,9 +364,9 @@ inline void set_attention_backward(const SetAttentionBwdParams& g, const Attenti
     if (deterministic) {
       launch("set_attention_dkdv", dkdv_plan<T, D, BN, BM, DC, false>(p), stream,
              set_attention_dkdv_kernel<T, D, BN, BM, DC, false>, g, w);
-      constexpr int QM = DqTiles<T, D>::kM, QN = DqTiles<T, D>::kN;
-      launch("set_attention_dq", dq_plan<T, D, QM, QN>(p), stream,
-             set_attention_dq_kernel<T, D, QM, QN>, g, w);
+      constexpr int QM = DqTiles<T, D>::kM, QN = DqTiles<T, D>::kN, QC = DqTiles<T, D>::kCols;
+      launch("set_attention_dq", dq_plan<T, D, QM, QN, QC>(p), stream,
+             set_attention_dq_kernel<T, D, QM, QN, QC>, g, w);
     } else {
       launch("set_attention_dkdv", dkdv_plan<T, D, BN, BM, DC, true>(p), stream,
              set_attention_dkdv_kernel<T, D, BN, BM, DC, true>, g, w);

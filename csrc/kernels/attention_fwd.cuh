@@ -7,21 +7,13 @@
 // do, computed without a per-element test when fully visible. Writes out and lse; a row
 // with no visible key gets zeros and lse -inf (found as l == 0 exactly, so a NaN in the
 // inputs reaches its row's out and lse).
+// Defines set_attention_forward (kernels/attention.h): include in one translation unit
+// per target.
 #pragma once
 #include "kernels/attention_tiles.cuh"
 
 namespace sarkernels::kernels {
 namespace attention {
-
-// Queries x keys per block: tensor-core tiles for 16-bit inputs, smaller ones for the
-// scalar path (its shared tiles are 2-4x wider per element) and for head dims above 128
-// (shared memory). 16 query rows per warp.
-template <typename T, int D>
-struct FwdTiles {
-  static constexpr int kM = kTensorCores<T> ? 64 : 32;
-  static constexpr int kN =
-      kTensorCores<T> ? (D > 128 ? 32 : 64) : sizeof(T) == 8 || D > 128 ? 16 : 32;
-};
 
 template <typename T, int D, int BM, int BN>
 struct FwdLayout {
@@ -82,7 +74,7 @@ struct OnlineSoftmax {
   }
 };
 
-template <typename T, int D, int BM, int BN>
+template <typename T, int D, int BM, int BN, int DC>
 __global__ void __launch_bounds__(FwdLayout<T, D, BM, BN>::kThreads)
     set_attention_fwd_kernel(SetAttentionParams p) {
   using Acc = acc_t<T>;
@@ -93,28 +85,29 @@ __global__ void __launch_bounds__(FwdLayout<T, D, BM, BN>::kThreads)
   T* const q_rows = q_tile + 16 * warp_id() * kLd;  // this warp's
   Acc* const scratch =
       reinterpret_cast<Acc*>(smem + Lay::kScratch) + warp_id() * kFragScratch<T, BN>;
-  const QueryBlock qb = query_block<BM>(p);
+  const QueryBlock qb = query_block<BM, D, DC>(p);
 
   load_rows_async<Lay::kThreads, BM, D>(q_tile, q_row<T>(p, qb.b, qb.h, qb.q0), p.q_row_stride,
                                         qb.nq, int(p.head_dim));
   cp_async_commit();
-  Frag<Acc, D> o;
+  Frag<Acc, DC> o;  // columns c0 .. c0 + DC
   o.zero();
   OnlineSoftmax<Acc> softmax;
   for_each_key_tile<Lay::kThreads>(
       p, qb, q_rows, KeyStages<T, D, BN>(smem + Lay::kKeys),
       [&](Frag<Acc, BN>& s, const T*, const T* v_tile) {
         softmax.update(s, o);
-        gemm_frag_a<T, D, BN, BFrom::kRowsK>(o, s, scratch, v_tile, kLd);
+        gemm_frag_a<T, DC, BN, BFrom::kRowsK>(o, s, scratch, v_tile + qb.c0, kLd);
       });
 
   Acc inv[2], lse[2];
   softmax.finish(inv, lse);
-  stage_frag<T, D>(q_rows, o, inv);  // the warp's own rows: no other warp reads them
+  stage_frag<T, D>(q_rows + qb.c0, o, inv);  // the warp's own rows: no other warp reads them
   sync_threads();
-  store_rows<Lay::kThreads, D>(static_cast<T*>(p.out) + out_offset(p, qb.b, qb.h, qb.q0),
-                               p.out_row_stride, q_tile, qb.nq, int(p.head_dim));
-  if (lane_id() % 4 == 0) {
+  store_rows<Lay::kThreads, D>(
+      static_cast<T*>(p.out) + out_offset(p, qb.b, qb.h, qb.q0) + qb.c0, p.out_row_stride,
+      q_tile + qb.c0, qb.nq, clamp_rows(p.head_dim - qb.c0, DC));
+  if (qb.c0 == 0 && lane_id() % 4 == 0) {
     Acc* lse_rows = static_cast<Acc*>(p.lse) + lse_offset(p, qb.b, qb.h, qb.q0);
     SK_UNROLL for (int i = 0; i < 2; ++i) {
       const int r = 16 * warp_id() + frag_row(2 * i);
@@ -123,30 +116,26 @@ __global__ void __launch_bounds__(FwdLayout<T, D, BM, BN>::kThreads)
   }
 }
 
-template <typename T, int D, int BM, int BN>
+template <typename T, int D, int BM, int BN, int DC>
 LaunchPlan fwd_plan(const SetAttentionParams& p) {
   using Lay = FwdLayout<T, D, BM, BN>;
   static_assert(Lay::kBytes <= kMaxSmem, "forward tiles exceed shared memory");
-  return {flat_grid("set_attention_forward", ceil_div(p.len_q, BM), p.batch * p.heads_q),
+  return {flat_grid("set_attention_forward", ceil_div(p.len_q, BM) * (D / DC),
+                    p.batch * p.heads_q),
           dim3(Lay::kThreads), Lay::kBytes};
 }
 
 }  // namespace attention
 
-using attention::set_attention_kernel_has_head_dim;
-
-// out [B, Hq, Lq, D] in the inputs' dtype and lse [B, Hq, Lq] in float32 (float64 for
-// float64 inputs), at the strides in p (unit stride on D; rows 16-byte aligned). Head dims:
-// multiples of 8 up to 128, float64 up to 64 (set_attention_kernel_has_head_dim); anything
-// else throws.
-inline void set_attention_forward(const SetAttentionParams& p, DType dtype, cudaStream_t stream) {
+void set_attention_forward(const SetAttentionParams& p, DType dtype, cudaStream_t stream) {
   using namespace attention;
   check_attention_operands("set_attention_forward", p, dtype);
   dispatch_head_dim(dtype, p.head_dim, "set_attention_forward", [&](auto tag, auto dim) {
     using T = typename decltype(tag)::type;
     constexpr int D = decltype(dim)::value, BM = FwdTiles<T, D>::kM, BN = FwdTiles<T, D>::kN;
-    launch("set_attention_fwd", fwd_plan<T, D, BM, BN>(p), stream,
-           set_attention_fwd_kernel<T, D, BM, BN>, p);
+    constexpr int DC = FwdTiles<T, D>::kCols;
+    launch("set_attention_fwd", fwd_plan<T, D, BM, BN, DC>(p), stream,
+           set_attention_fwd_kernel<T, D, BM, BN, DC>, p);
   });
 }
 

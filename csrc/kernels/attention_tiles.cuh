@@ -1,7 +1,7 @@
-// What the fused set-attention kernels (attention_fwd.cuh, attention_bwd.cuh) share:
-// shared-memory tiles and their cp.async loaders, set-id ranges and tile classes from
-// mask.h, the double-buffered walk over visible tiles, score scaling and masking, the
-// exponent base, and the host-side dtype / head-dim dispatch and argument checks.
+// What the fused set-attention kernels (attention_fwd.cuh, attention_bwd.cuh) share: the
+// tile sizes of every kernel, shared-memory tiles and their cp.async loaders, set-id
+// ranges and tile classes from mask.h, the double-buffered walk over visible tiles, score
+// scaling and masking, the exponent base, and the host-side dispatch and argument checks.
 #pragma once
 #include <cstdint>
 #include <initializer_list>
@@ -9,6 +9,7 @@
 #include <string>
 #include <type_traits>
 
+#include "kernels/attention.h"
 #include "kernels/dispatch.cuh"
 #include "kernels/launch.cuh"
 #include "kernels/warp_gemm.cuh"
@@ -16,6 +17,45 @@
 #include "sarkernels/params.h"
 
 namespace sarkernels::kernels::attention {
+
+// ---------------------------------------------------------------- tile sizes
+// Template parameters of every kernel, chosen here only: a GPU session measures others
+// (e.g. 128-wide tiles) by editing these. Every size is a multiple of 16.
+
+// Queries x keys per block: tensor-core tiles for 16-bit inputs, smaller ones for the
+// scalar path (its shared tiles are 2-4x wider per element) and for head dims above 128
+// (shared memory); 16 query rows per warp. Output columns per block (kCols < D: column
+// splits, see QueryBlock): 32 for float64 above head dim 64, for registers.
+template <typename T, int D>
+struct FwdTiles {
+  static constexpr int kM = kTensorCores<T> ? 64 : 32;
+  static constexpr int kN =
+      kTensorCores<T> ? (D > 128 ? 32 : 64) : sizeof(T) == 8 || D > 128 ? 16 : 32;
+  static constexpr int kCols = sizeof(T) == 8 && D > 64 ? 32 : D;
+};
+
+// dK/dV blocks: keys per block (16 per warp) x queries per step, and the columns of dK and
+// dV one block owns (kCols < D: several blocks per key tile, each recomputing P and dS,
+// so that dK and dV fit in registers). Smaller query steps at large head dims keep S^T and
+// dP^T in registers (tensor cores) and the Q and dO stages within an sm_80 block's shared
+// memory (float32 at 256); float64 takes small tiles for shared memory.
+template <typename T, int D>
+struct BwdTiles {
+  static constexpr bool kDouble = sizeof(T) == 8;
+  static constexpr int kKeys = kTensorCores<T> ? 64 : 32;
+  static constexpr int kQueries =
+      kTensorCores<T> ? (D > 128 ? 16 : D > 64 ? 32 : 64) : kDouble || D > 128 ? 16 : 32;
+  static constexpr int kCols = D < (kDouble ? 32 : 128) ? D : kDouble ? 32 : 128;
+};
+
+// Deterministic dQ blocks: queries x keys, as the forward's but narrower key tiles at
+// large head dims (dQ, S and dP live in registers together).
+template <typename T, int D>
+struct DqTiles {
+  static constexpr int kM = FwdTiles<T, D>::kM;
+  static constexpr int kN = kTensorCores<T> && D > 64 ? 32 : FwdTiles<T, D>::kN;
+  static constexpr int kCols = FwdTiles<T, D>::kCols;
+};
 
 // ---------------------------------------------------------------- operand rows
 // Row i of head h in batch b of each [B, H, L, D] operand (dout shares out's strides).
@@ -273,21 +313,25 @@ SK_DEVICE TileKind warp_tile_kind(IdRange q, IdRange k, bool strict, bool ragged
 }
 
 // ---------------------------------------------------------------- query-tile kernels
-// The forward and the dQ kernel: one block per (query tile of BM rows, batch, q head),
-// 16 query rows per warp, walking the key tiles.
+// The forward and the dQ kernel: one block per (query tile of BM rows, column split,
+// batch, q head), 16 query rows per warp, walking the key tiles. A block writes the
+// output columns [c0, c0 + D / splits): more than one split only where the accumulators
+// of every column would not fit in registers (each split recomputes the scores).
 
 struct QueryBlock {
   int64_t b, h, hk, q0;
+  int c0;                   // first output column
   int nq;                   // valid rows of the tile
   IdRange block_q, warp_q;  // set ids of the block's and of this warp's rows
   int64_t row_set[2];       // ids of this lane's rows g and g + 8 (0 past the end)
 };
 
-template <int BM>
+template <int BM, int D, int DC>
 SK_DEVICE QueryBlock query_block(const SetAttentionParams& p) {
   QueryBlock qb;
   const int64_t q_tiles = ceil_div(p.len_q, BM);
-  const int64_t bh = blockIdx.x / q_tiles;
+  const int64_t bh = blockIdx.x / (q_tiles * (D / DC));
+  qb.c0 = int(blockIdx.x / q_tiles % (D / DC)) * DC;
   qb.b = bh / p.heads_q;
   qb.h = bh % p.heads_q;
   qb.hk = qb.h / (p.heads_q / p.heads_kv);
@@ -366,20 +410,11 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock& 
 
 // ---------------------------------------------------------------- host side
 
-// Head dims with a kernel: multiples of 8 up to 128 (float64: up to 64), each run by the
-// kernel of the next capacity up (32, 64, 96, 128), zero-padded. Larger capacities spill
-// registers at sm_80/sm_90a, so there the callers take the decode kernel (forward) or the
-// reference recompute (backward; sarkernels/ops.py states the same limit).
-inline int64_t set_attention_kernel_max_head_dim(DType dtype) {
-  return dtype == DType::kFloat64 ? 64 : 128;
-}
-inline bool set_attention_kernel_has_head_dim(DType dtype, int64_t d) {
-  return d % 8 == 0 && 8 <= d && d <= set_attention_kernel_max_head_dim(dtype);
-}
-
-// The most dynamic shared memory a block gets on the GPUs the kernels target (sm_90; an
-// sm_80 A100 has 163 KB).
-inline constexpr size_t kMaxSmem = 227 * 1024;
+// The most dynamic shared memory a block gets on an sm_80 A100 (sm_90 gives 227 KB): every
+// configuration fits it, the largest being float64 dK/dV at head dim 128 (139 KB). GPUs
+// with less (sm_86/sm_89: 99 KB) lack some of the head-dim-128 and 256 ones: launch()
+// throws, naming the kernel and both sizes, instead of launching.
+inline constexpr size_t kMaxSmem = 163 * 1024;
 
 // Calls f(Type<T>{}, std::integral_constant<int, D>{}) for the dtype and the head-dim
 // capacity D of the kernel that serves head_dim.
@@ -393,26 +428,13 @@ void dispatch_head_dim(DType dtype, int64_t head_dim, const char* what, F&& f) {
   }
   ::sarkernels::kernels::dispatch(dtype, [&](auto tag) {
     if (head_dim <= 32) return f(tag, std::integral_constant<int, 32>{});
-    if constexpr (std::is_same_v<typename decltype(tag)::type, double>) {
-      return f(tag, std::integral_constant<int, 64>{});
-    } else {
-      if (head_dim <= 64) return f(tag, std::integral_constant<int, 64>{});
-      if (head_dim <= 96) return f(tag, std::integral_constant<int, 96>{});
-      return f(tag, std::integral_constant<int, 128>{});
+    if (head_dim <= 64) return f(tag, std::integral_constant<int, 64>{});
+    if (head_dim <= 96) return f(tag, std::integral_constant<int, 96>{});
+    if (head_dim <= 128) return f(tag, std::integral_constant<int, 128>{});
+    if constexpr (fused_attention_max_head_dim(sizeof(typename decltype(tag)::type)) > 128) {
+      return f(tag, std::integral_constant<int, 256>{});
     }
   });
-}
-
-inline size_t dtype_size(DType dtype) {
-  return dtype == DType::kFloat64 ? 8 : dtype == DType::kFloat32 ? 4 : 2;
-}
-
-// Tiles move in 16-byte chunks: each operand's base and batch/head/row strides must keep
-// every row 16-byte aligned (true of contiguous and [B, L, H, D]-transposed tensors).
-inline bool rows_aligned(const void* base, std::initializer_list<int64_t> strides, size_t elem) {
-  bool ok = reinterpret_cast<uintptr_t>(base) % 16 == 0;
-  for (int64_t s : strides) ok = ok && (s * int64_t(elem)) % 16 == 0;
-  return ok;
 }
 
 inline void check_rows_aligned(const char* fn, const char* name, const void* base,

@@ -52,6 +52,14 @@ void launch(const char* name, const LaunchPlan& plan, cudaStream_t stream,
     }
   };
   if (plan.smem > 48 * 1024) {
+    int device = 0, most = 0;
+    check(cudaGetDevice(&device));
+    check(cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    if (plan.smem > size_t(most)) {
+      throw std::runtime_error(std::string("sarkernels: CUDA kernel ") + name + " needs " +
+                               std::to_string(plan.smem) + " bytes of shared memory per block, " +
+                               "this GPU gives at most " + std::to_string(most));
+    }
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(plan.smem)));
   }

@@ -8,6 +8,7 @@
 
 #include "kernel_ops.h"
 #include "schemas.h"
+#include "simt/module.h"
 
 namespace sarkernels {
 namespace {
@@ -31,5 +32,12 @@ struct SimtTarget {
 TORCH_LIBRARY(sarkernels_simt, m) { define_ops(m); }
 
 TORCH_LIBRARY_IMPL(sarkernels_simt, CPU, m) { register_kernel_ops<SimtTarget>(m); }
+
+// Of the fused attention kernels compiled in (sarkernels/ops.py reads it).
+SK_SIMT_BINDINGS(m) {
+  pybind11::dict limits;
+  for (const auto& l : kFusedAttentionLimits) limits[l.dtype] = l.max_head_dim;
+  m.attr("attention_max_head_dim") = limits;
+}
 
 }  // namespace sarkernels

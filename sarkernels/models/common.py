@@ -151,10 +151,17 @@ def from_preset(cls, presets, name, overrides):
     return cls(**{**presets[name], **overrides})
 
 
-def guided(logits, cfg_scale, done, n):
+def guided(logits, cfg_scale, done, n, spatial_cfg=None):
     """Classifier-free guidance on a doubled batch (conditional rows first), the scale
     ramping linearly from 1 to ``cfg_scale`` with the fraction ``done / n`` decoded
-    (``done`` an int or a 0-d device tensor)."""
+    (``done`` an int or a 0-d device tensor).
+
+    With ``spatial_cfg``, RandAR's resolution-extrapolation guidance on a tripled batch
+    (cond, spatial, uncond rows), constant scales:
+    ``uncond + cfg_scale * (cond - spatial) + spatial_cfg * (spatial - uncond)``."""
+    if spatial_cfg is not None:
+        cond, spatial, uncond = logits.chunk(3)
+        return uncond + cfg_scale * (cond - spatial) + spatial_cfg * (spatial - uncond)
     if cfg_scale is None:
         return logits
     cond, uncond = logits.chunk(2)

@@ -59,13 +59,14 @@ class DecoderOnly(Generation, nn.Module):
         logits = self(tokens, labels, order)
         return F.cross_entropy(logits.flatten(0, 1).float(), tokens.gather(1, order).flatten())
 
-    def trunk(self, x, cells, slots=None, caches=None):
-        """Causal (by slot) layers over the sequence slots ``slots [L]`` (default 0 .. L-1);
-        returns the normed states."""
+    def trunk(self, x, cells, slots=None, caches=None, angles=None):
+        """Causal (by slot) layers over the sequence slots ``slots [L]`` (default 0 .. L-1),
+        RoPE by ``cells`` of the model's grid or rows of an ``angles`` table; returns the
+        normed states."""
         b, length, _ = x.shape
         slots = torch.arange(length, device=x.device) if slots is None else slots
         sets = slots.expand(b, length)
-        rope = Rope(self.grid_size, cells)
+        rope = Rope(self.grid_size, cells) if angles is None else Rope(None, cells, angles=angles)
         for i, layer in enumerate(self.layers):
             x = layer(x, sets, rope=rope, cache=None if caches is None else caches[i],
                       cache_slots=slots)
@@ -74,8 +75,9 @@ class DecoderOnly(Generation, nn.Module):
     def _cells_with_class(self, cells):
         return torch.cat([cells.new_full((cells.shape[0], 1), CLASS_TOKEN), cells], 1)
 
-    def _new_caches(self, batch):
-        return {"layers": self._kv_caches(batch, self._max_slots(), len(self.layers))}
+    def _new_caches(self, batch, n_tokens=None):
+        slots = self._max_slots(self.n_tokens if n_tokens is None else n_tokens)
+        return {"layers": self._kv_caches(batch, slots, len(self.layers))}
 
     def _schedule(self, plan, use_kv_cache):
         """Per step ``feed [3, L]`` (slot, order index or -1 for the class token, 1 for an
@@ -91,5 +93,6 @@ class DecoderOnly(Generation, nn.Module):
     def _step(self, state, sampling, feed, targets, noise):
         slots, index, instruction = feed.unbind(0)
         x, cells = self._feed(state, slots, index, instruction.bool())
-        h = self.trunk(x, cells, slots, None if state.caches is None else state.caches["layers"])
+        h = self.trunk(x, cells, slots, None if state.caches is None else state.caches["layers"],
+                       state.angles)
         return pick(self, state, sampling, h[:, -targets.shape[0]:], targets, noise)

@@ -31,12 +31,14 @@ class State:
     """What steps read and write: ``tokens [B, N]`` in generation order (-1 = not yet
     decoded), ``cells [B*reps, N]`` the order, ``cls [B*reps, 1, D]`` the class rows (CFG's
     null class in the second half), ``caches`` (a dict of KVCache lists, or None to
-    recompute every step)."""
+    recompute every step); on a :class:`Canvas`, its ``angles`` and ``keep``."""
     tokens: torch.Tensor
     cells: torch.Tensor
     cls: torch.Tensor
     caches: dict
     reps: int
+    angles: torch.Tensor = None
+    keep: torch.Tensor = None
 
     def tokens_at(self, index):
         """Token ids of order positions ``index [L]`` for every batch row (0 where unknown)."""
@@ -58,6 +60,18 @@ class Sampling:
     top_k: int
     top_p: float
     cfg_scale: float
+    spatial_cfg: float = None
+
+
+@dataclass(eq=False)
+class Canvas:
+    """A grid other than the model's own (resolution extrapolation): ``n_tokens`` cells,
+    the RoPE ``angles [n_tokens, head_dim / 2]`` of each (:func:`sarkernels.rope.
+    rope_angles`), and ``keep [B*reps, n_tokens]``, a 0/1 factor on the token embedding of
+    each order position per row (a guidance branch that hides some tokens)."""
+    n_tokens: int
+    angles: torch.Tensor
+    keep: torch.Tensor
 
 
 @dataclass
@@ -139,7 +153,8 @@ class Session:
 def pick(model, state, sampling, h, targets, noise):
     """Samples the tokens of order positions ``targets [n]`` from the query states
     ``h [B*reps, n, D]`` into the token buffer; returns the guided logits."""
-    logits = common.guided(model.output(h).float(), sampling.cfg_scale, targets[0], model.n_tokens)
+    logits = common.guided(model.output(h).float(), sampling.cfg_scale, targets[0], model.n_tokens,
+                           sampling.spatial_cfg)
     tokens = common.sample(logits, noise, sampling.temperature, sampling.top_k, sampling.top_p)
     state.tokens.index_copy_(1, targets, tokens)
     return logits
@@ -180,10 +195,18 @@ class Generation:
         plan = common.make_plan(len(labels), self.n_tokens, self.vocab_size, order=order,
                                 schedule=schedule, steps=steps, known=known,
                                 generator=generator, device=device)
-        batch = len(labels)
-        labels, reps = common.guidance_batch(labels, self.num_classes, cfg_scale)
-        sampling = Sampling(temperature, top_k, top_p, cfg_scale)
-        session = self._session(batch, reps, use_kv_cache, sampling, graphs, compile)
+        rows, reps = common.guidance_batch(labels, self.num_classes, cfg_scale)
+        return self._run(plan, rows, reps, Sampling(temperature, top_k, top_p, cfg_scale),
+                         generator, use_kv_cache=use_kv_cache, graphs=graphs, compile=compile,
+                         progress=progress, on_step=on_step)
+
+    def _run(self, plan, labels, reps, sampling, generator, *, canvas=None, use_kv_cache=True,
+             graphs=False, compile=False, progress=False, on_step=None):
+        """Runs ``plan`` for the class rows ``labels [B*reps]`` (on ``canvas``, or the
+        model's own grid for None); returns the tokens in raster order."""
+        device = plan.cells.device
+        batch = len(plan.cells)
+        session = self._session(batch, reps, use_kv_cache, sampling, graphs, compile, canvas)
         schedule = upload(self._schedule(plan, use_kv_cache), device)
         noise_shape = lambda n: (batch, n, self.vocab_size)
         if graphs:
@@ -196,23 +219,28 @@ class Generation:
                 on_step(t, logits, plan.cells[:, step.first:step.first + step.n])
         return common.to_raster(plan.cells, session.state.tokens)
 
-    def _session(self, batch, reps, use_kv_cache, sampling, graphs, compile):
+    def _session(self, batch, reps, use_kv_cache, sampling, graphs, compile, canvas=None):
         w = self.output.weight  # graphs hold the kernels of the ops backend they captured
         key = (batch, reps, use_kv_cache, sampling, graphs, compile, w.device, w.dtype,
                ops.current_backend())
         cached = getattr(self, "_generation_session", None)
-        if cached is not None and cached[0] == key:
+        if canvas is None and cached is not None and cached[0] == key:
             return cached[1]
         rows, dim = batch * reps, self.tok_embeddings.embedding_dim
-        state = State(torch.full((batch, self.n_tokens), -1, dtype=torch.long, device=w.device),
-                      torch.zeros(rows, self.n_tokens, dtype=torch.long, device=w.device),
-                      w.new_zeros(rows, 1, dim), self._new_caches(rows) if use_kv_cache else None,
-                      reps)
+        n = self.n_tokens if canvas is None else canvas.n_tokens
+        caches = None
+        if use_kv_cache:
+            caches = self._new_caches(rows) if canvas is None else self._new_caches(rows, n)
+        state = State(torch.full((batch, n), -1, dtype=torch.long, device=w.device),
+                      torch.zeros(rows, n, dtype=torch.long, device=w.device),
+                      w.new_zeros(rows, 1, dim), caches, reps,
+                      *(() if canvas is None else (canvas.angles, canvas.keep)))
         step = functools.partial(self._step, state, sampling)
         if compile:
             step = compile(step) if callable(compile) else torch.compile(step, fullgraph=True)
         session = Session(state, step, graphs)
-        if graphs or compile:  # worth keeping: captures and compiles take seconds
+        # worth keeping: captures and compiles take seconds
+        if canvas is None and (graphs or compile):
             self._generation_session = (key, session)
         return session
 

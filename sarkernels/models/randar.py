@@ -5,14 +5,18 @@ the shared ``pos_instruct_embeddings`` rotated by the 2D RoPE of token i's cell;
 read at the instruction slots. ``state_dict()`` keys and shapes match the official
 checkpoints. Generation decodes several tokens per step: after a step of n queries the next
 forward re-writes the temporary query slots so the cache always holds the training layout.
+:meth:`RandARTransformer.generate_extrapolated` samples a larger grid than the trained one.
 """
+import numbers
+
 import torch
 from torch import nn
 
 from .. import ops, orders
-from ..rope import CLASS_TOKEN
+from ..rope import CLASS_TOKEN, rope_angles, rotate_instruction
 from . import common
 from .decoder_only import DecoderOnly
+from .generation import Canvas, Sampling
 
 
 class RandARTransformer(DecoderOnly):
@@ -45,16 +49,78 @@ class RandARTransformer(DecoderOnly):
             steps = max(1, round(remaining * 88 / 256))  # RandAR's 88 steps at 256 tokens
         return schedule, steps
 
-    def _max_slots(self):
-        return 1 + 2 * self.n_tokens
+    @torch.no_grad()
+    def generate_extrapolated(self, labels, scale=2, *, cfg=3.0, spatial_cfg=2.5,
+                              ntk_boundary=2, mask_ratio=0.5, steps=None, low_res=None,
+                              low_res_steps=None, temperature=1.0, top_k=0, top_p=1.0,
+                              generator=None, use_kv_cache=True, progress=False, on_step=None):
+        """Resolution extrapolation (RandAR's zero-shot recipe): ``[B, (scale*G)**2]`` tokens
+        in raster order of the ``scale*G`` square grid, for a model trained on ``G x G``.
+
+        Stage 1 is :meth:`generate` at the trained grid (``cfg_scale=cfg``, its default
+        schedule or ``low_res_steps`` steps), or the given ``low_res [B, G*G]`` raster
+        tokens; cell ``(r, c)`` of it becomes cell ``(scale*r, scale*c)`` of the result (the
+        lattice, :func:`sarkernels.orders.lattice_cells`). Stage 2 works on the large grid in
+        :func:`sarkernels.orders.hierarchical_order` (lattice shuffled, then the rest
+        shuffled): the prefix ``[c, (p, x) per lattice token]``, then the other tokens by
+        parallel decoding in ``steps`` steps (RandAR's schedule; default one token per
+        step). Its 2D RoPE, for attention and the position instructions alike, is the
+        NTK-style mix of :func:`sarkernels.rope.rope_angles` (``ntk_boundary``). Each step
+        runs three branches: cond (the label), spatial (the null class) and uncond (the null
+        class with ``round(mask_ratio * G*G)`` lattice token embeddings, drawn per sample,
+        zeroed), guided by ``uncond + cfg * (cond - spatial) + spatial_cfg * (spatial -
+        uncond)``. ``on_step`` sees stage 2's steps as in :meth:`generate`.
+        """
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Integral) or scale < 2:
+            raise ValueError(f"scale must be an int >= 2, got {scale!r}")
+        if not 0 <= mask_ratio <= 1:
+            raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
+        if spatial_cfg is None or spatial_cfg < 0:
+            raise ValueError(f"spatial_cfg must be >= 0, got {spatial_cfg}")
+        common.check_sampling(temperature, top_k, top_p, cfg)
+        device = self.output.weight.device
+        labels = common.check_labels(labels, self.num_classes).to(device)
+        grid, n, batch = self.grid_size, self.n_tokens, len(labels)
+        if low_res is None:
+            low_res = self.generate(labels, cfg_scale=cfg, steps=low_res_steps,
+                                    temperature=temperature, top_k=top_k, top_p=top_p,
+                                    generator=generator, use_kv_cache=use_kv_cache)
+        low_res = torch.as_tensor(low_res).cpu()
+        if low_res.shape != (batch, n) or low_res.dtype.is_floating_point:
+            raise ValueError(f"low_res must be integer tokens [B, G*G] = [{batch}, {n}], got "
+                             f"{low_res.dtype} {list(low_res.shape)}")
+        side = scale * grid
+        order = orders.hierarchical_order(batch, grid, scale, generator)
+        lattice = order[:, :n]
+        from_cell = (lattice // side // scale) * grid + lattice % side // scale
+        steps = side * side - n if steps is None else steps
+        plan = common.make_plan(batch, side * side, self.vocab_size, order=order,
+                                schedule="randar", steps=steps,
+                                known=(lattice, low_res.gather(1, from_cell)),
+                                generator=generator, device=device)
+        keep = torch.ones(3, batch, side * side)
+        draw = torch.rand(batch, n, generator=generator,
+                          device=generator.device if generator else "cpu")
+        keep[2, :, :n] = (draw.argsort(-1) >= round(mask_ratio * n)).float().cpu()
+        head_dim = self.tok_embeddings.embedding_dim // self.n_head
+        canvas = Canvas(side * side, rope_angles(grid, head_dim, scale=scale,
+                                                 ntk_boundary=ntk_boundary, device=device),
+                        keep.flatten(0, 1).to(device, self.output.weight.dtype))
+        null = torch.full_like(labels, self.num_classes)
+        return self._run(plan, torch.cat([labels, null, null]), 3,
+                         Sampling(temperature, top_k, top_p, cfg, spatial_cfg), generator,
+                         canvas=canvas, use_kv_cache=use_kv_cache, progress=progress,
+                         on_step=on_step)
+
+    def _max_slots(self, n_tokens):
+        return 1 + 2 * n_tokens
 
     def _resume_slot(self, decoded):
         return 2 + 2 * decoded  # the x slot of the first token the last step sampled
 
-    def _instructions(self, cells):
-        b, length = cells.shape
-        heads = self.pos_instruct_embeddings.view(1, self.n_head, 1, -1).expand(b, -1, length, -1)
-        return ops.rope_2d(heads, cells, self.grid_size, check=False).transpose(1, 2).flatten(2)
+    def _instructions(self, cells, angles=None):
+        return rotate_instruction(self.pos_instruct_embeddings[0], cells, self.n_head,
+                                  None if angles is not None else self.grid_size, angles=angles)
 
     def _slots(self, start, decoded, n):
         """Slots ``start ..`` of the committed layout up to ``decoded`` tokens (slot 0 the
@@ -70,7 +136,9 @@ class RandARTransformer(DecoderOnly):
         is_class = index < 0
         index = index.clamp_min(0)
         cells = state.cells[:, index]
-        x = torch.where(instruction[:, None], self._instructions(cells),
-                        self.tok_embeddings(state.tokens_at(index)))
+        tokens = self.tok_embeddings(state.tokens_at(index))
+        if state.keep is not None:
+            tokens = tokens * state.keep[:, index, None]
+        x = torch.where(instruction[:, None], self._instructions(cells, state.angles), tokens)
         return (torch.where(is_class[:, None], state.cls, x),
                 torch.where(is_class, CLASS_TOKEN, cells))

@@ -45,8 +45,8 @@ class RARTransformer(DecoderOnly):
             raise ValueError("RAR decodes one token per step: schedule must be 'ar'")
         return "ar", steps
 
-    def _max_slots(self):
-        return self.n_tokens
+    def _max_slots(self, n_tokens):
+        return n_tokens
 
     def _resume_slot(self, decoded):
         return decoded + 1

@@ -53,10 +53,12 @@ class KVCache:
 @dataclass
 class Rope:
     """2D RoPE cells (``[B, L]``, row-major; -1 zeroes a token) of the queries and, for
-    cross-attention, of the context; ``grid_size`` is (H, W) or the side of a square."""
+    cross-attention, of the context; ``grid_size`` is (H, W) or the side of a square, or
+    None with an explicit ``angles`` table (see :func:`sarkernels.rope_2d`)."""
     grid_size: object
     cells: torch.Tensor
     context_cells: torch.Tensor = None
+    angles: torch.Tensor = None
 
 
 class SetAttention(nn.Module):
@@ -108,8 +110,8 @@ class SetAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             # the model computes its cells: valid by construction, no value check (a sync)
-            q = ops.rope_2d(q, rope.cells, rope.grid_size, check=False)
-            k = ops.rope_2d(k, k_cells, rope.grid_size, check=False)
+            q = ops.rope_2d(q, rope.cells, rope.grid_size, check=False, angles=rope.angles)
+            k = ops.rope_2d(k, k_cells, rope.grid_size, check=False, angles=rope.angles)
         if cache is not None:
             cache.write(k, v, context_sets, cache_slots)
             k, v, context_sets = cache.k, cache.v, cache.sets

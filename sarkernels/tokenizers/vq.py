@@ -1,6 +1,7 @@
 """LlamaGen's VQ image tokenizer (VQ-16: 256x256 RGB <-> 16x16 codes of a 16384 x 8
 l2-normalised codebook), with the official state_dict keys and shapes, so
-``load_state_dict(official["model"], strict=True)`` works."""
+``load_state_dict(official["model"], strict=True)`` works. Both classes here are
+:class:`~.protocol.Tokenizer` (images in [0, 1]); LlamaGen's [-1, 1] has its own names."""
 import os
 
 import torch
@@ -170,10 +171,34 @@ class VectorQuantizer(nn.Module):
         return dist.argmin(1).view(z.shape[0], -1)
 
 
+def _from_pil(pictures, size):
+    """PIL pictures -> RGB ``[B, 3, size, size]`` in [0, 1] (resize the shorter side
+    bicubically, center crop)."""
+    import numpy as np
+
+    out = []
+    for img in pictures:
+        img = img.convert("RGB")
+        scale = size / min(img.size)
+        img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))),
+                         resample=3)  # bicubic
+        left, top = (img.width - size) // 2, (img.height - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+    return torch.stack(out).float() / 255
+
+
+def _grid_size(image_size, ch_mult):
+    return image_size // 2 ** (len(ch_mult) - 1)
+
+
 class VQTokenizer(nn.Module):
-    """``encode(images [B, 3, H, W] in [-1, 1]) -> codes [B, h*w]``; ``decode(codes, grid)``
-    -> images in [-1, 1]. Also the digits tokenizer's interface (``vocab_size``,
-    ``grid_size``, ``config()``; ``decode`` there returns [0, 1])."""
+    """A :class:`~.protocol.Tokenizer`: ``encode(images [B, 3, H, W] in [0, 1]) -> codes
+    [B, h*w]``, ``decode(codes) -> images [B, 3, H, W] in [0, 1]``.
+
+    LlamaGen works in [-1, 1]: ``encode_code(images in [-1, 1])`` and
+    ``decode_code(codes, shape) -> images in [-1, 1]`` (LlamaGen's name and ``shape``;
+    ``decode_codes`` is the same)."""
 
     name = "vq"
 
@@ -189,7 +214,7 @@ class VQTokenizer(nn.Module):
         self.quant_conv = nn.Conv2d(z_channels, codebook_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(codebook_embed_dim, z_channels, 1)
         self.vocab_size = codebook_size
-        self.grid_size = image_size // 2 ** (len(ch_mult) - 1)
+        self.grid_size = _grid_size(image_size, ch_mult)
         self.checkpoint_path = None
 
     @classmethod
@@ -231,59 +256,60 @@ class VQTokenizer(nn.Module):
                 "ch_mult": list(self.settings["ch_mult"])}
 
     @torch.no_grad()
-    def encode(self, images):
+    def encode_code(self, images):
+        """LlamaGen's range: ``images [B, 3, H, W]`` in [-1, 1] -> codes ``[B, h*w]``, the
+        nearest codebook entry of each cell of the encoder's output."""
         return self.quantize.nearest(self.quant_conv(self.encoder(images)))
 
+    def encode(self, images):
+        """``images [B, 3, H, W]`` in [0, 1] -> codes ``[B, h*w]``."""
+        return self.encode_code(images * 2 - 1)
+
     @torch.no_grad()
-    def decode_codes(self, codes, grid=None):
-        """codes ``[B, h*w]`` -> images ``[B, 3, H, W]`` in [-1, 1]."""
-        h, w = grid or (self.grid_size, self.grid_size)
+    def decode_code(self, codes, shape=None):
+        """LlamaGen's range: codes ``[B, h*w]`` -> images ``[B, 3, H, W]`` in [-1, 1].
+        ``shape`` ends with the code grid ``(h, w)`` (LlamaGen passes ``(B, C, h, w)``);
+        the square ``grid_size`` when None."""
+        h, w = shape[-2:] if shape is not None else (self.grid_size, self.grid_size)
         z = self.quantize.codebook()[codes].view(codes.shape[0], h, w, -1).permute(0, 3, 1, 2)
         return self.decoder(self.post_quant_conv(z)).clamp(-1, 1)
 
+    decode_codes = decode_code  # the name sarkernels documented first
+
     def decode(self, codes, grid=None):
-        """The token-dataset interface: images in [0, 1]."""
-        return (self.decode_codes(codes, grid) + 1) / 2
+        """codes ``[B, h*w]`` -> images ``[B, 3, H, W]`` in [0, 1]; ``grid = (h, w)`` for
+        another code grid than ``grid_size``."""
+        return (self.decode_code(codes, grid) + 1) / 2
 
     @staticmethod
     def to_uint8(images):
-        """[-1, 1] -> uint8 ``[B, H, W, 3]`` (x * 127.5 + 128, clamped)."""
-        return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        """Images in [0, 1] -> uint8 ``[B, H, W, 3]`` (rounded, clamped)."""
+        return (images * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
     @classmethod
     def to_pil(cls, images):
-        """[-1, 1] images -> a list of RGB PIL images."""
+        """Images in [0, 1] -> a list of RGB PIL pictures."""
         from PIL import Image
 
         return [Image.fromarray(x.cpu().numpy(), "RGB") for x in cls.to_uint8(images)]
 
-    @staticmethod
-    def from_pil(images, size=256):
-        """PIL images -> ``[B, 3, size, size]`` in [-1, 1] (resize shorter side, center crop)."""
-        import numpy as np
-
-        out = []
-        for img in images:
-            img = img.convert("RGB")
-            scale = size / min(img.size)
-            img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))),
-                             resample=3)  # bicubic
-            left, top = (img.width - size) // 2, (img.height - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-            out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
-        return torch.stack(out).float() / 127.5 - 1
+    def from_pil(self, pictures, size=None):
+        """PIL pictures -> ``[B, 3, size, size]`` in [0, 1] (resize the shorter side, center
+        crop); ``size`` defaults to the tokenizer's image size."""
+        return _from_pil(pictures, size or self.settings["image_size"])
 
 
 class VQHandle:
-    """A VQ tokenizer known by its config (as stored with token datasets and checkpoints);
-    the weights are read from ``config["checkpoint"]`` on the first encode/decode."""
+    """A VQ tokenizer known by its config (as stored with token folders and checkpoints), a
+    :class:`~.protocol.Tokenizer` like :class:`VQTokenizer`; the weights are read from
+    ``config["checkpoint"]`` on the first encode/decode."""
 
     name = "vq"
 
     def __init__(self, config):
         self._config = dict(config)
         self.vocab_size = config["codebook_size"]
-        self.grid_size = config["image_size"] // 2 ** (len(config["ch_mult"]) - 1)
+        self.grid_size = _grid_size(config["image_size"], config["ch_mult"])
         self._model = None
 
     def config(self):
@@ -302,3 +328,6 @@ class VQHandle:
 
     def decode(self, codes, grid=None):
         return self.model().decode(codes, grid)
+
+    def from_pil(self, pictures):
+        return _from_pil(pictures, self._config["image_size"])

@@ -11,7 +11,7 @@ import time
 import torch
 
 from . import checkpoint, data, metrics, outputs, sample
-from .models.common import check_sampling
+from ..models.common import check_sampling
 from .train import TrainConfig, check_device, train
 
 SAR_SETS = (4, 8, 16, 32, 64)  # the speed/quality trade-off: SAR-TS with this many sets

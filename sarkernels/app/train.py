@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from . import checkpoint, data, ops, orders, outputs
-from .checkpoint import MODELS
-from .models.sar import TRAIN_SCHEDULES
+from .. import ops, orders
+from . import checkpoint, data, outputs
+from ..models import MODELS
+from ..models.sar import TRAIN_SCHEDULES
 
 
 def _setting(default, help):

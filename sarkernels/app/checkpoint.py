@@ -11,10 +11,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import data
-from .models import RandARTransformer, RARTransformer, SARTransformer
+from .. import tokenizers
+from ..models import MODELS
 
-MODELS = {"sar": SARTransformer, "randar": RandARTransformer, "rar": RARTransformer}
 KEEP = 2
 
 
@@ -127,7 +126,7 @@ def load(path, device="cpu"):
     config = read_config(path)
     try:
         model = MODELS[config["model"]](**config["model_config"])
-        data.tokenizer_from_config(config["tokenizer"])
+        tokenizers.from_config(config["tokenizer"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}/config.json is corrupt or unknown: {exc}") from None
     try:
@@ -153,7 +152,7 @@ def load_official(path, kind="randar", n_head=16, grid_size=16, device="cpu"):
         hidden = state["layers.0.feed_forward.w1.weight"].shape[0]
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{path!r} does not have RandAR's key pattern ({exc})") from None
-    from .nn import find_multiple
+    from ..nn import find_multiple
     multiple = next((m for m in (256, 128, 64, 32, 16, 8, 1)
                      if find_multiple(int(2 * 4 * dim / 3), m) == hidden), None)
     if multiple is None or dim % n_head:

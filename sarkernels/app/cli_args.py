@@ -24,6 +24,7 @@ examples:
   python -m sarkernels sample --ckpt runs/sar --recipe sar-ts --labels 0,1,2 --n 4 --cfg 2 --out grid.png
   python -m sarkernels digit --label 3 --out digit.png    # a held-out digit to inpaint
   python -m sarkernels sample --ckpt runs/sar --image digit.png --mask left --out inpaint.png
+  python -m sarkernels sample --ckpt runs/randar --resolution 2x --labels 0,1,2 --out big.png
   python -m sarkernels sample --model randar --ckpt RandAR-L.safetensors --preset L --vq vq_ds16_c2i.pt --labels 207,360,387 --cfg 4 --out grid.png
   python -m sarkernels sample --ckpt runs/photos --labels 0,1 --out photos.png""",
     "tokenize": """\
@@ -77,8 +78,8 @@ def _command(sub, name, help, description=None):
 
 
 def _train_parser(sub):
-    from .checkpoint import MODELS
-    from .models.sar import TRAIN_SCHEDULES
+    from ..models import MODELS
+    from ..models.sar import TRAIN_SCHEDULES
     from .train import RESUMABLE, TrainConfig, option
 
     p = _command(sub, "train", "train a SAR, RandAR or RAR model, or continue one",
@@ -131,6 +132,16 @@ def _sample_parser(sub):
                                   "(white = keep) (default: left)")
     p.add_argument("--invert", action="store_true",
                    help="with --image: the image has dark ink on light paper")
+    p.add_argument("--resolution",
+                   help="RandAR only: resolution extrapolation by this factor of the grid side, "
+                        "such as 2x (8x8 digits -> 16x16 tokens); each sample row is followed by "
+                        "its extrapolation (default: none, the trained grid)")
+    p.add_argument("--spatial-cfg", type=float, default=2.5,
+                   help="--resolution only: spatial guidance scale, >= 0 (--cfg, default 3 "
+                        "there, is the class guidance)")
+    p.add_argument("--ntk-boundary", type=int, default=2,
+                   help="--resolution only: RoPE frequencies below this index (per axis, the "
+                        "highest) use extrapolated integer positions, the rest interpolated ones")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--out", default="samples.png", help="PNG file to write")
     p.add_argument("--model", choices=["randar", "rar"], default="randar",

@@ -1,0 +1,261 @@
+"""The ``sample`` command: sampling recipes, labelled PNG grids, and known cells from an
+image and a mask."""
+import os
+
+import torch
+
+from ..tokenizers.digits import grey
+from .cli_args import UsageError
+
+# name -> (models it applies to, generate() keywords, description)
+RECIPES = {
+    "ar": (("sar", "randar", "rar"), dict(order="raster", schedule="ar"),
+           "AR: raster order, one token per step"),
+    "sar-ts": (("sar",), dict(order="random", schedule="random", steps=16),
+               "SAR-TS: random order, 16 sets of random sizes"),
+    "mar": (("sar",), dict(order="random", schedule="cosine", steps=4),
+            "MAR-like: random order, 4 sets (cosine)"),
+    "randar-parallel": (("randar",), dict(order="random", schedule="randar"),
+                        "RandAR parallel decoding: random order, RandAR schedule"),
+    "randar-ar": (("randar",), dict(order="random", schedule="ar"),
+                  "RandAR: random order, one token per step"),
+}
+
+
+def recipe(name, kind=None):
+    """generate() keywords of recipe ``name`` for a model of ``kind`` (any kind: None)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+    kinds, kw, _ = RECIPES[name]
+    if kind is not None and kind not in kinds:
+        raise ValueError(f"recipe {name!r} is for {'/'.join(kinds)} models, not {kind}")
+    return dict(kw)
+
+
+def parse_labels(text):
+    """``"3,1,4"`` -> ``[3, 1, 4]``; a ValueError naming --labels for anything else."""
+    example = "give comma-separated class indices such as 0,1,2"
+    if not str(text).strip():
+        raise ValueError(f"--labels is empty: {example}")
+    items = str(text).split(",")
+    if not all(x.strip() for x in items):
+        raise ValueError(f"--labels {text!r} has an empty item: {example}")
+    try:
+        return [int(x) for x in items]
+    except ValueError:
+        raise ValueError(f"--labels must be comma-separated integers, got {text!r}") from None
+
+
+def parse_resolution(text):
+    """``"2x"`` -> 2: the scale of the grid side for resolution extrapolation (an integer
+    of 2 or more); a ValueError naming --resolution for anything else."""
+    digits = str(text).strip().lower().removesuffix("x")
+    if not digits.isdigit() or int(digits) < 2:
+        raise ValueError(f"--resolution must be an integer scale of 2 or more followed by x, "
+                         f"such as 2x (twice the trained grid side), got {text!r}")
+    return int(digits)
+
+
+def check_labels(labels, num_classes):
+    """The labels as a tensor, each a class of the model."""
+    if min(labels) < 0 or max(labels) >= num_classes:
+        raise ValueError(f"--labels must be in [0, {num_classes}), got "
+                         f"{','.join(map(str, labels))}")
+    return torch.tensor(labels)
+
+
+def image_grid(rows, path, row_titles=None, col_titles=None, cell=48):
+    """Writes a PNG of images ``rows[r][c]`` (``[C, H, W]`` in [0, 1]; one channel is
+    digit ink, drawn dark on white; three are RGB), with titles."""
+    from PIL import Image, ImageDraw
+
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    cell = max(cell, rows[0][0].shape[-1])
+    left = 8 + 7 * max((len(t) for t in row_titles or []), default=0)
+    top = 18 if col_titles else 0
+    pad = 4
+    canvas = Image.new("RGB", (left + n_cols * (cell + pad), top + n_rows * (cell + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        y = top + r * (cell + pad)
+        if row_titles:
+            draw.text((4, y + cell // 2 - 6), row_titles[r], fill="black")
+        for c, img in enumerate(row):
+            pixels = (img.clamp(0, 1) * 255).round().byte()
+            tile = Image.fromarray(pixels.permute(1, 2, 0).numpy(), "RGB") if len(pixels) == 3 \
+                else Image.fromarray(255 - pixels[0].numpy()).convert("RGB")
+            canvas.paste(tile.resize((cell, cell), Image.NEAREST), (left + c * (cell + pad), y))
+    for c, title in enumerate(col_titles or []):
+        draw.text((left + c * (cell + pad) + cell // 2 - 3, 3), str(title), fill="black")
+    canvas.save(path)
+
+
+HALVES = ("left", "right", "top", "bottom")
+
+
+def half_mask(name, grid):
+    """Cells to keep for ``left``/``right``/``top``/``bottom`` (the rest is generated)."""
+    r, c = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    keep = dict(zip(HALVES, (c < grid // 2, c >= grid // 2, r < grid // 2, r >= grid // 2)))
+    return keep[name].flatten()
+
+
+def check_mask(mask):
+    """A half name or an existing mask image file, or a ValueError saying which it must be."""
+    if mask not in HALVES and not os.path.isfile(mask):
+        raise ValueError(f"--mask must be {', '.join(HALVES)} or a mask image file; {mask!r} "
+                         "is neither")
+    return mask
+
+
+def open_picture(path):
+    """The picture file at ``path`` (PIL), or a ValueError saying why it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        picture = Image.open(path)
+        picture.load()
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"cannot read image {path!r}: {exc}") from None
+    return picture
+
+
+def load_grey(path, grid):
+    """An image file as ``[grid, grid]`` intensities in [0, 1] (ink bright, like the data)."""
+    return grey(open_picture(path), grid)
+
+
+def save_grey(pixels, path):
+    """``[H, W]`` intensities in [0, 1] as a greyscale PNG that :func:`load_grey` reads back
+    exactly at the same size (bright ink on black, like the data)."""
+    from PIL import Image
+
+    Image.fromarray((pixels.clamp(0, 1) * 255).round().byte().numpy(), "L").save(path)
+
+
+def image_tokens(image_path, tokenizer, invert=False):
+    """An image file through the tokenizer: ``[N]`` tokens. ``invert`` reads dark ink on
+    light paper as the digits look (bright on black)."""
+    images = tokenizer.from_pil([open_picture(image_path)])
+    return tokenizer.encode((1 - images) if invert else images)[0]
+
+
+def known_from_image(image_path, mask, tokenizer, invert=False):
+    """``(positions, tokens)`` of the cells to keep from an image. ``mask`` is a half name
+    or a mask image (bright = keep). ``invert`` for dark ink on a light background (digits)."""
+    tokens = image_tokens(image_path, tokenizer, invert)
+    grid = tokenizer.grid_size
+    keep = half_mask(mask, grid) if check_mask(mask) in HALVES else \
+        (load_grey(mask, grid) > 0.5).flatten()
+    if keep.all() or not keep.any():
+        raise ValueError("the mask must keep some cells and leave some to generate")
+    positions = keep.nonzero().flatten()
+    return positions, tokens[positions]
+
+
+def official(args):
+    """``--ckpt`` names official RandAR/RAR weights rather than a sarkernels checkpoint."""
+    return (os.path.isfile(args.ckpt) and args.ckpt.endswith(".safetensors")
+            and not os.path.isfile(os.path.join(os.path.dirname(args.ckpt), "config.json")))
+
+
+def check(args):
+    """Everything about a sample command that can be checked before loading a model."""
+    from . import outputs
+    from ..models.common import check_sampling
+    from ..models.decoder_only import PRESETS
+    from .train import check_device
+
+    parse_labels(args.labels)
+    if args.recipe is not None:
+        recipe(args.recipe)
+    if args.resolution is not None:
+        parse_resolution(args.resolution)
+        if args.image is not None or args.mask is not None or args.recipe is not None:
+            raise UsageError("--resolution extrapolates freshly generated samples: it does "
+                             "not combine with --image, --mask or --recipe")
+        if args.spatial_cfg < 0:
+            raise UsageError(f"--spatial-cfg must be >= 0, got {args.spatial_cfg}")
+        if args.ntk_boundary < 0:
+            raise UsageError(f"--ntk-boundary must be >= 0, got {args.ntk_boundary}")
+    if args.mask is not None and args.image is None:
+        raise UsageError("--mask says which cells of --image to keep: pass --image too")
+    if args.image is not None:
+        if not os.path.isfile(args.image):
+            raise UsageError(f"cannot read image {args.image!r} (--image): no such file")
+        check_mask(args.mask or "left")
+    check_sampling(args.temperature, args.top_k, args.top_p, args.cfg)
+    check_device(args.device)
+    outputs.picture(args.out)
+    if official(args):
+        if args.vq is None:
+            raise UsageError(f"{args.ckpt} holds official weights that make VQ codes: pass --vq "
+                             "to decode them into pictures")
+        if args.heads is None and args.preset not in PRESETS:
+            raise UsageError(f"unknown --preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+
+
+def run(args):
+    """The ``sample`` command: a PNG grid of pictures (or an inpainting) from a checkpoint."""
+    check(args)
+    from . import checkpoint
+    from ..models.decoder_only import PRESETS
+    from ..tokenizers import VQTokenizer, from_config
+
+    vq = VQTokenizer.from_checkpoint(args.vq, args.image_size).to(args.device) if args.vq else None
+    if official(args):
+        heads = args.heads or PRESETS[args.preset]["n_head"]
+        model = checkpoint.load_official(args.ckpt, args.model, heads, vq.grid_size, args.device)
+        config, path, tok = {"model": args.model, "num_classes": model.num_classes}, args.ckpt, vq
+    else:
+        model, config, path = checkpoint.load(args.ckpt, args.device)
+        tok = vq or from_config(config["tokenizer"])
+    labels = check_labels(parse_labels(args.labels), config["num_classes"])
+    if args.resolution is not None:
+        return extrapolate(args, model, config, path, tok, labels)
+    name = args.recipe or {"sar": "sar-ts", "randar": "randar-parallel", "rar": "ar"}[config["model"]]
+    kw = recipe(name, config["model"])
+    if args.image:
+        kw["known"] = known_from_image(args.image, args.mask or "left", tok, args.invert)
+    batch = labels.repeat(args.n)
+    tokens = model.generate(batch.to(args.device), cfg_scale=args.cfg, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p,
+                            generator=torch.Generator().manual_seed(args.seed), **kw).cpu()
+    images = tok.decode(tokens.to(args.device)).cpu()
+    images = images.view(args.n, len(labels), *images.shape[1:])
+    rows = [list(r) for r in images]
+    titles = [f"sample {i}" for i in range(args.n)]
+    if args.image:
+        known = torch.zeros(tok.grid_size ** 2, dtype=torch.long)
+        known[kw["known"][0]] = kw["known"][1]
+        kept = tok.decode(known[None].to(args.device)).cpu()[0]
+        rows.insert(0, [kept] * len(labels))
+        titles.insert(0, "kept cells")
+    image_grid(rows, args.out, row_titles=titles, col_titles=labels.tolist())
+    print(f"wrote {args.out}: {name} from {path}")
+
+
+def extrapolate(args, model, config, path, tok, labels):
+    """``sample --resolution Sx``: rows of trained-grid samples, each above its extrapolation."""
+    if config["model"] != "randar":
+        raise UsageError(f"--resolution needs a RandAR model (resolution extrapolation is "
+                         f"RandAR's), but {path} holds a {config['model']} model")
+    scale = parse_resolution(args.resolution)
+    tokens = model.generate_extrapolated(
+        labels.repeat(args.n).to(args.device), scale, cfg=3.0 if args.cfg is None else args.cfg,
+        spatial_cfg=args.spatial_cfg, ntk_boundary=args.ntk_boundary,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        generator=torch.Generator().manual_seed(args.seed))
+    side = scale * model.grid_size
+    low = tokens.view(-1, side, side)[:, ::scale, ::scale].flatten(1)  # stage 1's samples
+    small = tok.decode(low).cpu()
+    large = tok.decode(tokens, (side, side)).cpu()
+    rows, titles = [], []
+    for i in range(args.n):
+        cols = slice(i * len(labels), (i + 1) * len(labels))
+        rows += [list(small[cols]), list(large[cols])]
+        titles += [f"sample {i}", f"{scale}x"]
+    image_grid(rows, args.out, row_titles=titles, col_titles=labels.tolist(),
+               cell=max(48, large.shape[-1]))
+    print(f"wrote {args.out}: {model.grid_size}x{model.grid_size} samples and their {side}x{side} "
+          f"extrapolations from {path}")

@@ -200,12 +200,17 @@ def test_ctrl_c_before_the_first_checkpoint_says_none_was_written(tmp_path):
         [sys.executable, "-m", "sarkernels", "train", "--dim", "32", "--heads", "2", "--layers",
          "1", "--batch", "8", "--steps", "100000", "--out", str(out), "--no-progress"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not out.exists():  # the run folder appears just before training starts
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=120)[1]
+    try:
+        deadline = time.monotonic() + 300
+        while not out.exists():  # the run folder appears just before training starts
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:  # a run that ignored the interrupt must not outlive the test (100000 steps)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130 and err == "sarkernels: interrupted; no checkpoint was written yet\n"
 
 

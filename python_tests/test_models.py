@@ -266,3 +266,31 @@ def test_bad_generate_arguments(kind, kw, match):
 def test_rar_rejects_parallel_schedules():
     with pytest.raises(ValueError, match="one token per step"):
         make("rar").generate(torch.tensor([1]), schedule="randar")
+
+
+def test_training_layout_takes_training_progress():
+    # RAR anneals random orders to raster over its `anneal` fractions of training; the
+    # others draw the same layout at every progress.
+    rar = make("rar", anneal=(0.25, 0.75))
+    raster = torch.arange(16).expand(64, 16)
+    draw = lambda m, progress: m.training_layout(64, torch.Generator().manual_seed(0), progress)
+    assert not (draw(rar, 0.1)["order"] == raster).all(1).any()
+    assert (draw(rar, 0.9)["order"] == raster).all()
+    mid = (draw(rar, 0.5)["order"] == raster).all(1).float().mean()
+    assert 0.3 < mid < 0.7
+    assert torch.equal(draw(rar, None)["order"], draw(rar, 0.0)["order"])
+    for kind in ("randar", "sar"):
+        m = make(kind)
+        a, b = draw(m, 0.0), draw(m, 0.9)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", ["randar", "rar", "sar"])
+def test_for_training_builds_layers_and_dropout(kind):
+    cls = {"randar": RandARTransformer, "rar": RARTransformer, "sar": SARTransformer}[kind]
+    m = cls.for_training(layers=3, dropout=0.2, **SMALL)
+    blocks = [m.encoder, m.decoder] if kind == "sar" else [m.layers]
+    assert all(len(b) == 3 for b in blocks)
+    assert m.config["dropout"] == 0.2
+    if kind != "sar":
+        assert m.config["token_dropout"] == 0.2

@@ -49,7 +49,6 @@ class TrainConfig:
     sar_sets: str = _setting("all", "SAR only: sets per training image, drawn uniformly per "
                                     "image: all (1 to the token count), a count K, an "
                                     "inclusive range LO-HI or a list such as 4,8,16")
-    rar_anneal: tuple = (0.25, 0.75)  # RAR: random-order ratio 1 -> 0 over these fractions
     seed: int = _setting(0, "seed of initialisation and of every random draw of training")
     ckpt_every: int = _setting(250, "write a checkpoint every this many steps (and at the end)")
     out: str = _setting("runs/run", "run folder: step-N/ checkpoints and 'latest'")
@@ -128,11 +127,10 @@ def build_model(cfg, tokenizer, num_classes):
     common = dict(vocab_size=tokenizer.vocab_size, num_classes=num_classes,
                   grid_size=tokenizer.grid_size, dim=cfg.dim, n_head=cfg.heads,
                   multiple_of=32, class_dropout=cfg.class_dropout, dropout=cfg.dropout)
-    if cfg.model == "sar":
-        return MODELS["sar"](encoder_layers=cfg.layers, decoder_layers=cfg.layers,
-                             train_schedule=cfg.sar_schedule,
-                             train_steps=cfg.set_counts(tokenizer.grid_size ** 2), **common)
-    return MODELS[cfg.model](n_layer=cfg.layers, token_dropout=cfg.dropout, **common)
+    if cfg.model == "sar":  # the options only SAR has
+        common.update(train_schedule=cfg.sar_schedule,
+                      train_steps=cfg.set_counts(tokenizer.grid_size ** 2))
+    return MODELS[cfg.model].for_training(layers=cfg.layers, **common)
 
 
 class _Loss(nn.Module):
@@ -259,12 +257,7 @@ def train(cfg, resume=False, overwrite=False, progress=True, log=print):
         for step in range(start, cfg.steps):
             tic = time.perf_counter()
             index = torch.randint(0, len(dataset), (cfg.batch,), generator=gen)
-            if cfg.model == "rar":
-                ratio = orders.rar_ratio(step, cfg.rar_anneal[0] * cfg.steps,
-                                         cfg.rar_anneal[1] * cfg.steps)
-                layout = model.training_layout(cfg.batch, gen, random_ratio=ratio)
-            else:
-                layout = model.training_layout(cfg.batch, gen)
+            layout = model.training_layout(cfg.batch, gen, progress=step / cfg.steps)
             layout = {k: v[shard] for k, v in layout.items()}
             tokens = dataset.tokens[index][shard].to(device)
             labels = dataset.labels[index][shard].to(device)

@@ -46,6 +46,12 @@ class DecoderOnly(Generation, nn.Module):
         nn.init.zeros_(self.output.weight)  # LlamaGen starts from uniform predictions
 
     @classmethod
+    def for_training(cls, *, layers, dropout, **config):
+        """The model a training run builds: ``layers`` blocks, ``dropout`` on tokens and in
+        the blocks; ``config`` the other constructor arguments."""
+        return cls(n_layer=layers, token_dropout=dropout, dropout=dropout, **config)
+
+    @classmethod
     def from_preset(cls, name, **overrides):
         """``from_preset("L", vocab_size=16384)``; presets B, L, XL, XXL (LlamaGen widths)."""
         return common.from_preset(cls, PRESETS, name, overrides)

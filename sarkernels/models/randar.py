@@ -38,8 +38,9 @@ class RandARTransformer(DecoderOnly):
         h = self.trunk(seq, self._cells_with_class(order.repeat_interleave(2, 1)))
         return self.output(h[:, 1::2])
 
-    def training_layout(self, batch, generator=None):
-        """Per-sample random orders and label drops for a batch (rows can be sliced)."""
+    def training_layout(self, batch, generator=None, progress=None):
+        """Per-sample random orders and label drops for a batch (rows can be sliced); the
+        same at every ``progress`` of training."""
         return dict(order=orders.make_order("random", batch, self.n_tokens, generator),
                     drop_label=common.label_drops(batch, self.config["class_dropout"], generator))
 

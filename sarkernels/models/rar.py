@@ -14,8 +14,9 @@ from .decoder_only import DecoderOnly
 
 
 class RARTransformer(DecoderOnly):
-    def __init__(self, **config):
+    def __init__(self, anneal=(0.25, 0.75), **config):
         super().__init__(**config)
+        self.config["anneal"] = tuple(anneal)
         self.target_aware = nn.Parameter(torch.zeros(self.n_tokens, self.config["dim"]))
         self._init()
 
@@ -32,9 +33,12 @@ class RARTransformer(DecoderOnly):
         h = self.trunk(seq, self._cells_with_class(order))
         return self.output(h[:, :-1])
 
-    def training_layout(self, batch, generator=None, random_ratio=1.0):
-        """Each sample's order is random with probability ``random_ratio`` (see
-        :func:`sarkernels.orders.rar_ratio`), raster otherwise; plus label drops."""
+    def training_layout(self, batch, generator=None, progress=None):
+        """Each sample's order is random with a probability annealed from 1 to 0 while the
+        fraction ``progress`` of training done crosses ``anneal`` (see
+        :func:`sarkernels.orders.rar_ratio`; None: always random), raster otherwise; plus
+        label drops."""
+        random_ratio = 1.0 if progress is None else orders.rar_ratio(progress, *self.config["anneal"])
         order = orders.make_order("random", batch, self.n_tokens, generator)
         raster = torch.rand(batch, 1, generator=generator) >= random_ratio
         return dict(order=torch.where(raster, torch.arange(self.n_tokens), order),

@@ -70,6 +70,12 @@ class SARTransformer(Generation, nn.Module):
         nn.init.zeros_(self.output.weight)
 
     @classmethod
+    def for_training(cls, *, layers, dropout, **config):
+        """The model a training run builds: ``layers`` encoder and as many decoder blocks,
+        ``dropout`` in the blocks; ``config`` the other constructor arguments."""
+        return cls(encoder_layers=layers, decoder_layers=layers, dropout=dropout, **config)
+
+    @classmethod
     def from_preset(cls, name, **overrides):
         return common.from_preset(cls, PRESETS, name, overrides)
 
@@ -108,9 +114,10 @@ class SARTransformer(Generation, nn.Module):
         memory = self.encode(x, enc_sets, enc_cells)
         return self.output(self.decode(order, sets, memory, enc_sets, enc_cells))
 
-    def training_layout(self, batch, generator=None):
+    def training_layout(self, batch, generator=None, progress=None):
         """Per-sample order, set ids ``[B, N]``, loss mask (False on a MAR given prefix) and
-        label drops; rows can be sliced (data-parallel shards)."""
+        label drops; rows can be sliced (data-parallel shards); the same at every
+        ``progress`` of training."""
         n, cfg = self.n_tokens, self.config
         rows, masks = [], []
         for _ in range(batch):

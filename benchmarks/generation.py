@@ -65,17 +65,17 @@ def floor_bytes(model, kind, sizes, rows):
     weights = sum(p.numel() * p.element_size() for m in model.modules()
                   if isinstance(m, (nn.Linear, nn.RMSNorm)) for p in m.parameters(recurse=False))
     cfg = model.config
-    slot = 2 * rows * (cfg["n_kv_head"] or cfg["n_head"]) * (cfg["dim"] // cfg["n_head"]) \
+    slot = 2 * rows * (cfg.n_kv_head or cfg.n_head) * (cfg.dim // cfg.n_head) \
         * model.output.weight.element_size()  # K and V of one slot in one layer
     total, done = 0, 0
     for n in sizes:
         if kind == "randar":
-            live = cfg["n_layer"] * (1 + 2 * done + n)
+            live = cfg.n_layer * (1 + 2 * done + n)
         elif kind == "rar":
-            live = cfg["n_layer"] * (done + 1)
+            live = cfg.n_layer * (done + 1)
         else:  # encoder and cross caches hold the class token and the committed tokens
-            live = (cfg["encoder_layers"] + cfg["decoder_layers"]) * (1 + done) \
-                + cfg["decoder_layers"] * (done + n)
+            live = (cfg.encoder_layers + cfg.decoder_layers) * (1 + done) \
+                + cfg.decoder_layers * (done + n)
         total += weights + live * slot
         done += n
     return total

@@ -291,6 +291,6 @@ def test_for_training_builds_layers_and_dropout(kind):
     m = cls.for_training(layers=3, dropout=0.2, **SMALL)
     blocks = [m.encoder, m.decoder] if kind == "sar" else [m.layers]
     assert all(len(b) == 3 for b in blocks)
-    assert m.config["dropout"] == 0.2
+    assert m.config.dropout == 0.2
     if kind != "sar":
-        assert m.config["token_dropout"] == 0.2
+        assert m.config.token_dropout == 0.2

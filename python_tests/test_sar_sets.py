@@ -70,7 +70,7 @@ def test_config_json_keeps_the_counts_and_resume_and_load_see_them(tmp_path):
     out = str(tmp_path / "run")
     train(TrainConfig(model="sar", steps=2, out=out, sar_sets="2-4", **TINY), progress=False)
     model, config, _ = checkpoint.load(out)
-    assert config["train"]["sar_sets"] == "2-4" and model.config["train_steps"] == [2, 3, 4]
+    assert config["train"]["sar_sets"] == "2-4" and model.config.train_steps == [2, 3, 4]
     res = subprocess.run([sys.executable, "-m", "sarkernels", "train", "--out", out, "--resume",
                           "--sar-sets", "16", "--no-progress"], capture_output=True, text=True)
     assert res.returncode == 2 and "--sar-sets '16' (the run has '2-4')" in res.stderr
@@ -84,7 +84,7 @@ def test_checkpoints_from_before_the_option_load_and_resume(tmp_path):
     config = json.load(open(path))
     del config["train"]["sar_sets"]  # as written before --sar-sets existed
     json.dump(config, open(path, "w"))
-    assert checkpoint.load(out)[0].config["train_steps"] is None
+    assert checkpoint.load(out)[0].config.train_steps is None
     res = subprocess.run([sys.executable, "-m", "sarkernels", "train", "--out", out, "--resume",
                           "--steps", "3", "--no-progress"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

@@ -190,7 +190,7 @@ def test_sample_official_randar_checkpoint_to_pictures(tmp_path):
     loaded = checkpoint.load_official(str(tmp_path / "randar.safetensors"), n_head=4, grid_size=8)
     for k, v in randar.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
-    assert loaded.config["multiple_of"] == 256 and loaded.num_classes == 5
+    assert loaded.config.multiple_of == 256 and loaded.num_classes == 5
     with pytest.raises(checkpoint.CheckpointError, match="key pattern"):
         save_file({"x": torch.zeros(1)}, tmp_path / "junk.safetensors")
         checkpoint.load_official(str(tmp_path / "junk.safetensors"))

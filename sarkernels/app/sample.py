@@ -162,8 +162,8 @@ def official(args):
 def check(args):
     """Everything about a sample command that can be checked before loading a model."""
     from . import outputs
+    from ..models import DecoderOnlyConfig
     from ..models.common import check_sampling
-    from ..models.decoder_only import PRESETS
     from .train import check_device
 
     parse_labels(args.labels)
@@ -191,20 +191,21 @@ def check(args):
         if args.vq is None:
             raise UsageError(f"{args.ckpt} holds official weights that make VQ codes: pass --vq "
                              "to decode them into pictures")
-        if args.heads is None and args.preset not in PRESETS:
-            raise UsageError(f"unknown --preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+        if args.heads is None and args.preset not in DecoderOnlyConfig.PRESETS:
+            raise UsageError(f"unknown --preset {args.preset!r}; choose from "
+                             f"{', '.join(DecoderOnlyConfig.PRESETS)}")
 
 
 def run(args):
     """The ``sample`` command: a PNG grid of pictures (or an inpainting) from a checkpoint."""
     check(args)
     from . import checkpoint
-    from ..models.decoder_only import PRESETS
+    from ..models import DecoderOnlyConfig
     from ..tokenizers import VQTokenizer, from_config
 
     vq = VQTokenizer.from_checkpoint(args.vq, args.image_size).to(args.device) if args.vq else None
     if official(args):
-        heads = args.heads or PRESETS[args.preset]["n_head"]
+        heads = args.heads or DecoderOnlyConfig.PRESETS[args.preset]["n_head"]
         model = checkpoint.load_official(args.ckpt, args.model, heads, vq.grid_size, args.device)
         config, path, tok = {"model": args.model, "num_classes": model.num_classes}, args.ckpt, vq
     else:

@@ -241,7 +241,7 @@ def train(cfg, resume=False, overwrite=False, progress=True, log=print):
     step_model = _Loss(model)
     if world > 1:
         step_model = nn.parallel.DistributedDataParallel(step_model)
-    config = {"model": cfg.model, "model_config": model.config,
+    config = {"model": cfg.model, "model_config": asdict(model.config),
               "tokenizer": dataset.tokenizer.config(), "num_classes": dataset.num_classes,
               "train": asdict(cfg)}
     local = cfg.batch // world

@@ -1,9 +1,11 @@
 """Set-autoregressive models on the sarkernels ops."""
+from .decoder_only import DecoderOnlyConfig
 from .randar import RandARTransformer
-from .rar import RARTransformer
-from .sar import SARTransformer
+from .rar import RARConfig, RARTransformer
+from .sar import SARConfig, SARTransformer
 
 # the model kinds checkpoints and training name
 MODELS = {"sar": SARTransformer, "randar": RandARTransformer, "rar": RARTransformer}
 
-__all__ = ["RandARTransformer", "RARTransformer", "SARTransformer", "MODELS"]
+__all__ = ["RandARTransformer", "RARTransformer", "SARTransformer", "MODELS", "SARConfig",
+           "DecoderOnlyConfig", "RARConfig"]

@@ -1,5 +1,7 @@
-"""What SAR, RandAR and RAR share: class embedding, argument checks, the generation plan
-(order, known cells, set sizes), sampling and classifier-free guidance."""
+"""What SAR, RandAR and RAR share: construction from a config, class embedding, argument
+checks, the generation plan (order, known cells, set sizes), sampling and classifier-free
+guidance."""
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -7,6 +9,59 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import orders
+
+
+class Config:
+    """Base of a model family's config dataclass (gpt-fast's ``ModelArgs``): every
+    constructor argument with its default, and named ``PRESETS`` of some of them.
+    ``dataclasses.asdict(config)`` is what a checkpoint's ``config.json`` stores."""
+    PRESETS = {}
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """The preset ``name`` with ``overrides`` (other fields keep their defaults)."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {list(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+
+class Configured:
+    """A model of one family, built from its ``config_class``: ``Model(config)``,
+    ``Model(**fields)`` (how checkpoints store it) or ``Model(config, **fields)`` (the fields
+    replace the config's); an unknown field is a TypeError."""
+    config_class = Config
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """``from_preset("L", vocab_size=16384)``: the model of :meth:`Config.from_preset`."""
+        return cls(cls.config_class.from_preset(name, **overrides))
+
+    def _configure(self, config, fields):
+        """Sets ``self.config`` and what every model has first: the sizes, the token and
+        class embeddings (in this order: the training RNG stream depends on it)."""
+        if config is None:
+            config = self.config_class(**fields)
+        elif type(config) is not self.config_class:
+            raise TypeError(f"config must be a {self.config_class.__name__}, got "
+                            f"{type(config).__name__}")
+        else:
+            config = dataclasses.replace(config, **fields)
+        self.config = config
+        self.vocab_size, self.num_classes = config.vocab_size, config.num_classes
+        self.grid_size, self.n_tokens = config.grid_size, config.grid_size ** 2
+        self.n_head = config.n_head
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.cls_embedding = ClassEmbedding(config.num_classes, config.dim)
+        return config
+
+    def _head(self):
+        """The final norm and the output projection."""
+        self.norm = nn.RMSNorm(self.config.dim, eps=1e-5)
+        self.output = nn.Linear(self.config.dim, self.vocab_size, bias=False)
+
+    def _init(self):
+        init_weights(self)
+        nn.init.zeros_(self.output.weight)  # LlamaGen starts from uniform predictions
 
 
 class ClassEmbedding(nn.Module):
@@ -130,12 +185,10 @@ def draw_noise(noise, generator=None):
     return noise.exponential_(generator=generator)
 
 
-def guidance_batch(labels, num_classes, cfg_scale):
-    """The batch every step runs: the labels, then (with CFG) the null class for each;
-    and how many copies of the sample rows that is."""
-    if cfg_scale is None:
-        return labels, 1
-    return torch.cat([labels, torch.full_like(labels, num_classes)]), 2
+def guidance_rows(labels, num_classes, reps):
+    """The class rows every step runs: the labels, then the null class for each of the
+    ``reps - 1`` guidance branches."""
+    return torch.cat([labels, *[torch.full_like(labels, num_classes)] * (reps - 1)])
 
 
 def with_progress(steps, enabled):
@@ -143,12 +196,6 @@ def with_progress(steps, enabled):
         return steps
     from tqdm.auto import tqdm
     return tqdm(steps, desc="generate", leave=False)
-
-
-def from_preset(cls, presets, name, overrides):
-    if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; choose from {list(presets)}")
-    return cls(**{**presets[name], **overrides})
 
 
 def guided(logits, cfg_scale, done, n, spatial_cfg=None):

@@ -1,10 +1,14 @@
-"""The decoder-only stack RandAR and RAR share (LlamaGen's GPT), and their generation loop.
+"""The decoder-only stack RandAR and RAR share (LlamaGen's GPT), its config, and their
+generation loop.
 
 Every sequence slot attends causally by slot index; 2D RoPE uses each slot's grid cell
 (the class token's rotation is all zero, as in RandAR). A subclass says which slots a step
 feeds (``_slots``), how they are embedded (``_feed``) and where the cache resumes after a
 step (``_resume_slot``).
 """
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -14,47 +18,46 @@ from ..rope import CLASS_TOKEN
 from . import common
 from .generation import Generation, Step, pick
 
-PRESETS = {  # LlamaGen GPT sizes
-    "B": dict(dim=768, n_layer=12, n_head=12),
-    "L": dict(dim=1024, n_layer=24, n_head=16),
-    "XL": dict(dim=1280, n_layer=36, n_head=20),
-    "XXL": dict(dim=1536, n_layer=48, n_head=24),
-}
+@dataclass
+class DecoderOnlyConfig(common.Config):
+    """Every :class:`RandARTransformer` argument, and the ones RAR shares."""
+    PRESETS: ClassVar[dict] = {  # LlamaGen GPT sizes
+        "B": dict(dim=768, n_layer=12, n_head=12),
+        "L": dict(dim=1024, n_layer=24, n_head=16),
+        "XL": dict(dim=1280, n_layer=36, n_head=20),
+        "XXL": dict(dim=1536, n_layer=48, n_head=24),
+    }
+    vocab_size: int = 16384
+    num_classes: int = 1000
+    grid_size: int = 16
+    dim: int = 1024
+    n_layer: int = 24
+    n_head: int = 16
+    n_kv_head: int | None = None
+    multiple_of: int = 256
+    class_dropout: float = 0.1
+    token_dropout: float = 0.1
+    dropout: float = 0.1
 
 
-class DecoderOnly(Generation, nn.Module):
-    def __init__(self, *, vocab_size=16384, num_classes=1000, grid_size=16, dim=1024,
-                 n_layer=24, n_head=16, n_kv_head=None, multiple_of=256, class_dropout=0.1,
-                 token_dropout=0.1, dropout=0.1):
+class DecoderOnly(Generation, common.Configured, nn.Module):
+    """Built from a ``config_class`` config (or its fields as keywords); a subclass adds its
+    parameters, then calls ``_init``."""
+    config_class = DecoderOnlyConfig
+
+    def __init__(self, config=None, /, **fields):
         super().__init__()
-        self.config = dict(vocab_size=vocab_size, num_classes=num_classes, grid_size=grid_size,
-                           dim=dim, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
-                           multiple_of=multiple_of, class_dropout=class_dropout,
-                           token_dropout=token_dropout, dropout=dropout)
-        self.vocab_size, self.num_classes, self.grid_size = vocab_size, num_classes, grid_size
-        self.n_tokens, self.n_head = grid_size * grid_size, n_head
-        self.tok_embeddings = nn.Embedding(vocab_size, dim)
-        self.cls_embedding = common.ClassEmbedding(num_classes, dim)
-        self.token_dropout = nn.Dropout(token_dropout)
-        self.layers = nn.ModuleList(Block(dim, n_head, n_kv_head, dropout=dropout,
-                                          multiple_of=multiple_of) for _ in range(n_layer))
-        self.norm = nn.RMSNorm(dim, eps=1e-5)
-        self.output = nn.Linear(dim, vocab_size, bias=False)
-
-    def _init(self):
-        common.init_weights(self)
-        nn.init.zeros_(self.output.weight)  # LlamaGen starts from uniform predictions
+        cfg = self._configure(config, fields)
+        self.token_dropout = nn.Dropout(cfg.token_dropout)
+        self.layers = nn.ModuleList(Block(cfg.dim, cfg.n_head, cfg.n_kv_head, dropout=cfg.dropout,
+                                          multiple_of=cfg.multiple_of) for _ in range(cfg.n_layer))
+        self._head()
 
     @classmethod
     def for_training(cls, *, layers, dropout, **config):
         """The model a training run builds: ``layers`` blocks, ``dropout`` on tokens and in
-        the blocks; ``config`` the other constructor arguments."""
+        the blocks; ``config`` the other config fields."""
         return cls(n_layer=layers, token_dropout=dropout, dropout=dropout, **config)
-
-    @classmethod
-    def from_preset(cls, name, **overrides):
-        """``from_preset("L", vocab_size=16384)``; presets B, L, XL, XXL (LlamaGen widths)."""
-        return common.from_preset(cls, PRESETS, name, overrides)
 
     def loss(self, tokens, labels, layout=None, generator=None):
         """Mean cross-entropy of every token under a training ``layout`` (see

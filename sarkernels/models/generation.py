@@ -56,11 +56,21 @@ class State:
 
 @dataclass(frozen=True)
 class Sampling:
+    """The sampling settings (checked); ``cfg_scale`` None: no guidance; ``spatial_cfg``:
+    RandAR's three-branch extrapolation guidance (:func:`common.guided`)."""
     temperature: float
     top_k: int
     top_p: float
     cfg_scale: float
     spatial_cfg: float = None
+
+    def __post_init__(self):
+        common.check_sampling(self.temperature, self.top_k, self.top_p, self.cfg_scale)
+
+    @property
+    def reps(self):
+        """Rows per sample: the conditional one and one per guidance branch."""
+        return 3 if self.spatial_cfg is not None else 1 if self.cfg_scale is None else 2
 
 
 @dataclass(eq=False)
@@ -185,9 +195,9 @@ class Generation:
         settings; the logits ``on_step`` sees under ``graphs`` are overwritten by later steps.
         Tokens equal eager generation's for the same generator.
         """
-        device = self.output.weight.device
-        labels = common.check_labels(labels, self.num_classes).to(device)
-        common.check_sampling(temperature, top_k, top_p, cfg_scale)
+        labels = self._labels(labels)
+        sampling = Sampling(temperature, top_k, top_p, cfg_scale)
+        device = labels.device
         if graphs and device.type != "cuda":
             raise ValueError(f"graphs=True needs a model on a CUDA device, got {device}")
         schedule, steps = self._default_schedule(schedule, steps,
@@ -195,23 +205,26 @@ class Generation:
         plan = common.make_plan(len(labels), self.n_tokens, self.vocab_size, order=order,
                                 schedule=schedule, steps=steps, known=known,
                                 generator=generator, device=device)
-        rows, reps = common.guidance_batch(labels, self.num_classes, cfg_scale)
-        return self._run(plan, rows, reps, Sampling(temperature, top_k, top_p, cfg_scale),
-                         generator, use_kv_cache=use_kv_cache, graphs=graphs, compile=compile,
-                         progress=progress, on_step=on_step)
+        return self._run(plan, labels, sampling, generator, use_kv_cache=use_kv_cache,
+                         graphs=graphs, compile=compile, progress=progress, on_step=on_step)
 
-    def _run(self, plan, labels, reps, sampling, generator, *, canvas=None, use_kv_cache=True,
+    def _labels(self, labels):
+        """``labels`` checked and on the model's device."""
+        return common.check_labels(labels, self.num_classes).to(self.output.weight.device)
+
+    def _run(self, plan, labels, sampling, generator, *, canvas=None, use_kv_cache=True,
              graphs=False, compile=False, progress=False, on_step=None):
-        """Runs ``plan`` for the class rows ``labels [B*reps]`` (on ``canvas``, or the
-        model's own grid for None); returns the tokens in raster order."""
+        """Runs ``plan`` for class ``labels [B]`` (with the null-class rows guidance adds) on
+        ``canvas``, or the model's own grid for None; returns the tokens in raster order."""
         device = plan.cells.device
         batch = len(plan.cells)
-        session = self._session(batch, reps, use_kv_cache, sampling, graphs, compile, canvas)
+        session = self._session(batch, use_kv_cache, sampling, graphs, compile, canvas)
         schedule = upload(self._schedule(plan, use_kv_cache), device)
         noise_shape = lambda n: (batch, n, self.vocab_size)
         if graphs:
             session.capture(schedule, noise_shape)
-        session.state.load(plan, self.cls_embedding(labels))
+        rows = common.guidance_rows(labels, self.num_classes, sampling.reps)
+        session.state.load(plan, self.cls_embedding(rows))
         generator = noise_generator(generator, device)
         for t, step in enumerate(common.with_progress(schedule, progress)):
             logits = session.run(step, noise_shape, generator)
@@ -219,14 +232,15 @@ class Generation:
                 on_step(t, logits, plan.cells[:, step.first:step.first + step.n])
         return common.to_raster(plan.cells, session.state.tokens)
 
-    def _session(self, batch, reps, use_kv_cache, sampling, graphs, compile, canvas=None):
+    def _session(self, batch, use_kv_cache, sampling, graphs, compile, canvas=None):
         w = self.output.weight  # graphs hold the kernels of the ops backend they captured
-        key = (batch, reps, use_kv_cache, sampling, graphs, compile, w.device, w.dtype,
+        key = (batch, use_kv_cache, sampling, graphs, compile, w.device, w.dtype,
                ops.current_backend())
         cached = getattr(self, "_generation_session", None)
         if canvas is None and cached is not None and cached[0] == key:
             return cached[1]
-        rows, dim = batch * reps, self.tok_embeddings.embedding_dim
+        reps, dim = sampling.reps, self.tok_embeddings.embedding_dim
+        rows = batch * reps
         n = self.n_tokens if canvas is None else canvas.n_tokens
         caches = None
         if use_kv_cache:
@@ -246,6 +260,6 @@ class Generation:
 
     def _kv_caches(self, batch, length, count):
         w, dim = self.output.weight, self.tok_embeddings.embedding_dim
-        heads = self.config["n_kv_head"] or self.n_head
+        heads = self.config.n_kv_head or self.n_head
         return [KVCache(batch, heads, length, dim // self.n_head, w.dtype, w.device, check=False)
                 for _ in range(count)]

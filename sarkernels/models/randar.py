@@ -20,9 +20,11 @@ from .generation import Canvas, Sampling
 
 
 class RandARTransformer(DecoderOnly):
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.pos_instruct_embeddings = nn.Parameter(torch.zeros(1, self.config["dim"]))
+    """Built from a :class:`DecoderOnlyConfig` (or its fields as keywords)."""
+
+    def __init__(self, config=None, /, **fields):
+        super().__init__(config, **fields)
+        self.pos_instruct_embeddings = nn.Parameter(torch.zeros(1, self.config.dim))
         self._init()
 
     def _init(self):
@@ -42,7 +44,7 @@ class RandARTransformer(DecoderOnly):
         """Per-sample random orders and label drops for a batch (rows can be sliced); the
         same at every ``progress`` of training."""
         return dict(order=orders.make_order("random", batch, self.n_tokens, generator),
-                    drop_label=common.label_drops(batch, self.config["class_dropout"], generator))
+                    drop_label=common.label_drops(batch, self.config.class_dropout, generator))
 
     def _default_schedule(self, schedule, steps, remaining):
         schedule = "randar" if schedule is None else schedule
@@ -78,9 +80,9 @@ class RandARTransformer(DecoderOnly):
             raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
         if spatial_cfg is None or spatial_cfg < 0:
             raise ValueError(f"spatial_cfg must be >= 0, got {spatial_cfg}")
-        common.check_sampling(temperature, top_k, top_p, cfg)
-        device = self.output.weight.device
-        labels = common.check_labels(labels, self.num_classes).to(device)
+        sampling = Sampling(temperature, top_k, top_p, cfg, spatial_cfg)
+        labels = self._labels(labels)
+        device = labels.device
         grid, n, batch = self.grid_size, self.n_tokens, len(labels)
         if low_res is None:
             low_res = self.generate(labels, cfg_scale=cfg, steps=low_res_steps,
@@ -107,11 +109,8 @@ class RandARTransformer(DecoderOnly):
         canvas = Canvas(side * side, rope_angles(grid, head_dim, scale=scale,
                                                  ntk_boundary=ntk_boundary, device=device),
                         keep.flatten(0, 1).to(device, self.output.weight.dtype))
-        null = torch.full_like(labels, self.num_classes)
-        return self._run(plan, torch.cat([labels, null, null]), 3,
-                         Sampling(temperature, top_k, top_p, cfg, spatial_cfg), generator,
-                         canvas=canvas, use_kv_cache=use_kv_cache, progress=progress,
-                         on_step=on_step)
+        return self._run(plan, labels, sampling, generator, canvas=canvas,
+                         use_kv_cache=use_kv_cache, progress=progress, on_step=on_step)
 
     def _max_slots(self, n_tokens):
         return 1 + 2 * n_tokens

@@ -4,20 +4,34 @@ to the current token (``interleave_position_instructions(..., merge=True)``), so
 sequence is ``[c + TA[t_1], x_1 + TA[t_2], ..., x_N]`` (causal). Generation is one token
 per step (raster by default) with a KV cache.
 """
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from .. import ops, orders
 from ..rope import CLASS_TOKEN
 from . import common
-from .decoder_only import DecoderOnly
+from .decoder_only import DecoderOnly, DecoderOnlyConfig
+
+
+@dataclass
+class RARConfig(DecoderOnlyConfig):
+    """The decoder-only arguments and ``anneal``: the fractions of training over which the
+    probability of a random order falls from 1 to 0 (:func:`sarkernels.orders.rar_ratio`)."""
+    anneal: tuple = (0.25, 0.75)
+
+    def __post_init__(self):
+        self.anneal = tuple(self.anneal)  # config.json stores it as a list
 
 
 class RARTransformer(DecoderOnly):
-    def __init__(self, anneal=(0.25, 0.75), **config):
-        super().__init__(**config)
-        self.config["anneal"] = tuple(anneal)
-        self.target_aware = nn.Parameter(torch.zeros(self.n_tokens, self.config["dim"]))
+    """Built from a :class:`RARConfig` (or its fields as keywords)."""
+    config_class = RARConfig
+
+    def __init__(self, config=None, /, **fields):
+        super().__init__(config, **fields)
+        self.target_aware = nn.Parameter(torch.zeros(self.n_tokens, self.config.dim))
         self._init()
 
     def _init(self):
@@ -38,11 +52,11 @@ class RARTransformer(DecoderOnly):
         fraction ``progress`` of training done crosses ``anneal`` (see
         :func:`sarkernels.orders.rar_ratio`; None: always random), raster otherwise; plus
         label drops."""
-        random_ratio = 1.0 if progress is None else orders.rar_ratio(progress, *self.config["anneal"])
+        random_ratio = 1.0 if progress is None else orders.rar_ratio(progress, *self.config.anneal)
         order = orders.make_order("random", batch, self.n_tokens, generator)
         raster = torch.rand(batch, 1, generator=generator) >= random_ratio
         return dict(order=torch.where(raster, torch.arange(self.n_tokens), order),
-                    drop_label=common.label_drops(batch, self.config["class_dropout"], generator))
+                    drop_label=common.label_drops(batch, self.config.class_dropout, generator))
 
     def _default_schedule(self, schedule, steps, remaining):
         if schedule not in (None, "ar"):

@@ -11,6 +11,9 @@ earlier queries and, per decoder layer, the cross-attention K/V of the encoder m
 t runs one encoder pass over set t-1 (the class token at t = 0) and one decoder pass over
 the queries of set t.
 """
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -21,63 +24,72 @@ from ..rope import CLASS_TOKEN
 from . import common
 from .generation import Generation, Step, pick
 
-PRESETS = {  # LlamaGen widths, depth split half encoder / half decoder (sar.md)
-    "B": dict(dim=768, encoder_layers=6, decoder_layers=6, n_head=12),
-    "L": dict(dim=1024, encoder_layers=12, decoder_layers=12, n_head=16),
-    "XL": dict(dim=1280, encoder_layers=18, decoder_layers=18, n_head=20),
-}
 TRAIN_SCHEDULES = ("random", "cosine", "constant", "mar")
 
 
-class SARTransformer(Generation, nn.Module):
-    """Training draws, per sample, an order (``train_order``: "random" or "raster") and a
-    partition (``train_schedule``: "random"/"cosine"/"constant" sizes into K sets, K drawn
-    uniformly from ``train_steps``: None for 1..N, a count, a list or a ``range`` of counts,
-    or text such as "8-32" (see :func:`orders.set_counts`); "mar": a random given prefix,
-    then one set, the prefix without loss)."""
+@dataclass
+class SARConfig(common.Config):
+    """Every :class:`SARTransformer` argument. Training draws, per sample, an order
+    (``train_order``: "random" or "raster") and a partition (``train_schedule``:
+    "random"/"cosine"/"constant" sizes into K sets, K drawn uniformly from ``train_steps``:
+    None for 1..N, a count, a list or a ``range`` of counts, or text such as "8-32" (see
+    :func:`orders.set_counts`; kept as its sorted list); "mar": a random given prefix, then
+    one set, the prefix without loss)."""
+    # LlamaGen widths, the depth split half encoder / half decoder (sar.md)
+    PRESETS: ClassVar[dict] = {
+        "B": dict(dim=768, encoder_layers=6, decoder_layers=6, n_head=12),
+        "L": dict(dim=1024, encoder_layers=12, decoder_layers=12, n_head=16),
+        "XL": dict(dim=1280, encoder_layers=18, decoder_layers=18, n_head=20),
+    }
+    vocab_size: int = 16384
+    num_classes: int = 1000
+    grid_size: int = 16
+    dim: int = 1024
+    encoder_layers: int = 12
+    decoder_layers: int = 12
+    n_head: int = 16
+    n_kv_head: int | None = None
+    multiple_of: int = 256
+    class_dropout: float = 0.1
+    dropout: float = 0.1
+    train_order: str = "random"
+    train_schedule: str = "random"
+    train_steps: list | None = None
 
-    def __init__(self, *, vocab_size=16384, num_classes=1000, grid_size=16, dim=1024,
-                 encoder_layers=12, decoder_layers=12, n_head=16, n_kv_head=None,
-                 multiple_of=256, class_dropout=0.1, dropout=0.1, train_order="random",
-                 train_schedule="random", train_steps=None):
-        super().__init__()
-        if train_order not in ("random", "raster") or train_schedule not in TRAIN_SCHEDULES:
+    def __post_init__(self):
+        order, schedule = self.train_order, self.train_schedule
+        if order not in ("random", "raster") or schedule not in TRAIN_SCHEDULES:
             raise ValueError(f"train_order must be 'random'/'raster' and train_schedule one of "
-                             f"{TRAIN_SCHEDULES}, got {train_order!r}, {train_schedule!r}")
+                             f"{TRAIN_SCHEDULES}, got {order!r}, {schedule!r}")
         try:
-            train_steps = orders.set_counts(train_steps, grid_size * grid_size)
+            self.train_steps = orders.set_counts(self.train_steps, self.grid_size ** 2)
         except ValueError as exc:
             raise ValueError(f"train_steps: {exc}") from None
-        self.config = dict(vocab_size=vocab_size, num_classes=num_classes, grid_size=grid_size,
-                           dim=dim, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
-                           n_head=n_head, n_kv_head=n_kv_head, multiple_of=multiple_of,
-                           class_dropout=class_dropout, dropout=dropout, train_order=train_order,
-                           train_schedule=train_schedule, train_steps=train_steps)
-        self.vocab_size, self.num_classes, self.grid_size = vocab_size, num_classes, grid_size
-        self.n_tokens, self.n_head = grid_size * grid_size, n_head
-        self.tok_embeddings = nn.Embedding(vocab_size, dim)
-        self.cls_embedding = common.ClassEmbedding(num_classes, dim)
-        self.token_pos = nn.Embedding(self.n_tokens, dim)   # encoder: where a token sits
-        self.query_pos = nn.Embedding(self.n_tokens, dim)   # decoder: the target position
-        block = dict(num_heads=n_head, num_kv_heads=n_kv_head, dropout=dropout,
-                     multiple_of=multiple_of)
-        self.encoder = nn.ModuleList(Block(dim, **block) for _ in range(encoder_layers))
-        self.decoder = nn.ModuleList(Block(dim, cross=True, **block) for _ in range(decoder_layers))
-        self.encoder_norm = nn.RMSNorm(dim, eps=1e-5)
-        self.norm = nn.RMSNorm(dim, eps=1e-5)
-        self.output = nn.Linear(dim, vocab_size, bias=False)
-        common.init_weights(self)
-        nn.init.zeros_(self.output.weight)
+
+
+class SARTransformer(Generation, common.Configured, nn.Module):
+    """Built from a :class:`SARConfig` (or its fields as keywords)."""
+    config_class = SARConfig
+
+    def __init__(self, config=None, /, **fields):
+        super().__init__()
+        cfg = self._configure(config, fields)
+        self.token_pos = nn.Embedding(self.n_tokens, cfg.dim)   # encoder: where a token sits
+        self.query_pos = nn.Embedding(self.n_tokens, cfg.dim)   # decoder: the target position
+        block = dict(num_heads=cfg.n_head, num_kv_heads=cfg.n_kv_head, dropout=cfg.dropout,
+                     multiple_of=cfg.multiple_of)
+        self.encoder = nn.ModuleList(Block(cfg.dim, **block) for _ in range(cfg.encoder_layers))
+        self.decoder = nn.ModuleList(Block(cfg.dim, cross=True, **block)
+                                     for _ in range(cfg.decoder_layers))
+        self.encoder_norm = nn.RMSNorm(cfg.dim, eps=1e-5)
+        self._head()
+        self._init()
 
     @classmethod
     def for_training(cls, *, layers, dropout, **config):
         """The model a training run builds: ``layers`` encoder and as many decoder blocks,
-        ``dropout`` in the blocks; ``config`` the other constructor arguments."""
+        ``dropout`` in the blocks; ``config`` the other :class:`SARConfig` fields."""
         return cls(encoder_layers=layers, decoder_layers=layers, dropout=dropout, **config)
-
-    @classmethod
-    def from_preset(cls, name, **overrides):
-        return common.from_preset(cls, PRESETS, name, overrides)
 
     # ------------------------------------------------------------------ passes
 
@@ -121,20 +133,20 @@ class SARTransformer(Generation, nn.Module):
         n, cfg = self.n_tokens, self.config
         rows, masks = [], []
         for _ in range(batch):
-            if cfg["train_schedule"] == "mar":
+            if cfg.train_schedule == "mar":
                 given = int(torch.randint(0, n, (), generator=generator))
                 sizes = [given, n - given] if given else [n]
                 mask = torch.arange(n) >= given
             else:
-                counts = cfg["train_steps"] or range(1, n + 1)
+                counts = cfg.train_steps or range(1, n + 1)
                 k = counts[int(torch.randint(len(counts), (), generator=generator))]
-                sizes = orders.set_sizes(cfg["train_schedule"], n, k, generator)
+                sizes = orders.set_sizes(cfg.train_schedule, n, k, generator)
                 mask = torch.ones(n, dtype=torch.bool)
             rows.append(orders.set_ids(sizes))
             masks.append(mask)
-        return dict(order=orders.make_order(cfg["train_order"], batch, n, generator),
+        return dict(order=orders.make_order(cfg.train_order, batch, n, generator),
                     sets=torch.stack(rows), mask=torch.stack(masks),
-                    drop_label=common.label_drops(batch, cfg["class_dropout"], generator))
+                    drop_label=common.label_drops(batch, cfg.class_dropout, generator))
 
     def loss(self, tokens, labels, layout=None, generator=None):
         layout = self.training_layout(len(tokens), generator) if layout is None else layout

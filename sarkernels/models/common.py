@@ -3,6 +3,7 @@ checks, the generation plan (order, known cells, set sizes), sampling and classi
 guidance."""
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -11,11 +12,22 @@ from torch.nn import functional as F
 from .. import orders
 
 
+@dataclass(kw_only=True)
 class Config:
-    """Base of a model family's config dataclass (gpt-fast's ``ModelArgs``): every
-    constructor argument with its default, and named ``PRESETS`` of some of them.
-    ``dataclasses.asdict(config)`` is what a checkpoint's ``config.json`` stores."""
-    PRESETS = {}
+    """Base of a model family's config dataclass (gpt-fast's ``ModelArgs``), holding the
+    arguments every model has: a family adds its own, each with its default, and named
+    ``PRESETS`` of some. ``dataclasses.asdict(config)`` is what a checkpoint's
+    ``config.json`` stores."""
+    PRESETS: ClassVar[dict] = {}
+    vocab_size: int = 16384
+    num_classes: int = 1000
+    grid_size: int = 16
+    dim: int = 1024
+    n_head: int = 16
+    n_kv_head: int | None = None
+    multiple_of: int = 256
+    class_dropout: float = 0.1
+    dropout: float = 0.1
 
     @classmethod
     def from_preset(cls, name, **overrides):

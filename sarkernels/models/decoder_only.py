@@ -18,26 +18,18 @@ from ..rope import CLASS_TOKEN
 from . import common
 from .generation import Generation, Step, pick
 
-@dataclass
+@dataclass(kw_only=True)
 class DecoderOnlyConfig(common.Config):
-    """Every :class:`RandARTransformer` argument, and the ones RAR shares."""
+    """The :class:`RandARTransformer` arguments (and those RAR shares):
+    :class:`common.Config`'s, the depth and the dropout on token embeddings."""
     PRESETS: ClassVar[dict] = {  # LlamaGen GPT sizes
         "B": dict(dim=768, n_layer=12, n_head=12),
         "L": dict(dim=1024, n_layer=24, n_head=16),
         "XL": dict(dim=1280, n_layer=36, n_head=20),
         "XXL": dict(dim=1536, n_layer=48, n_head=24),
     }
-    vocab_size: int = 16384
-    num_classes: int = 1000
-    grid_size: int = 16
-    dim: int = 1024
     n_layer: int = 24
-    n_head: int = 16
-    n_kv_head: int | None = None
-    multiple_of: int = 256
-    class_dropout: float = 0.1
     token_dropout: float = 0.1
-    dropout: float = 0.1
 
 
 class DecoderOnly(Generation, common.Configured, nn.Module):

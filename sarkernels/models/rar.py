@@ -15,7 +15,7 @@ from . import common
 from .decoder_only import DecoderOnly, DecoderOnlyConfig
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RARConfig(DecoderOnlyConfig):
     """The decoder-only arguments and ``anneal``: the fractions of training over which the
     probability of a random order falls from 1 to 0 (:func:`sarkernels.orders.rar_ratio`)."""

@@ -27,9 +27,10 @@ from .generation import Generation, Step, pick
 TRAIN_SCHEDULES = ("random", "cosine", "constant", "mar")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SARConfig(common.Config):
-    """Every :class:`SARTransformer` argument. Training draws, per sample, an order
+    """The :class:`SARTransformer` arguments: :class:`common.Config`'s, the depths, and how
+    training partitions an image. Training draws, per sample, an order
     (``train_order``: "random" or "raster") and a partition (``train_schedule``:
     "random"/"cosine"/"constant" sizes into K sets, K drawn uniformly from ``train_steps``:
     None for 1..N, a count, a list or a ``range`` of counts, or text such as "8-32" (see
@@ -41,17 +42,8 @@ class SARConfig(common.Config):
         "L": dict(dim=1024, encoder_layers=12, decoder_layers=12, n_head=16),
         "XL": dict(dim=1280, encoder_layers=18, decoder_layers=18, n_head=20),
     }
-    vocab_size: int = 16384
-    num_classes: int = 1000
-    grid_size: int = 16
-    dim: int = 1024
     encoder_layers: int = 12
     decoder_layers: int = 12
-    n_head: int = 16
-    n_kv_head: int | None = None
-    multiple_of: int = 256
-    class_dropout: float = 0.1
-    dropout: float = 0.1
     train_order: str = "random"
     train_schedule: str = "random"
     train_steps: list | None = None

@@ -6,11 +6,7 @@ Low-precision inputs are computed in float32; float64 stays float64.
 """
 import torch
 
-from .rope import check_positions, rotate_instruction
-
-
-def work_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .rope import check_positions, rotate_instruction, work_dtype
 
 
 def visible(q_sets, k_sets, strict=False):

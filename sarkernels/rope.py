@@ -133,10 +133,21 @@ def rope_2d(x, positions, grid_size=None, base=10000.0, *, check=True, angles=No
         check_angles("rope_2d", angles, x.shape[-1])
     if check:
         check_positions("rope_2d", positions, angles.shape[0], class_token=True)
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    cos, sin = rope_cos_sin(positions, angles, work)
-    cos, sin = cos[:, None], sin[:, None]
-    x0, x1 = x.to(work).unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = rope_cos_sin(positions, angles, work_dtype(x.dtype))
+    return rotate(x, cos[:, None], sin[:, None])
+
+
+def work_dtype(dtype):
+    """The dtype the ops compute in for inputs of ``dtype``: float64 stays, 16-bit
+    floats and float32 compute in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rotate(x, cos, sin):
+    """``x [B, H, L, D]`` with each pair ``(x[2i], x[2i+1])`` rotated by ``cos``/``sin``
+    (``[B, 1, L, D / 2]``, from :func:`rope_cos_sin`), computed in their dtype and returned
+    in ``x``'s: the rotation :func:`rope_2d` applies, for callers that reuse one table."""
+    x0, x1 = x.to(cos.dtype).unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(-2).to(x.dtype)
 
 

@@ -4,7 +4,9 @@ digits, sample them with several recipes, and measure what each recipe costs and
 Writes ``samples.png`` (a row per recipe, columns 0-9), ``inpainting.png`` (left half
 kept, right half generated), ``report.md`` and ``report.json`` into the output folder.
 """
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import time
 
@@ -44,14 +46,13 @@ def run(out="demo_out", device="cpu", quick=False, cfg_scale=2.0, per_class=20, 
               "judge_held_out_accuracy": judge.accuracy(tok.decode(held_out.tokens), held_out.labels),
               "real_floor_frechet": judge.frechet(real, tok.decode(held_out.tokens)),
               "models": {}, "recipes": []}
+    cfgs = {kind: TrainConfig(model=kind, device=device, out=os.path.join(out, "runs", kind),
+                              **{**size, **(QUICK if quick else {})}) for kind, size in MODELS.items()}
     models = {}
-    for kind, size in MODELS.items():
-        cfg = TrainConfig(model=kind, device=device, out=os.path.join(out, "runs", kind),
-                          **{**size, **(QUICK if quick else {})})
-        tic = time.perf_counter()
-        path = train(cfg, overwrite=True, progress=True, log=log)
+    for kind, (path, seconds) in train_all(cfgs, log).items():
+        cfg = cfgs[kind]
         models[kind] = checkpoint.load(path, device)[0]
-        report["models"][kind] = {"train_seconds": time.perf_counter() - tic, "checkpoint": path,
+        report["models"][kind] = {"train_seconds": seconds, "checkpoint": path,
                                   "parameters": sum(p.numel() for p in models[kind].parameters()),
                                   "steps": cfg.steps, "batch": cfg.batch, "dim": cfg.dim,
                                   "layers": cfg.layers,
@@ -89,6 +90,29 @@ def run(out="demo_out", device="cpu", quick=False, cfg_scale=2.0, per_class=20, 
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(markdown(report))
     return report
+
+
+def train_all(cfgs, log=print):
+    """Trains each config (a fresh run, replacing one in its folder); returns ``{kind:
+    (checkpoint, seconds)}``. On a CPU with threads to share, the runs go side by side in
+    processes of an equal share of the threads each: a step of these small models keeps
+    one core busy better than two (benchmarks/RESULTS.md, "demo")."""
+    threads = torch.get_num_threads() // len(cfgs)
+    if threads < 1 or any(cfg.device != "cpu" for cfg in cfgs.values()):
+        return {kind: _train_one(cfg, None, None, log) for kind, cfg in cfgs.items()}
+    spawn = multiprocessing.get_context("spawn")  # forking a process that ran OpenMP hangs
+    with concurrent.futures.ProcessPoolExecutor(len(cfgs), mp_context=spawn) as pool:
+        futures = {kind: pool.submit(_train_one, cfg, threads, row)
+                   for row, (kind, cfg) in enumerate(cfgs.items())}
+        return {kind: future.result() for kind, future in futures.items()}
+
+
+def _train_one(cfg, threads, bar_row, log=print):
+    if threads is not None:
+        torch.set_num_threads(threads)
+    tic = time.perf_counter()
+    path = train(cfg, overwrite=True, log=log, bar_row=bar_row)
+    return path, time.perf_counter() - tic
 
 
 def inpaint(models, held_out, judge, out, device, cfg_scale):

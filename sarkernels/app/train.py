@@ -201,10 +201,11 @@ def prepare_run(cfg, resume, overwrite):
     return step_dir, state
 
 
-def train(cfg, resume=False, overwrite=False, progress=True, log=print):
+def train(cfg, resume=False, overwrite=False, progress=True, log=print, bar_row=None):
     """Trains (or, with ``resume``, continues) the run in ``cfg.out``; returns the final
     checkpoint directory. An existing run is only replaced with ``overwrite``. Everything
-    that can be checked is checked before any work (ValueError naming the setting)."""
+    that can be checked is checked before any work (ValueError naming the setting).
+    ``bar_row``: the terminal row of the progress bar, for runs that train side by side."""
     cfg.validate()
     step_dir, state = prepare_run(cfg, resume, overwrite)
     dataset = data.load(cfg.data, cfg.grid, "train")
@@ -249,7 +250,8 @@ def train(cfg, resume=False, overwrite=False, progress=True, log=print):
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", dynamic_ncols=True,
+                   position=bar_row)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda"))
     model.train()
     final = None

@@ -1,10 +1,11 @@
 """SetAttention, the drop-in attention module, and KVCache, its in-place cache."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .. import ops
+from ..rope import grid_shape, rope_angles, rope_cos_sin, rotate, work_dtype
 
 #: Set id of a cache slot nothing has written: no query's set id reaches it.
 UNWRITTEN = torch.iinfo(torch.int64).max
@@ -54,11 +55,31 @@ class KVCache:
 class Rope:
     """2D RoPE cells (``[B, L]``, row-major; -1 zeroes a token) of the queries and, for
     cross-attention, of the context; ``grid_size`` is (H, W) or the side of a square, or
-    None with an explicit ``angles`` table (see :func:`sarkernels.rope_2d`)."""
+    None with an explicit ``angles`` table (see :func:`sarkernels.rope_2d`).
+
+    A model builds one per forward pass: calling it rotates q or k as :func:`rope_2d` does,
+    with the cos/sin tables computed once and shared by every layer (the cells are the
+    model's own, valid by construction, so they are not checked).
+    """
     grid_size: object
     cells: torch.Tensor
     context_cells: torch.Tensor = None
     angles: torch.Tensor = None
+    _tables: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __call__(self, x, context=False):
+        """``x [B, H, L, D]`` rotated by the query cells' RoPE (``context``: the context's)."""
+        work = work_dtype(x.dtype)
+        key = (context, x.shape[-1], work)
+        if key not in self._tables:
+            cells = self.context_cells if context else self.cells
+            angles = self.angles
+            if angles is None:
+                angles = rope_angles(grid_shape("Rope", self.grid_size), x.shape[-1],
+                                     device=cells.device)
+            cos, sin = rope_cos_sin(cells, angles, work)
+            self._tables[key] = cos[:, None], sin[:, None]
+        return rotate(x, *self._tables[key])
 
 
 class SetAttention(nn.Module):
@@ -95,7 +116,7 @@ class SetAttention(nn.Module):
         kv_dim = self.num_kv_heads * self.head_dim
         if context is None:
             q, k, v = self.wqkv(x).split([dim, kv_dim, kv_dim], -1)
-            context_sets, k_cells = sets, None if rope is None else rope.cells
+            context_sets = sets
         else:
             if context_sets is None:
                 raise ValueError("SetAttention: cross-attention needs context_sets")
@@ -103,15 +124,12 @@ class SetAttention(nn.Module):
             b_q, b_kv = (None, None) if self.wqkv.bias is None else self.wqkv.bias.split([dim, 2 * kv_dim])
             q = nn.functional.linear(x, w_q, b_q)
             k, v = nn.functional.linear(context, w_kv, b_kv).split([kv_dim, kv_dim], -1)
-            k_cells = None if rope is None else rope.context_cells
         q, k, v = self._heads(q, self.num_heads), self._heads(k, self.num_kv_heads), \
             self._heads(v, self.num_kv_heads)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            # the model computes its cells: valid by construction, no value check (a sync)
-            q = ops.rope_2d(q, rope.cells, rope.grid_size, check=False, angles=rope.angles)
-            k = ops.rope_2d(k, k_cells, rope.grid_size, check=False, angles=rope.angles)
+            q, k = rope(q), rope(k, context=context is not None)
         if cache is not None:
             cache.write(k, v, context_sets, cache_slots)
             k, v, context_sets = cache.k, cache.v, cache.sets

@@ -109,7 +109,8 @@ def test_two_processes_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--standalone", "-m", "sarkernels", "train", *common,
-                          "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                         timeout=900)  # a hung rendezvous fails the test instead of the whole run
     assert res.returncode == 0, res.stderr[-3000:]
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in one:

@@ -130,14 +130,6 @@ def draw_noise(noise, generator=None):
     return noise.exponential_(generator=generator)
 
 
-def guidance_batch(labels, num_classes, cfg_scale):
-    """The batch every step runs: the labels, then (with CFG) the null class for each;
-    and how many copies of the sample rows that is."""
-    if cfg_scale is None:
-        return labels, 1
-    return torch.cat([labels, torch.full_like(labels, num_classes)]), 2
-
-
 def with_progress(steps, enabled):
     if not enabled:
         return steps

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from ..nn import Block, Rope
 from ..rope import CLASS_TOKEN
-from . import common
+from . import common, condition
 from .generation import Generation, Step, pick
 
 PRESETS = {  # LlamaGen GPT sizes
@@ -25,16 +25,16 @@ PRESETS = {  # LlamaGen GPT sizes
 class DecoderOnly(Generation, nn.Module):
     def __init__(self, *, vocab_size=16384, num_classes=1000, grid_size=16, dim=1024,
                  n_layer=24, n_head=16, n_kv_head=None, multiple_of=256, class_dropout=0.1,
-                 token_dropout=0.1, dropout=0.1):
+                 token_dropout=0.1, dropout=0.1, cond_dim=None):
         super().__init__()
         self.config = dict(vocab_size=vocab_size, num_classes=num_classes, grid_size=grid_size,
                            dim=dim, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
                            multiple_of=multiple_of, class_dropout=class_dropout,
-                           token_dropout=token_dropout, dropout=dropout)
+                           token_dropout=token_dropout, dropout=dropout, cond_dim=cond_dim)
         self.vocab_size, self.num_classes, self.grid_size = vocab_size, num_classes, grid_size
         self.n_tokens, self.n_head = grid_size * grid_size, n_head
         self.tok_embeddings = nn.Embedding(vocab_size, dim)
-        self.cls_embedding = common.ClassEmbedding(num_classes, dim)
+        self.cls_embedding = condition.embedding(num_classes, dim, cond_dim)
         self.token_dropout = nn.Dropout(token_dropout)
         self.layers = nn.ModuleList(Block(dim, n_head, n_kv_head, dropout=dropout,
                                           multiple_of=multiple_of) for _ in range(n_layer))
@@ -58,39 +58,50 @@ class DecoderOnly(Generation, nn.Module):
 
     def loss(self, tokens, labels, layout=None, generator=None):
         """Mean cross-entropy of every token under a training ``layout`` (see
-        :meth:`training_layout`; drawn from ``generator`` when None)."""
+        :meth:`training_layout`; drawn from ``generator`` when None); ``labels`` class labels
+        or a :class:`~sarkernels.models.condition.Prompt` (a model built with ``cond_dim``)."""
         layout = self.training_layout(len(tokens), generator) if layout is None else layout
         order = layout["order"].to(tokens.device)
-        labels = common.drop_labels(labels, layout["drop_label"], self.num_classes)
-        logits = self(tokens, labels, order)
+        logits = self(tokens, condition.prefix(self, labels, layout["drop_label"]), order)
         return F.cross_entropy(logits.flatten(0, 1).float(), tokens.gather(1, order).flatten())
 
-    def trunk(self, x, cells, slots=None, caches=None, angles=None):
+    def trunk(self, x, cells, slots=None, caches=None, angles=None, sets=None):
         """Causal (by slot) layers over the sequence slots ``slots [L]`` (default 0 .. L-1),
         RoPE by ``cells`` of the model's grid or rows of an ``angles`` table; returns the
-        normed states."""
+        normed states. ``sets [B, L]`` (default: the slots) overrides the causal order."""
         b, length, _ = x.shape
         slots = torch.arange(length, device=x.device) if slots is None else slots
-        sets = slots.expand(b, length)
+        sets = slots.expand(b, length) if sets is None else sets
         rope = Rope(self.grid_size, cells) if angles is None else Rope(None, cells, angles=angles)
         for i, layer in enumerate(self.layers):
             x = layer(x, sets, rope=rope, cache=None if caches is None else caches[i],
                       cache_slots=slots)
         return self.norm(x)
 
-    def _cells_with_class(self, cells):
-        return torch.cat([cells.new_full((cells.shape[0], 1), CLASS_TOKEN), cells], 1)
+    def _prefixed(self, prefix, seq, cells):
+        """The trunk over ``seq [B, Lc + L, D]`` (the prefix's rows first) in the training
+        layout: ``cells [B, L]`` after the prefix's; set ids causal after the prefix's."""
+        c = len(prefix)
+        cells = torch.cat([cells.new_full((cells.shape[0], c), CLASS_TOKEN), cells], 1)
+        later = torch.arange(1, seq.shape[1] - c + 1, device=seq.device)
+        return self.trunk(seq, cells, sets=torch.cat([prefix.sets, later.expand(len(seq), -1)], 1))
 
-    def _new_caches(self, batch, n_tokens=None):
+    def _new_caches(self, batch, n_tokens=None, prefix_len=1):
         slots = self._max_slots(self.n_tokens if n_tokens is None else n_tokens)
-        return {"layers": self._kv_caches(batch, slots, len(self.layers))}
+        return {"layers": self._kv_caches(batch, slots + prefix_len - 1, len(self.layers))}
 
-    def _schedule(self, plan, use_kv_cache):
-        """Per step ``feed [3, L]`` (slot, order index or -1 for the class token, 1 for an
-        instruction) and ``targets [n]``; the last n fed slots are the queries."""
+    def _schedule(self, plan, use_kv_cache, prefix_len=1, n_tokens=None):
+        """Per step ``feed [3, L]`` (slot, order index or -1 for the class token (-Lc .. -2
+        for the prefix's other rows), 1 for an instruction) and ``targets [n]``; the last n
+        fed slots are the queries."""
         steps, start, decoded = [], 0, plan.num_known
+        extra = condition.extra_entries(prefix_len - 1, self._max_slots(n_tokens or self.n_tokens))
         for n in plan.sizes:
-            feed = torch.tensor(self._slots(start, decoded, n))
+            slots, index, instruction = self._slots(start, decoded, n)
+            if start == 0:
+                slots, index = extra[0] + slots, extra[1] + index
+                instruction = [False] * len(extra[0]) + instruction
+            feed = torch.tensor([slots, index, instruction])
             steps.append(Step((feed, torch.arange(decoded, decoded + n)), decoded, n))
             start = self._resume_slot(decoded) if use_kv_cache else 0
             decoded += n
@@ -99,6 +110,7 @@ class DecoderOnly(Generation, nn.Module):
     def _step(self, state, sampling, feed, targets, noise):
         slots, index, instruction = feed.unbind(0)
         x, cells = self._feed(state, slots, index, instruction.bool())
+        sets = torch.where(index < 0, condition.sets_at(state, index), slots)
         h = self.trunk(x, cells, slots, None if state.caches is None else state.caches["layers"],
-                       state.angles)
+                       state.angles, sets)
         return pick(self, state, sampling, h[:, -targets.shape[0]:], targets, noise)

@@ -1,8 +1,15 @@
-"""Prefix (prompt) conditioning of SAR, RandAR and RAR: random text-encoder embeddings
-stand in for a text encoder, so these tests need no extra."""
+"""Prefix (prompt) conditioning of SAR, RandAR and RAR. The model tests use random
+embeddings in place of a text encoder; the command-line tests that encode prompts skip
+without the [text] extra."""
+import importlib.util
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from sarkernels.app import checkpoint, prompts
+from sarkernels.app.train import TrainConfig, train
 from sarkernels.models import MODELS, Prompt, RandARTransformer, RARTransformer, SARTransformer
 
 SMALL = dict(vocab_size=17, num_classes=10, grid_size=4, dim=64, n_head=4, multiple_of=32,
@@ -166,3 +173,84 @@ def test_class_models_have_no_caption_modules(kind):
         "cls_embedding.cap_proj.0.weight", "cls_embedding.cap_proj.0.bias",
         "cls_embedding.cap_proj.2.weight", "cls_embedding.cap_proj.2.bias",
         "cls_embedding.uncond_embedding"}
+
+
+# ------------------------------------------------------------------ the command line
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "sarkernels", *args], capture_output=True,
+                          text=True)
+
+
+TINY = ["--dim", "32", "--heads", "2", "--layers", "1", "--batch", "8", "--warmup", "2",
+        "--ckpt-every", "5", "--no-progress"]
+needs_text = pytest.mark.skipif(importlib.util.find_spec("all_minilm_l6_v2") is None or
+                                importlib.util.find_spec("sentence_transformers") is None,
+                                reason="the [text] extra is not installed")
+
+
+def test_prompt_options_refuse_what_cannot_work(tmp_path):
+    res = cli("train", "--condition", "prompts", "--data", str(tmp_path), "--out",
+              str(tmp_path / "run"))
+    assert res.returncode == 2 and "it needs --data digits" in res.stderr
+    res = cli("train", "--condition", "words", "--out", str(tmp_path / "run"))
+    assert res.returncode == 2 and "--condition" in res.stderr
+    run = str(tmp_path / "labels")
+    train(TrainConfig(model="rar", steps=2, out=run, dim=32, heads=2, layers=1, batch=8),
+          progress=False)
+    assert checkpoint.condition_kind(checkpoint.read_config(checkpoint.resolve(run))) == "labels"
+    res = cli("sample", "--ckpt", run, "--prompts", "a handwritten seven", "--out",
+              str(tmp_path / "x.png"))
+    assert res.returncode == 2
+    assert "--prompts needs a checkpoint trained with --condition prompts" in res.stderr
+    res = cli("sample", "--ckpt", run, "--prompts", "a seven,,", "--out", str(tmp_path / "x.png"))
+    assert res.returncode == 2 and "--prompts must be comma-separated" in res.stderr
+
+
+def test_training_prompts_come_from_the_generator():
+    labels = torch.tensor([7, 7, 0, 3])
+    a = prompts.draw(labels, torch.Generator().manual_seed(0))
+    assert a == prompts.draw(labels, torch.Generator().manual_seed(0))
+    words = [prompts.NUMBERS[l] for l in labels]
+    assert all(w in p or str(int(l)) in p for p, w, l in zip(a, words, labels))
+
+
+@needs_text
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["sar", "randar", "rar"])
+def test_train_and_sample_with_prompts(tmp_path, model):
+    run = str(tmp_path / "run")
+    res = cli("train", "--model", model, "--condition", "prompts", "--steps", "3", "--out", run,
+              *TINY)
+    assert res.returncode == 0, res.stderr[-3000:]
+    config = checkpoint.read_config(checkpoint.resolve(run))
+    assert config["condition"] == {"kind": "prompts", "encoder": prompts.ENCODER, "dim": 384}
+    assert config["model_config"]["cond_dim"] == 384
+    out = tmp_path / "grid.png"
+    res = cli("sample", "--ckpt", run, "--prompts", "a handwritten seven,the digit 2", "--n", "2",
+              "--cfg", "2", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "0: a handwritten seven; 1: the digit 2" in res.stdout and out.exists()
+    res = cli("sample", "--ckpt", run, "--out", str(out))
+    assert res.returncode == 2 and "pass --prompts" in res.stderr
+
+
+@needs_text
+def test_text_encoder_pads_with_a_mask():
+    enc = prompts.TextEncoder()
+    p = enc(["a handwritten seven", "7", "a handwritten seven"])
+    assert p.embeddings.shape[:2] == p.mask.shape and p.embeddings.shape[2] == enc.dim
+    assert p.mask[0].all() and p.mask[1].sum() < p.mask[0].sum()
+    assert torch.equal(p.embeddings[0], p.embeddings[2])
+    assert (p.embeddings[1][~p.mask[1]] == 0).all()
+
+
+def test_randar_extrapolates_from_a_prompt():
+    m = make("randar")
+    p = prompt(batch=2, lengths=(2, 5))
+    run = lambda cond, **kw: m.generate_extrapolated(
+        cond, 2, steps=6, generator=torch.Generator().manual_seed(0), **kw)
+    tokens = run(p)
+    assert tokens.shape == (2, 64)
+    assert torch.equal(run(repad(p, 2)), tokens)
+    assert torch.equal(run(p, use_kv_cache=False), tokens)

@@ -83,13 +83,14 @@ def _command(sub, name, help, description=None):
 def _train_parser(sub):
     from ..models import MODELS
     from ..models.sar import TRAIN_SCHEDULES
-    from .train import RESUMABLE, TrainConfig, option
+    from .train import CONDITIONS, RESUMABLE, TrainConfig, option
 
     p = _command(sub, "train", "train a SAR, RandAR or RAR model, or continue one",
                  "Train a model into a run folder (--out): AdamW, warmup + cosine decay, atomic "
                  "checkpoints every --ckpt-every steps. Under torchrun every process trains on "
                  "its slice of the global --batch.")
-    choices = {"model": list(MODELS), "grid": [8, 16], "sar_schedule": list(TRAIN_SCHEDULES)}
+    choices = {"model": list(MODELS), "grid": [8, 16], "sar_schedule": list(TRAIN_SCHEDULES),
+               "condition": list(CONDITIONS)}
     for f in fields(TrainConfig):
         if "help" not in f.metadata:
             continue  # not a command-line setting

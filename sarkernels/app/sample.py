@@ -262,8 +262,8 @@ def from_prompts(args, model, config, path, tok):
     if args.prompts is None:
         raise UsageError(f"{path} is conditioned on text prompts: pass --prompts, such as "
                          "--prompts 'a handwritten seven,the digit 2'")
-    if args.image or args.resolution:
-        raise UsageError("--prompts does not combine with --image or --resolution")
+    if args.image:
+        raise UsageError("--prompts does not combine with --image")
     texts = prompts.parse(args.prompts)
     cond = prompts.TextEncoder()(texts * args.n)
     name = recipe_name(args, config["model"])

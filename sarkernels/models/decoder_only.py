@@ -81,7 +81,7 @@ class DecoderOnly(Generation, nn.Module):
     def _prefixed(self, prefix, seq, cells):
         """The trunk over ``seq [B, Lc + L, D]`` (the prefix's rows first) in the training
         layout: ``cells [B, L]`` after the prefix's; set ids causal after the prefix's."""
-        c = len(prefix)
+        c = prefix.length
         cells = torch.cat([cells.new_full((cells.shape[0], c), CLASS_TOKEN), cells], 1)
         later = torch.arange(1, seq.shape[1] - c + 1, device=seq.device)
         return self.trunk(seq, cells, sets=torch.cat([prefix.sets, later.expand(len(seq), -1)], 1))

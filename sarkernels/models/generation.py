@@ -213,8 +213,8 @@ class Generation:
         device = plan.cells.device
         batch = len(plan.cells)
         session = self._session(batch, reps, use_kv_cache, sampling, graphs, compile, canvas,
-                                len(prefix))
-        schedule = upload(self._schedule(plan, use_kv_cache, len(prefix),
+                                prefix.length)
+        schedule = upload(self._schedule(plan, use_kv_cache, prefix.length,
                                          None if canvas is None else canvas.n_tokens), device)
         noise_shape = lambda n: (batch, n, self.vocab_size)
         if graphs:

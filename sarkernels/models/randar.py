@@ -38,7 +38,7 @@ class RandARTransformer(DecoderOnly):
             x, order, self.pos_instruct_embeddings[0].to(x.dtype), num_heads=self.n_head,
             grid_size=self.grid_size, prefix=prefix.rows.to(x.dtype), check=False)
         h = self._prefixed(prefix, seq, order.repeat_interleave(2, 1))
-        return self.output(h[:, len(prefix)::2])
+        return self.output(h[:, prefix.length::2])
 
     def training_layout(self, batch, generator=None, progress=None):
         """Per-sample random orders and label drops for a batch (rows can be sliced); the

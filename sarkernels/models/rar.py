@@ -33,7 +33,7 @@ class RARTransformer(DecoderOnly):
             x, order, self.target_aware.to(x.dtype), prefix=prefix.rows.to(x.dtype),
             merge=True, check=False)
         h = self._prefixed(prefix, seq, order)
-        return self.output(h[:, len(prefix) - 1:-1])
+        return self.output(h[:, prefix.length - 1:-1])
 
     def training_layout(self, batch, generator=None, progress=None):
         """Each sample's order is random with a probability annealed from 1 to 0 while the

@@ -103,7 +103,7 @@ class SARTransformer(Generation, nn.Module):
 
     def _encoder_inputs(self, prefix, tokens, cells, sets):
         x = self.tok_embeddings(tokens) + self.token_pos(cells)
-        b, c = cells.shape[0], len(prefix)
+        b, c = cells.shape[0], prefix.length
         return (torch.cat([prefix.rows.to(x.dtype), x], 1), torch.cat([prefix.sets, sets], 1),
                 torch.cat([cells.new_full((b, c), CLASS_TOKEN), cells], 1))
 

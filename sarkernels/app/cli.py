@@ -75,6 +75,14 @@ def _demo(args):
     _require("demo", *EXTRA)
     from . import demo
 
+    if args.prompts:
+        from . import prompt_demo
+
+        report = prompt_demo.run(args.out, args.device, args.quick, args.cfg)
+        best = max(report["results"], key=lambda r: r["accuracy"])
+        print(f"wrote {args.out}/prompt_samples.png, prompt_report.md, prompt_report.json; best "
+              f"{best['model']} on {best['prompts']} at {best['accuracy']:.1%}")
+        return
     report = demo.run(args.out, args.device, args.quick, args.cfg)
     best = max(report["recipes"], key=lambda r: r["class_accuracy"])
     print(f"wrote {args.out}/samples.png, inpainting.png, report.md, report.json; best "

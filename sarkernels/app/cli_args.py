@@ -13,6 +13,7 @@ examples:
     "train": """\
 examples:
   python -m sarkernels train --model sar --steps 1500 --out runs/sar
+  python -m sarkernels train --model randar --condition prompts --out runs/text   # needs [text]
   python -m sarkernels train --model sar --sar-sets 4,8,16,32,64 --steps 1800 --out runs/sar64
   python -m sarkernels train --model randar --data digits --grid 16 --out runs/r16
   python -m sarkernels train --out runs/sar --resume                  # continues exactly
@@ -26,14 +27,16 @@ examples:
   python -m sarkernels sample --ckpt runs/sar --image digit.png --mask left --out inpaint.png
   python -m sarkernels sample --ckpt runs/randar --resolution 2x --labels 0,1,2 --out big.png
   python -m sarkernels sample --model randar --ckpt RandAR-L.safetensors --preset L --vq vq_ds16_c2i.pt --labels 207,360,387 --cfg 4 --out grid.png
-  python -m sarkernels sample --ckpt runs/photos --labels 0,1 --out photos.png""",
+  python -m sarkernels sample --ckpt runs/photos --labels 0,1 --out photos.png
+  python -m sarkernels sample --ckpt runs/text --prompts "a handwritten seven,the digit 2" --out text.png""",
     "tokenize": """\
 examples:
   python -m sarkernels tokenize --images photos/ --vq vq_ds16_c2i.pt --out photos_tokens --flip""",
     "demo": """\
 examples:
   python -m sarkernels demo --out demo_out
-  python -m sarkernels demo --quick --out /tmp/demo""",
+  python -m sarkernels demo --quick --out /tmp/demo
+  python -m sarkernels demo --prompts --out demo_out      # text-conditioned, needs [text]""",
     "digit": """\
 examples:
   python -m sarkernels digit --label 3 --out digit.png
@@ -80,13 +83,14 @@ def _command(sub, name, help, description=None):
 def _train_parser(sub):
     from ..models import MODELS
     from ..models.sar import TRAIN_SCHEDULES
-    from .train import RESUMABLE, TrainConfig, option
+    from .train import CONDITIONS, RESUMABLE, TrainConfig, option
 
     p = _command(sub, "train", "train a SAR, RandAR or RAR model, or continue one",
                  "Train a model into a run folder (--out): AdamW, warmup + cosine decay, atomic "
                  "checkpoints every --ckpt-every steps. Under torchrun every process trains on "
                  "its slice of the global --batch.")
-    choices = {"model": list(MODELS), "grid": [8, 16], "sar_schedule": list(TRAIN_SCHEDULES)}
+    choices = {"model": list(MODELS), "grid": [8, 16], "sar_schedule": list(TRAIN_SCHEDULES),
+               "condition": list(CONDITIONS)}
     for f in fields(TrainConfig):
         if "help" not in f.metadata:
             continue  # not a command-line setting
@@ -118,6 +122,10 @@ def _sample_parser(sub):
                         + "; ".join(f"{k} = {v[2]}" for k, v in RECIPES.items()))
     p.add_argument("--labels", default="0,1,2,3,4,5,6,7,8,9",
                    help="comma-separated class indices, one grid column each")
+    p.add_argument("--prompts",
+                   help="a checkpoint trained with --condition prompts: comma-separated text "
+                        "prompts, one grid column each, instead of --labels (needs the [text] "
+                        "extra) (default: none)")
     p.add_argument("--n", type=_positive, default=1, help="samples per label (grid rows)")
     p.add_argument("--cfg", type=float,
                    help="classifier-free guidance scale, >= 0 (default: none, no guidance)")
@@ -182,6 +190,10 @@ def _demo_parser(sub):
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--quick", action="store_true", help="a few training steps per model: a smoke test, not a result")
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale, >= 0")
+    p.add_argument("--prompts", action="store_true",
+                   help="train both on text prompts instead of labels and report how often the "
+                        "judge reads the digit the prompt names (needs the [text] extra); writes "
+                        "prompt_samples.png, prompt_report.md and prompt_report.json")
 
 
 def _digit_parser(sub):

@@ -5,6 +5,7 @@ import os
 import torch
 
 from ..tokenizers.digits import grey
+from . import prompts
 from .cli_args import UsageError
 
 # name -> (models it applies to, generate() keywords, description)
@@ -167,6 +168,12 @@ def check(args):
     from .train import check_device
 
     parse_labels(args.labels)
+    if args.prompts is not None:
+        prompts.parse(args.prompts)
+        if args.resolution is not None or official(args):
+            raise UsageError("--prompts samples a checkpoint trained with --condition prompts "
+                             "on its own grid: it does not combine with --resolution or "
+                             "official weights")
     if args.recipe is not None:
         recipe(args.recipe)
     if args.resolution is not None:
@@ -211,19 +218,16 @@ def run(args):
     else:
         model, config, path = checkpoint.load(args.ckpt, args.device)
         tok = vq or from_config(config["tokenizer"])
+    if checkpoint.condition_kind(config) == "prompts" or args.prompts is not None:
+        return from_prompts(args, model, config, path, tok)
     labels = check_labels(parse_labels(args.labels), config["num_classes"])
     if args.resolution is not None:
         return extrapolate(args, model, config, path, tok, labels)
-    name = args.recipe or {"sar": "sar-ts", "randar": "randar-parallel", "rar": "ar"}[config["model"]]
+    name = recipe_name(args, config["model"])
     kw = recipe(name, config["model"])
     if args.image:
         kw["known"] = known_from_image(args.image, args.mask or "left", tok, args.invert)
-    batch = labels.repeat(args.n)
-    tokens = model.generate(batch.to(args.device), cfg_scale=args.cfg, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p,
-                            generator=torch.Generator().manual_seed(args.seed), **kw).cpu()
-    images = tok.decode(tokens.to(args.device)).cpu()
-    images = images.view(args.n, len(labels), *images.shape[1:])
+    images = generate_grid(args, model, tok, labels.repeat(args.n).to(args.device), kw)
     rows = [list(r) for r in images]
     titles = [f"sample {i}" for i in range(args.n)]
     if args.image:
@@ -234,6 +238,41 @@ def run(args):
         titles.insert(0, "kept cells")
     image_grid(rows, args.out, row_titles=titles, col_titles=labels.tolist())
     print(f"wrote {args.out}: {name} from {path}")
+
+
+def recipe_name(args, kind):
+    return args.recipe or {"sar": "sar-ts", "randar": "randar-parallel", "rar": "ar"}[kind]
+
+
+def generate_grid(args, model, tok, cond, kw):
+    """Pictures ``[n, columns, C, H, W]`` for the condition of ``n`` rows of columns."""
+    tokens = model.generate(cond, cfg_scale=args.cfg, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p,
+                            generator=torch.Generator().manual_seed(args.seed), **kw).cpu()
+    images = tok.decode(tokens.to(args.device)).cpu()
+    return images.view(args.n, len(tokens) // args.n, *images.shape[1:])
+
+
+def from_prompts(args, model, config, path, tok):
+    """``sample --prompts``: a column per prompt (numbered; the legend is printed)."""
+    from . import checkpoint
+
+    if checkpoint.condition_kind(config) != "prompts":
+        raise UsageError(f"--prompts needs a checkpoint trained with --condition prompts; "
+                         f"{path} is conditioned on class labels: pass --labels")
+    if args.prompts is None:
+        raise UsageError(f"{path} is conditioned on text prompts: pass --prompts, such as "
+                         "--prompts 'a handwritten seven,the digit 2'")
+    if args.image:
+        raise UsageError("--prompts does not combine with --image")
+    texts = prompts.parse(args.prompts)
+    cond = prompts.TextEncoder()(texts * args.n)
+    name = recipe_name(args, config["model"])
+    images = generate_grid(args, model, tok, cond, recipe(name, config["model"]))
+    image_grid([list(r) for r in images], args.out,
+               row_titles=[f"sample {i}" for i in range(args.n)], col_titles=range(len(texts)))
+    legend = "; ".join(f"{i}: {t}" for i, t in enumerate(texts))
+    print(f"wrote {args.out}: {name} from {path}; columns {legend}")
 
 
 def extrapolate(args, model, config, path, tok, labels):

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from .. import ops, orders
-from . import checkpoint, data, outputs
-from ..models import MODELS
+from . import checkpoint, data, outputs, prompts
+from ..models import MODELS, Prompt
 from ..models.sar import TRAIN_SCHEDULES
 
 
@@ -41,8 +41,8 @@ class TrainConfig:
     lr: float = _setting(2e-3, "peak AdamW learning rate")
     weight_decay: float = _setting(0.05, "AdamW decoupled weight decay")
     warmup: int = _setting(50, "linear warmup, steps; a cosine decay to 0 follows until --steps")
-    class_dropout: float = _setting(0.1, "probability of dropping a label (trains the "
-                                         "unconditional branch that CFG needs), in [0, 1)")
+    class_dropout: float = _setting(0.1, "probability of dropping a label or prompt (trains "
+                                         "the unconditional branch that CFG needs), in [0, 1)")
     dropout: float = _setting(0.0, "dropout probability in the blocks, in [0, 1)")
     sar_schedule: str = _setting("random", "SAR only: how training splits an order into sets: "
                                            + ", ".join(TRAIN_SCHEDULES))
@@ -53,6 +53,9 @@ class TrainConfig:
     ckpt_every: int = _setting(250, "write a checkpoint every this many steps (and at the end)")
     out: str = _setting("runs/run", "run folder: step-N/ checkpoints and 'latest'")
     device: str = _setting("cpu", "cpu, cuda or cuda:N")
+    condition: str = _setting("labels", "labels (class labels) or prompts (digits only: one "
+                                        "prompt per image from templates such as 'a handwritten "
+                                        "seven', embedded by the [text] extra's MiniLM)")
 
     def validate(self):
         """Raises ValueError naming the first setting that cannot train (before any work)."""
@@ -70,6 +73,12 @@ class TrainConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{option(name)} is a probability in [0, 1), got "
                                  f"{getattr(self, name)}")
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"--condition must be one of {', '.join(CONDITIONS)}, got "
+                             f"{self.condition!r}")
+        if self.condition == "prompts" and self.data != "digits":
+            raise ValueError("--condition prompts writes its prompts from digit labels: it "
+                             f"needs --data digits, got {self.data!r}")
         if self.sar_schedule not in TRAIN_SCHEDULES:
             raise ValueError(f"--sar-schedule must be one of {', '.join(TRAIN_SCHEDULES)}, "
                              f"got {self.sar_schedule!r}")
@@ -98,6 +107,7 @@ class TrainConfig:
             raise ValueError(f"--sar-sets: {exc}") from None
 
 
+CONDITIONS = ("labels", "prompts")
 # What --resume may change: everything else defines the run and comes from its checkpoint.
 RESUMABLE = ("steps", "ckpt_every", "device")
 
@@ -123,10 +133,12 @@ def check_device(name):
         raise ValueError(f"--device {name!r}: sarkernels runs on cpu or cuda")
 
 
-def build_model(cfg, tokenizer, num_classes):
+def build_model(cfg, tokenizer, num_classes, cond_dim=None):
     common = dict(vocab_size=tokenizer.vocab_size, num_classes=num_classes,
                   grid_size=tokenizer.grid_size, dim=cfg.dim, n_head=cfg.heads,
                   multiple_of=32, class_dropout=cfg.class_dropout, dropout=cfg.dropout)
+    if cond_dim is not None:
+        common.update(cond_dim=cond_dim)
     if cfg.model == "sar":  # the options only SAR has
         common.update(train_schedule=cfg.sar_schedule,
                       train_steps=cfg.set_counts(tokenizer.grid_size ** 2))
@@ -221,8 +233,12 @@ def train(cfg, resume=False, overwrite=False, progress=True, log=print, bar_row=
     if device.startswith("cuda") and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         torch.cuda.set_device(device)
+    encoder = None
+    if cfg.condition == "prompts":
+        encoder = prompts.TextEncoder()
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, dataset.tokenizer, dataset.num_classes).to(device)
+    model = build_model(cfg, dataset.tokenizer, dataset.num_classes,
+                        None if encoder is None else encoder.dim).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -244,7 +260,7 @@ def train(cfg, resume=False, overwrite=False, progress=True, log=print, bar_row=
         step_model = nn.parallel.DistributedDataParallel(step_model)
     config = {"model": cfg.model, "model_config": asdict(model.config),
               "tokenizer": dataset.tokenizer.config(), "num_classes": dataset.num_classes,
-              "train": asdict(cfg)}
+              "condition": checkpoint.condition_config(encoder), "train": asdict(cfg)}
     local = cfg.batch // world
     shard = slice(rank * local, (rank + 1) * local)
     bar = None
@@ -262,7 +278,12 @@ def train(cfg, resume=False, overwrite=False, progress=True, log=print, bar_row=
             layout = model.training_layout(cfg.batch, gen, progress=step / cfg.steps)
             layout = {k: v[shard] for k, v in layout.items()}
             tokens = dataset.tokens[index][shard].to(device)
-            labels = dataset.labels[index][shard].to(device)
+            labels = dataset.labels[index]
+            if encoder is not None:  # every process draws the global batch's prompts
+                labels = encoder(prompts.draw(labels, gen))
+                labels = Prompt(labels.embeddings[shard].to(device), labels.mask[shard].to(device))
+            else:
+                labels = labels[shard].to(device)
             with autocast:
                 loss = step_model(tokens, labels, layout)
             optimizer.zero_grad(set_to_none=True)

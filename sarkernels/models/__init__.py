@@ -1,4 +1,5 @@
 """Set-autoregressive models on the sarkernels ops."""
+from .condition import Prompt
 from .decoder_only import DecoderOnlyConfig
 from .randar import RandARTransformer
 from .rar import RARConfig, RARTransformer
@@ -7,5 +8,5 @@ from .sar import SARConfig, SARTransformer
 # the model kinds checkpoints and training name
 MODELS = {"sar": SARTransformer, "randar": RandARTransformer, "rar": RARTransformer}
 
-__all__ = ["RandARTransformer", "RARTransformer", "SARTransformer", "MODELS", "SARConfig",
-           "DecoderOnlyConfig", "RARConfig"]
+__all__ = ["Prompt", "RandARTransformer", "RARTransformer", "SARTransformer", "MODELS",
+           "SARConfig", "DecoderOnlyConfig", "RARConfig"]

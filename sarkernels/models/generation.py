@@ -23,15 +23,16 @@ import torch
 
 from .. import ops
 from ..nn import KVCache
-from . import common
+from . import common, condition
 
 
 @dataclass
 class State:
     """What steps read and write: ``tokens [B, N]`` in generation order (-1 = not yet
-    decoded), ``cells [B*reps, N]`` the order, ``cls [B*reps, 1, D]`` the class rows (CFG's
-    null class in the second half), ``caches`` (a dict of KVCache lists, or None to
-    recompute every step); on a :class:`Canvas`, its ``angles`` and ``keep``."""
+    decoded), ``cells [B*reps, N]`` the order, ``cls [B*reps, Lc, D]`` the condition prefix
+    rows (CFG's null condition in the second half) and ``cls_sets [B*reps, Lc]`` their set
+    ids (:mod:`.condition`), ``caches`` (a dict of KVCache lists, or None to recompute every
+    step); on a :class:`Canvas`, its ``angles`` and ``keep``."""
     tokens: torch.Tensor
     cells: torch.Tensor
     cls: torch.Tensor
@@ -39,16 +40,18 @@ class State:
     reps: int
     angles: torch.Tensor = None
     keep: torch.Tensor = None
+    cls_sets: torch.Tensor = None
 
     def tokens_at(self, index):
         """Token ids of order positions ``index [L]`` for every batch row (0 where unknown)."""
         return self.tokens.repeat(self.reps, 1)[:, index].clamp_min(0)
 
-    def load(self, plan, cls):
+    def load(self, plan, prefix):
         """Starts a generation in place (captured graphs keep pointing at these buffers)."""
         self.tokens.copy_(plan.tokens)
         self.cells.copy_(plan.cells.repeat(self.reps, 1))
-        self.cls.copy_(cls)
+        self.cls.copy_(prefix.rows)
+        self.cls_sets.copy_(prefix.sets)
         for group in (self.caches or {}).values():
             for cache in group:
                 cache.reset()
@@ -172,19 +175,21 @@ def pick(model, state, sampling, h, targets, noise):
 
 class Generation:
     """``generate()`` for a model that defines ``_default_schedule(schedule, steps,
-    remaining)``, ``_new_caches(batch)``, ``_schedule(plan, use_kv_cache) -> [Step]`` and
+    remaining)``, ``_new_caches(batch, n_tokens, prefix_len)``, ``_schedule(plan,
+    use_kv_cache, prefix_len, n_tokens) -> [Step]`` and
     ``_step(state, sampling, *inputs, noise) -> logits or None``."""
 
     @torch.no_grad()
     def generate(self, labels, *, order="random", schedule=None, steps=None, cfg_scale=None,
                  temperature=1.0, top_k=0, top_p=1.0, known=None, generator=None,
                  use_kv_cache=True, graphs=False, compile=False, progress=False, on_step=None):
-        """Samples ``[B, N]`` tokens in raster order for class ``labels [B]``.
+        """Samples ``[B, N]`` tokens in raster order for class ``labels [B]`` (or, for a
+        model built with ``cond_dim``, a :class:`~sarkernels.models.condition.Prompt`).
 
         order: "random", "raster" or a permutation; schedule: set sizes (see
         :func:`sarkernels.orders.set_sizes`) with ``steps``; ``known = (positions, tokens)``
         teacher-forces cells first (inpainting/outpainting), which appear unchanged in the
-        output. ``cfg_scale`` (None = off) runs the null class as a doubled batch, the scale
+        output. ``cfg_scale`` (None = off) runs the null condition as a doubled batch, the scale
         ramping from 1 to ``cfg_scale``. ``on_step(step, logits, cells)`` sees every step's
         guided logits and the cells they are for.
 
@@ -195,36 +200,34 @@ class Generation:
         settings; the logits ``on_step`` sees under ``graphs`` are overwritten by later steps.
         Tokens equal eager generation's for the same generator.
         """
-        labels = self._labels(labels)
         sampling = Sampling(temperature, top_k, top_p, cfg_scale)
-        device = labels.device
+        prefix, batch = condition.guidance(self, labels, sampling.reps)
+        device = self.output.weight.device
         if graphs and device.type != "cuda":
             raise ValueError(f"graphs=True needs a model on a CUDA device, got {device}")
         schedule, steps = self._default_schedule(schedule, steps,
                                                  self.n_tokens - common.count_known(known))
-        plan = common.make_plan(len(labels), self.n_tokens, self.vocab_size, order=order,
+        plan = common.make_plan(batch, self.n_tokens, self.vocab_size, order=order,
                                 schedule=schedule, steps=steps, known=known,
                                 generator=generator, device=device)
-        return self._run(plan, labels, sampling, generator, use_kv_cache=use_kv_cache,
+        return self._run(plan, prefix, sampling, generator, use_kv_cache=use_kv_cache,
                          graphs=graphs, compile=compile, progress=progress, on_step=on_step)
 
-    def _labels(self, labels):
-        """``labels`` checked and on the model's device."""
-        return common.check_labels(labels, self.num_classes).to(self.output.weight.device)
-
-    def _run(self, plan, labels, sampling, generator, *, canvas=None, use_kv_cache=True,
+    def _run(self, plan, prefix, sampling, generator, *, canvas=None, use_kv_cache=True,
              graphs=False, compile=False, progress=False, on_step=None):
-        """Runs ``plan`` for class ``labels [B]`` (with the null-class rows guidance adds) on
-        ``canvas``, or the model's own grid for None; returns the tokens in raster order."""
+        """Runs ``plan`` for the condition ``prefix`` (:class:`condition.Prefix` of the
+        ``sampling.reps`` rows per sample that guidance needs) on ``canvas``, or the model's
+        own grid for None; returns the tokens in raster order."""
         device = plan.cells.device
         batch = len(plan.cells)
-        session = self._session(batch, use_kv_cache, sampling, graphs, compile, canvas)
-        schedule = upload(self._schedule(plan, use_kv_cache), device)
+        session = self._session(batch, use_kv_cache, sampling, graphs, compile, canvas,
+                                prefix.length)
+        schedule = upload(self._schedule(plan, use_kv_cache, prefix.length,
+                                         None if canvas is None else canvas.n_tokens), device)
         noise_shape = lambda n: (batch, n, self.vocab_size)
         if graphs:
             session.capture(schedule, noise_shape)
-        rows = common.guidance_rows(labels, self.num_classes, sampling.reps)
-        session.state.load(plan, self.cls_embedding(rows))
+        session.state.load(plan, prefix)
         generator = noise_generator(generator, device)
         for t, step in enumerate(common.with_progress(schedule, progress)):
             logits = session.run(step, noise_shape, generator)
@@ -232,10 +235,11 @@ class Generation:
                 on_step(t, logits, plan.cells[:, step.first:step.first + step.n])
         return common.to_raster(plan.cells, session.state.tokens)
 
-    def _session(self, batch, use_kv_cache, sampling, graphs, compile, canvas=None):
+    def _session(self, batch, use_kv_cache, sampling, graphs, compile, canvas=None,
+                 prefix_len=1):
         w = self.output.weight  # graphs hold the kernels of the ops backend they captured
         key = (batch, use_kv_cache, sampling, graphs, compile, w.device, w.dtype,
-               ops.current_backend())
+               ops.current_backend(), prefix_len)
         cached = getattr(self, "_generation_session", None)
         if canvas is None and cached is not None and cached[0] == key:
             return cached[1]
@@ -244,11 +248,12 @@ class Generation:
         n = self.n_tokens if canvas is None else canvas.n_tokens
         caches = None
         if use_kv_cache:
-            caches = self._new_caches(rows) if canvas is None else self._new_caches(rows, n)
+            caches = self._new_caches(rows, None if canvas is None else n, prefix_len)
         state = State(torch.full((batch, n), -1, dtype=torch.long, device=w.device),
                       torch.zeros(rows, n, dtype=torch.long, device=w.device),
-                      w.new_zeros(rows, 1, dim), caches, reps,
-                      *(() if canvas is None else (canvas.angles, canvas.keep)))
+                      w.new_zeros(rows, prefix_len, dim), caches, reps,
+                      *(() if canvas is None else (canvas.angles, canvas.keep)),
+                      cls_sets=torch.zeros(rows, prefix_len, dtype=torch.long, device=w.device))
         step = functools.partial(self._step, state, sampling)
         if compile:
             step = compile(step) if callable(compile) else torch.compile(step, fullgraph=True)

@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import ops, orders
 from ..rope import CLASS_TOKEN, rope_angles, rotate_instruction
-from . import common
+from . import common, condition
 from .decoder_only import DecoderOnly
 from .generation import Canvas, Sampling
 
@@ -32,13 +32,15 @@ class RandARTransformer(DecoderOnly):
         nn.init.normal_(self.pos_instruct_embeddings, std=0.02)
 
     def forward(self, tokens, labels, order):
-        """Logits ``[B, N, V]`` at the instruction slots, in generation ``order``."""
+        """Logits ``[B, N, V]`` at the instruction slots, in generation ``order``; ``labels``
+        class labels, a :class:`~sarkernels.models.condition.Prompt` or a ``Prefix``."""
         x = self.token_dropout(self.tok_embeddings(tokens.gather(1, order)))
+        prefix = condition.prefix(self, labels)
         seq = ops.interleave_position_instructions(
             x, order, self.pos_instruct_embeddings[0].to(x.dtype), num_heads=self.n_head,
-            grid_size=self.grid_size, prefix=self.cls_embedding(labels).to(x.dtype), check=False)
-        h = self.trunk(seq, self._cells_with_class(order.repeat_interleave(2, 1)))
-        return self.output(h[:, 1::2])
+            grid_size=self.grid_size, prefix=prefix.rows.to(x.dtype), check=False)
+        h = self._prefixed(prefix, seq, order.repeat_interleave(2, 1))
+        return self.output(h[:, prefix.length::2])
 
     def training_layout(self, batch, generator=None, progress=None):
         """Per-sample random orders and label drops for a batch (rows can be sliced); the
@@ -81,9 +83,9 @@ class RandARTransformer(DecoderOnly):
         if spatial_cfg is None or spatial_cfg < 0:
             raise ValueError(f"spatial_cfg must be >= 0, got {spatial_cfg}")
         sampling = Sampling(temperature, top_k, top_p, cfg, spatial_cfg)
-        labels = self._labels(labels)
-        device = labels.device
-        grid, n, batch = self.grid_size, self.n_tokens, len(labels)
+        prefix, batch = condition.guidance(self, labels, sampling.reps)
+        device = self.output.weight.device
+        grid, n = self.grid_size, self.n_tokens
         if low_res is None:
             low_res = self.generate(labels, cfg_scale=cfg, steps=low_res_steps,
                                     temperature=temperature, top_k=top_k, top_p=top_p,
@@ -109,7 +111,7 @@ class RandARTransformer(DecoderOnly):
         canvas = Canvas(side * side, rope_angles(grid, head_dim, scale=scale,
                                                  ntk_boundary=ntk_boundary, device=device),
                         keep.flatten(0, 1).to(device, self.output.weight.dtype))
-        return self._run(plan, labels, sampling, generator, canvas=canvas,
+        return self._run(plan, prefix, sampling, generator, canvas=canvas,
                          use_kv_cache=use_kv_cache, progress=progress, on_step=on_step)
 
     def _max_slots(self, n_tokens):
@@ -134,11 +136,12 @@ class RandARTransformer(DecoderOnly):
 
     def _feed(self, state, slots, index, instruction):
         is_class = index < 0
+        rows = condition.rows_at(state, index)
         index = index.clamp_min(0)
         cells = state.cells[:, index]
         tokens = self.tok_embeddings(state.tokens_at(index))
         if state.keep is not None:
             tokens = tokens * state.keep[:, index, None]
         x = torch.where(instruction[:, None], self._instructions(cells, state.angles), tokens)
-        return (torch.where(is_class[:, None], state.cls, x),
+        return (torch.where(is_class[:, None], rows, x),
                 torch.where(is_class, CLASS_TOKEN, cells))

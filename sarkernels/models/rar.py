@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import ops, orders
 from ..rope import CLASS_TOKEN
-from . import common
+from . import common, condition
 from .decoder_only import DecoderOnly, DecoderOnlyConfig
 
 
@@ -39,13 +39,15 @@ class RARTransformer(DecoderOnly):
         nn.init.normal_(self.target_aware, std=0.02)
 
     def forward(self, tokens, labels, order):
-        """Logits ``[B, N, V]``: slot i predicts the token at ``order[:, i]``."""
+        """Logits ``[B, N, V]``: slot i predicts the token at ``order[:, i]``; ``labels``
+        class labels, a :class:`~sarkernels.models.condition.Prompt` or a ``Prefix``."""
         x = self.token_dropout(self.tok_embeddings(tokens.gather(1, order)))
+        prefix = condition.prefix(self, labels)
         seq = ops.interleave_position_instructions(
-            x, order, self.target_aware.to(x.dtype), prefix=self.cls_embedding(labels).to(x.dtype),
+            x, order, self.target_aware.to(x.dtype), prefix=prefix.rows.to(x.dtype),
             merge=True, check=False)
-        h = self.trunk(seq, self._cells_with_class(order))
-        return self.output(h[:, :-1])
+        h = self._prefixed(prefix, seq, order)
+        return self.output(h[:, prefix.length - 1:-1])
 
     def training_layout(self, batch, generator=None, progress=None):
         """Each sample's order is random with a probability annealed from 1 to 0 while the
@@ -77,9 +79,10 @@ class RARTransformer(DecoderOnly):
 
     def _feed(self, state, slots, index, instruction):
         """Slot s: its token (or the class token) plus TA of the next target, cell s; RoPE
-        at the token's own cell."""
+        at the token's own cell. The prefix's other rows (slots past the image's) get no TA."""
         is_class = index < 0
-        index = index.clamp_min(0)
-        x = torch.where(is_class[:, None], state.cls, self.tok_embeddings(state.tokens_at(index)))
-        return (x + self.target_aware[state.cells[:, slots]],
-                torch.where(is_class, CLASS_TOKEN, state.cells[:, index]))
+        x = torch.where(is_class[:, None], condition.rows_at(state, index),
+                        self.tok_embeddings(state.tokens_at(index.clamp_min(0))))
+        n = state.cells.shape[1]
+        ta = torch.where((slots < n)[:, None], self.target_aware[state.cells[:, slots.clamp_max(n - 1)]], 0)
+        return (x + ta, torch.where(is_class, CLASS_TOKEN, state.cells[:, index.clamp_min(0)]))

@@ -21,15 +21,16 @@ from torch.nn import functional as F
 from .. import orders
 from ..nn import Block, Rope
 from ..rope import CLASS_TOKEN
-from . import common
+from . import common, condition
+from .config import Config, Configured
 from .generation import Generation, Step, pick
 
 TRAIN_SCHEDULES = ("random", "cosine", "constant", "mar")
 
 
 @dataclass(kw_only=True)
-class SARConfig(common.Config):
-    """The :class:`SARTransformer` arguments: :class:`common.Config`'s, the depths, and how
+class SARConfig(Config):
+    """The :class:`SARTransformer` arguments: :class:`~.config.Config`'s, the depths, and how
     training partitions an image. Training draws, per sample, an order
     (``train_order``: "random" or "raster") and a partition (``train_schedule``:
     "random"/"cosine"/"constant" sizes into K sets, K drawn uniformly from ``train_steps``:
@@ -59,7 +60,7 @@ class SARConfig(common.Config):
             raise ValueError(f"train_steps: {exc}") from None
 
 
-class SARTransformer(Generation, common.Configured, nn.Module):
+class SARTransformer(Generation, Configured, nn.Module):
     """Built from a :class:`SARConfig` (or its fields as keywords)."""
     config_class = SARConfig
 
@@ -104,16 +105,17 @@ class SARTransformer(Generation, common.Configured, nn.Module):
                       memory_slots=memory_slots)
         return self.norm(x)
 
-    def _encoder_inputs(self, cls, tokens, cells, sets):
+    def _encoder_inputs(self, prefix, tokens, cells, sets):
         x = self.tok_embeddings(tokens) + self.token_pos(cells)
-        b = cells.shape[0]
-        return (torch.cat([cls, x], 1), torch.cat([sets.new_zeros(b, 1), sets], 1),
-                torch.cat([cells.new_full((b, 1), CLASS_TOKEN), cells], 1))
+        b, c = cells.shape[0], prefix.length
+        return (torch.cat([prefix.rows.to(x.dtype), x], 1), torch.cat([prefix.sets, sets], 1),
+                torch.cat([cells.new_full((b, c), CLASS_TOKEN), cells], 1))
 
     def forward(self, tokens, labels, order, sets):
         """Logits ``[B, N, V]`` for every target, in generation ``order``; ``sets [B, N]``
-        holds each ordered position's set (1..K, non-decreasing)."""
-        x, enc_sets, enc_cells = self._encoder_inputs(self.cls_embedding(labels),
+        holds each ordered position's set (1..K, non-decreasing); ``labels`` class labels, a
+        :class:`~sarkernels.models.condition.Prompt` or a ``Prefix``."""
+        x, enc_sets, enc_cells = self._encoder_inputs(condition.prefix(self, labels),
                                                       tokens.gather(1, order), order, sets)
         memory = self.encode(x, enc_sets, enc_cells)
         return self.output(self.decode(order, sets, memory, enc_sets, enc_cells))
@@ -143,8 +145,7 @@ class SARTransformer(Generation, common.Configured, nn.Module):
     def loss(self, tokens, labels, layout=None, generator=None):
         layout = self.training_layout(len(tokens), generator) if layout is None else layout
         order, sets, mask = (layout[k].to(tokens.device) for k in ("order", "sets", "mask"))
-        labels = common.drop_labels(labels, layout["drop_label"], self.num_classes)
-        logits = self(tokens, labels, order, sets)
+        logits = self(tokens, condition.prefix(self, labels, layout["drop_label"]), order, sets)
         return F.cross_entropy(logits[mask].float(), tokens.gather(1, order)[mask])
 
     # ------------------------------------------------------------------ generation
@@ -158,44 +159,51 @@ class SARTransformer(Generation, common.Configured, nn.Module):
             steps = min(16, remaining)
         return schedule, steps
 
-    def _new_caches(self, batch):
+    def _new_caches(self, batch, n_tokens=None, prefix_len=1):
         n = self.n_tokens
-        return {"encoder": self._kv_caches(batch, 1 + n, len(self.encoder)),
+        return {"encoder": self._kv_caches(batch, n + prefix_len, len(self.encoder)),
                 "decoder": self._kv_caches(batch, n, len(self.decoder)),
-                "cross": self._kv_caches(batch, 1 + n, len(self.decoder))}
+                "cross": self._kv_caches(batch, n + prefix_len, len(self.decoder))}
 
-    def _schedule(self, plan, use_kv_cache):
-        """Per step ``enc [2, Le]`` (order index, -1 for the class token; set id) of the
-        encoder inputs, ``dec [2, Ld]`` of the decoder queries, and ``targets [n]``."""
+    def _schedule(self, plan, use_kv_cache, prefix_len=1, n_tokens=None):
+        """Per step ``enc [3, Le]`` (order index, -1 for the class token and -Lc .. -2 for
+        the prefix's other rows; set id; cache slot) of the encoder inputs, ``dec [2, Ld]``
+        of the decoder queries, and ``targets [n]``."""
         sizes = ([plan.num_known] if plan.num_known else []) + plan.sizes
         ids = orders.set_ids(sizes).tolist()
+        first_extra, extra = condition.extra_entries(prefix_len - 1, 1 + self.n_tokens)
+        prefix = [*extra, -1]
         steps, pos = [], 0
         for t, size in enumerate(sizes):
             if use_kv_cache:
-                enc, dec = range(pos - sizes[t - 1], pos) if t else [-1], range(pos, pos + size)
+                enc, dec = range(pos - sizes[t - 1], pos) if t else prefix, range(pos, pos + size)
             else:
-                enc, dec = [-1, *range(pos)], range(pos + size)
+                enc, dec = [*prefix, *range(pos)], range(pos + size)
             n = 0 if t == 0 and plan.num_known else size
-            steps.append(Step((torch.tensor([list(enc), [ids[i] if i >= 0 else 0 for i in enc]]),
+            slots = [i + 1 if i >= -1 else first_extra[i + prefix_len] for i in enc]
+            steps.append(Step((torch.tensor([list(enc), [ids[i] if i >= 0 else 0 for i in enc],
+                                             slots]),
                                torch.tensor([list(dec), [ids[i] for i in dec]]),
                                torch.arange(pos + size - n, pos + size)), pos, n))
             pos += size
         return steps
 
     def _step(self, state, sampling, enc, dec, targets, noise):
-        """Encoder slot 1 + i holds token i (slot 0 the class token); decoder slot i the
-        query of token i; the cross cache mirrors the encoder's slots."""
-        (index, sets), (queries, query_sets) = enc, dec
+        """Encoder slot 1 + i holds token i (slot 0 the class token, slots past 1 + N the
+        prefix's other rows); decoder slot i the query of token i; the cross cache mirrors
+        the encoder's slots."""
+        (index, sets, slots), (queries, query_sets) = enc, dec
         rows = state.cells.shape[0]
         is_class, at = index < 0, index.clamp_min(0)
         cells = state.cells[:, at]
         x = self.tok_embeddings(state.tokens_at(at)) + self.token_pos(cells)
-        x = torch.where(is_class[:, None], state.cls, x)
-        cells, sets = torch.where(is_class, CLASS_TOKEN, cells), sets.expand(rows, -1)
+        x = torch.where(is_class[:, None], condition.rows_at(state, index), x)
+        cells = torch.where(is_class, CLASS_TOKEN, cells)
+        sets = torch.where(is_class, condition.sets_at(state, index), sets)
         caches = state.caches or {}
-        memory = self.encode(x, sets, cells, caches.get("encoder"), index + 1)
+        memory = self.encode(x, sets, cells, caches.get("encoder"), slots)
         h = self.decode(state.cells[:, queries], query_sets.expand(rows, -1), memory, sets, cells,
-                        caches.get("decoder"), queries, caches.get("cross"), index + 1)
+                        caches.get("decoder"), queries, caches.get("cross"), slots)
         if not targets.shape[0]:
             return None
         return pick(self, state, sampling, h[:, -targets.shape[0]:], targets, noise)

@@ -14,7 +14,7 @@ examples:
 examples:
   python -m sarkernels train --model sar --steps 1500 --out runs/sar
   python -m sarkernels train --model randar --condition prompts --out runs/text   # needs [text]
-  python -m sarkernels train --model sar --sar-sets 4,8,16,32,64 --steps 1800 --out runs/sar64
+  python -m sarkernels train --model sar --sar-sets 4,8,16,32,64 --steps 1550 --out runs/sar64
   python -m sarkernels train --model randar --data digits --grid 16 --out runs/r16
   python -m sarkernels train --out runs/sar --resume                  # continues exactly
   python -m sarkernels train --out runs/sar --resume --steps 3000     # trains further

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import tokenizers
 from ..models import MODELS
+from .prompts import ENCODER
 
 KEEP = 2
 
@@ -109,7 +110,6 @@ def condition_config(encoder=None):
     through ``encoder`` (a :class:`~sarkernels.app.prompts.TextEncoder`)."""
     if encoder is None:
         return {"kind": "labels"}
-    from .prompts import ENCODER
     return {"kind": "prompts", "encoder": ENCODER, "dim": encoder.dim}
 
 

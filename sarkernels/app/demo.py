@@ -33,14 +33,27 @@ MODELS = {
 QUICK = dict(steps=30, ckpt_every=15)
 
 
-def run(out="demo_out", device="cpu", quick=False, cfg_scale=2.0, per_class=20, log=print):
-    check_sampling(1.0, 0, 1.0, cfg_scale)  # before minutes of training, not after
+def prepare(out, device, quick, cfg_scale, condition="labels"):
+    """What the demos do before training: the checks (before minutes of training, not
+    after), the output folder, the digits' training and held-out splits, the judge trained
+    on the former, and a training config per model kind (runs in ``out/runs``)."""
+    check_sampling(1.0, 0, 1.0, cfg_scale)
     check_device(device)
     outputs.folder(out)
     torch.manual_seed(0)
     train_set, held_out = data.digits(8, "train"), data.digits(8, "held_out")
+    judge = metrics.DigitsJudge(train_set.tokenizer.decode(train_set.tokens), train_set.labels)
+    suffix = "" if condition == "labels" else f"-{condition}"
+    cfgs = {kind: TrainConfig(model=kind, device=device, condition=condition,
+                              out=os.path.join(out, "runs", kind + suffix),
+                              **{**size, **(QUICK if quick else {})})
+            for kind, size in MODELS.items()}
+    return train_set, held_out, judge, cfgs
+
+
+def run(out="demo_out", device="cpu", quick=False, cfg_scale=2.0, per_class=20, log=print):
+    train_set, held_out, judge, cfgs = prepare(out, device, quick, cfg_scale)
     tok = train_set.tokenizer
-    judge = metrics.DigitsJudge(tok.decode(train_set.tokens), train_set.labels)
     per_class = 2 if quick else per_class
     labels = torch.arange(10).repeat(per_class)
     real = tok.decode(train_set.tokens[:len(labels)])
@@ -48,8 +61,6 @@ def run(out="demo_out", device="cpu", quick=False, cfg_scale=2.0, per_class=20, 
               "judge_held_out_accuracy": judge.accuracy(tok.decode(held_out.tokens), held_out.labels),
               "real_floor_frechet": judge.frechet(real, tok.decode(held_out.tokens)),
               "models": {}, "recipes": []}
-    cfgs = {kind: TrainConfig(model=kind, device=device, out=os.path.join(out, "runs", kind),
-                              **{**size, **(QUICK if quick else {})}) for kind, size in MODELS.items()}
     models = {}
     for kind, (path, seconds) in train_all(cfgs, log).items():
         cfg = cfgs[kind]

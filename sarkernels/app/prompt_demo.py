@@ -12,9 +12,8 @@ import time
 
 import torch
 
-from . import checkpoint, data, metrics, outputs, prompts, sample
-from .demo import MODELS, QUICK, train_all
-from .train import TrainConfig, check_device
+from . import checkpoint, prompts, sample
+from .demo import prepare, train_all
 
 UNSEEN = ("the handwritten number {word}", "digit {word}", "a {word} drawn by hand")
 RECIPES = {"sar": "sar-ts", "randar": "randar-parallel"}
@@ -29,13 +28,9 @@ def prompt_set(templates, per_class):
 
 
 def run(out="demo_out", device="cpu", quick=False, cfg_scale=2.0, per_class=20, log=print):
-    check_device(device)
-    outputs.folder(out)
+    train_set, held_out, judge, cfgs = prepare(out, device, quick, cfg_scale, "prompts")
     encoder = prompts.TextEncoder()  # before minutes of training: fails fast without [text]
-    torch.manual_seed(0)
-    train_set, held_out = data.digits(8, "train"), data.digits(8, "held_out")
     tok = train_set.tokenizer
-    judge = metrics.DigitsJudge(tok.decode(train_set.tokens), train_set.labels)
     per_class = 2 if quick else per_class
     sets = {"training templates": prompt_set(prompts.TEMPLATES, per_class),
             "unseen phrasings": prompt_set(UNSEEN, per_class)}
@@ -44,10 +39,6 @@ def run(out="demo_out", device="cpu", quick=False, cfg_scale=2.0, per_class=20, 
               "templates": list(prompts.TEMPLATES), "unseen": list(UNSEEN), "models": {},
               "results": []}
     rows, titles = [], []
-    cfgs = {kind: TrainConfig(model=kind, device=device, condition="prompts",
-                              out=os.path.join(out, "runs", f"{kind}-prompts"),
-                              **{**size, **(QUICK if quick else {})})
-            for kind, size in MODELS.items()}
     for kind, (path, seconds) in train_all(cfgs, log).items():
         cfg = cfgs[kind]
         model = checkpoint.load(path, device)[0]

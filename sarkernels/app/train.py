@@ -136,9 +136,8 @@ def check_device(name):
 def build_model(cfg, tokenizer, num_classes, cond_dim=None):
     common = dict(vocab_size=tokenizer.vocab_size, num_classes=num_classes,
                   grid_size=tokenizer.grid_size, dim=cfg.dim, n_head=cfg.heads,
-                  multiple_of=32, class_dropout=cfg.class_dropout, dropout=cfg.dropout)
-    if cond_dim is not None:
-        common.update(cond_dim=cond_dim)
+                  multiple_of=32, class_dropout=cfg.class_dropout, dropout=cfg.dropout,
+                  cond_dim=cond_dim)
     if cfg.model == "sar":  # the options only SAR has
         common.update(train_schedule=cfg.sar_schedule,
                       train_steps=cfg.set_counts(tokenizer.grid_size ** 2))

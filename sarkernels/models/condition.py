@@ -55,11 +55,11 @@ class Prefix:
 class ClassEmbedding(common.ClassEmbedding):
     """Class labels ``[B]`` as a one-row prefix; :meth:`drop` swaps in the null class."""
 
-    def check(self, labels, device):
+    def check(self, labels, device, values=True):
         if isinstance(labels, Prompt):
             raise TypeError("this model is conditioned on class labels (built without "
                             "cond_dim): pass labels [B], got a Prompt")
-        return common.check_labels(labels, self.num_classes).to(device)
+        return common.check_labels(labels, self.num_classes, values).to(device)
 
     def drop(self, labels, drop):
         return common.drop_labels(labels, drop, self.num_classes)
@@ -82,8 +82,9 @@ class CaptionEmbedding(nn.Module):
                                       nn.Linear(dim, dim))
         self.uncond_embedding = nn.Parameter(torch.randn(cond_dim) / cond_dim ** 0.5)
 
-    def check(self, prompt, device):
-        """The prompt on ``device``, checked, padding zeroed, left-justified."""
+    def check(self, prompt, device, values=True):
+        """The prompt on ``device``, checked (``values``: also that every row keeps a real
+        token, a host sync on CUDA), padding zeroed, left-justified."""
         if not isinstance(prompt, Prompt):
             raise TypeError(f"this model is conditioned on prompts (cond_dim={self.cond_dim}): "
                             f"pass a sarkernels.models.Prompt, got {type(prompt).__name__}")
@@ -98,7 +99,7 @@ class CaptionEmbedding(nn.Module):
             raise ValueError(f"Prompt.mask must be bool [B, Lc] = [{b}, {length}], got "
                              f"{mask.dtype} {list(mask.shape)}")
         emb, mask = emb.to(device), mask.to(device)
-        if length == 0 or not mask.any(1).all():
+        if length == 0 or values and not mask.any(1).all():
             raise ValueError("Prompt.mask must keep at least one real token in every row")
         order = mask.long().argsort(dim=1, stable=True)  # padding first, real tokens in order
         emb = emb.gather(1, order[..., None].expand_as(emb))
@@ -128,11 +129,13 @@ def embedding(num_classes, dim, cond_dim=None):
 
 def prefix(model, cond, drop=None):
     """The prefix ``cond`` gives (a :class:`Prefix` passes through); with ``drop [B]``
-    (training's condition dropout) the null condition on the rows where it is True."""
+    (training's condition dropout) the null condition on the rows where it is True. The
+    forward and loss path: shapes are checked, values (a host sync on CUDA every step) are
+    left to :func:`guidance`, generation's entry."""
     if isinstance(cond, Prefix):
         return cond
     embed = model.cls_embedding
-    cond = embed.check(cond, model.output.weight.device)
+    cond = embed.check(cond, model.output.weight.device, values=False)
     return embed.prefix(cond if drop is None else embed.drop(cond, drop))
 
 

@@ -84,5 +84,6 @@ class RARTransformer(DecoderOnly):
         x = torch.where(is_class[:, None], condition.rows_at(state, index),
                         self.tok_embeddings(state.tokens_at(index.clamp_min(0))))
         n = state.cells.shape[1]
-        ta = torch.where((slots < n)[:, None], self.target_aware[state.cells[:, slots.clamp_max(n - 1)]], 0)
+        ta = self.target_aware[state.cells[:, slots.clamp_max(n - 1)]]
+        ta = torch.where((slots < n)[:, None], ta, 0)
         return (x + ta, torch.where(is_class, CLASS_TOKEN, state.cells[:, index.clamp_min(0)]))

@@ -70,6 +70,22 @@ def test_resume_continues_exactly(tmp_path, model):
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
 
 
+def test_resume_on_another_thread_count_says_so(tmp_path):
+    cfg = lambda steps: TrainConfig(model="rar", steps=steps, out=str(tmp_path), **TINY)
+    threads = torch.get_num_threads()
+    train(cfg(5), progress=False)
+    same, other = [], []
+    train(cfg(6), resume=True, progress=False, log=same.append)
+    try:
+        torch.set_num_threads(threads + 1)
+        train(cfg(7), resume=True, progress=False, log=other.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert not any("threads" in line for line in same)
+    assert any(f"trained on {threads} CPU threads and continues on {threads + 1}" in line
+               for line in other), other
+
+
 def test_checkpoint_layout_and_reload(tmp_path):
     final = train(TrainConfig(model="randar", steps=12, out=str(tmp_path), **TINY), progress=False)
     steps = sorted(d for d in os.listdir(tmp_path) if d.startswith("step-"))

@@ -227,6 +227,8 @@ def test_three_branch_guidance_on_a_toy_model():
     (dict(scale=1), "scale must be an int >= 2"), (dict(scale=2.0), "scale must be an int"),
     (dict(mask_ratio=1.5), r"mask_ratio must be in \[0, 1\]"),
     (dict(spatial_cfg=-1), "spatial_cfg must be >= 0"),
+    (dict(spatial_cfg=None), "spatial_cfg must be >= 0, got None"),
+    (dict(cfg=None), "cfg must be >= 0, got None"), (dict(cfg=-2), "cfg must be >= 0"),
     (dict(low_res=torch.zeros(2, 5, dtype=torch.long)),
      r"low_res must be integer tokens \[B, G\*G\]")])
 def test_bad_extrapolation_arguments(kw, match):

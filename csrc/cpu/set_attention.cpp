@@ -12,7 +12,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -25,6 +27,33 @@ namespace {
 
 constexpr int64_t kTileQ = 96;
 constexpr int64_t kTileK = 16;
+
+// Score scratch handed to BLAS, 64-byte aligned. MKL may order a product's sums by the
+// alignment of its operands (Intel: "Aligning Data for Consistent Results"); a
+// std::vector's data sits wherever the heap's history puts it (16-byte aligned, any
+// offset mod 64), so the same inputs could round differently from one call to the next.
+// Here every operand's alignment follows from the shapes alone, as for ATen's tensors.
+template <typename T>
+class Scratch {
+ public:
+  T* get(int64_t n) {
+    if (n > capacity_) {
+      constexpr size_t kAlign = 64;
+      const size_t bytes = (n * sizeof(T) + kAlign - 1) / kAlign * kAlign;
+      data_.reset(static_cast<T*>(std::aligned_alloc(kAlign, bytes)));
+      TORCH_CHECK(data_ != nullptr, "sarkernels: cannot allocate ", bytes, " bytes of scratch");
+      capacity_ = n;
+    }
+    return data_.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> data_;
+  int64_t capacity_ = 0;
+};
 
 template <typename T>
 at::Tensor matrix(const T* data, int64_t rows, int64_t cols, int64_t ld) {
@@ -171,7 +200,7 @@ void forward(const SetAttentionParams& p) {
   const int64_t d = p.head_dim;
   at::parallel_for(0, p.batch * p.heads_q * q_tiles, 1, [&](int64_t begin, int64_t end) {
     QTilePlan plan;
-    std::vector<T> s;
+    Scratch<T> scratch;
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / (p.heads_q * q_tiles);
       const int64_t h = unit / q_tiles % p.heads_q;
@@ -184,13 +213,13 @@ void forward(const SetAttentionParams& p) {
       T* lse = static_cast<T*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride + q0;
 
       plan.build(p, tiles, b, q0, q0 + rows);
-      s.resize(rows * plan.cols);
-      scores(p, plan, b, q, k, q0, rows, s.data());
+      T* s = scratch.get(rows * plan.cols);
+      scores(p, plan, b, q, k, q0, rows, s);
       // A row is empty iff its sum is exactly 0 (no visible key, or only -inf logits); a
       // NaN or +inf logit makes the sum, and so lse, NaN.
       std::vector<T> inv_sum(rows);
       for (int64_t i = 0; i < rows; ++i) {
-        T* row = s.data() + i * plan.cols;
+        T* row = s + i * plan.cols;
         const T m = row_max(row, plan.cols);
         const T sum = exp_shifted(row, plan.cols, m);
         inv_sum[i] = sum == 0 ? T(0) : T(1) / sum;
@@ -204,7 +233,7 @@ void forward(const SetAttentionParams& p) {
       }
       for (size_t r = 0; r < plan.runs.size(); ++r) {
         const Range& run = plan.runs[r];
-        gemm<T>(false, false, rows, d, run.k1 - run.k0, T(1), s.data() + run.col, plan.cols,
+        gemm<T>(false, false, rows, d, run.k1 - run.k0, T(1), s + run.col, plan.cols,
                 v + run.k0 * p.v_row_stride, p.v_row_stride, r == 0 ? T(0) : T(1), out,
                 p.out_row_stride);
       }
@@ -218,7 +247,7 @@ void forward(const SetAttentionParams& p) {
         }
         for (int64_t c = 0; c < d; ++c) o[c] *= inv_sum[i];
         if (inv_sum[i] == 0 || !all_finite(o, d)) {
-          settle_row(p, plan, s.data() + i * plan.cols, v, qs[q0 + i], ks, inv_sum[i], o, lse + i);
+          settle_row(p, plan, s + i * plan.cols, v, qs[q0 + i], ks, inv_sum[i], o, lse + i);
         }
       }
     }
@@ -234,7 +263,7 @@ void backward(const SetAttentionBwdParams& g) {
   // One unit per (batch, kv head): it owns its dk/dv rows, so no two threads add into them.
   at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
     QTilePlan plan;
-    std::vector<T> s, ds;
+    Scratch<T> s_scratch, ds_scratch;
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / p.heads_kv, hk = unit % p.heads_kv;
       const T* k = head_ptr<T>(p.k, b, hk, p.k_batch_stride, p.k_head_stride);
@@ -255,17 +284,17 @@ void backward(const SetAttentionBwdParams& g) {
           plan.build(p, tiles, b, q0, q0 + rows);
           std::fill(dq + q0 * d, dq + (q0 + rows) * d, T(0));
           if (plan.runs.empty()) continue;
-          s.resize(rows * plan.cols);
-          ds.resize(rows * plan.cols);
-          scores(p, plan, b, q, k, q0, rows, s.data());
+          T* s = s_scratch.get(rows * plan.cols);
+          T* ds = ds_scratch.get(rows * plan.cols);
+          scores(p, plan, b, q, k, q0, rows, s);
           for (int64_t i = 0; i < rows; ++i) {  // s <- P = exp(s - lse)
-            exp_shifted(s.data() + i * plan.cols, plan.cols, lse[q0 + i]);
+            exp_shifted(s + i * plan.cols, plan.cols, lse[q0 + i]);
           }
           // ds <- dP = dO V^T, then dS = P * (dP - delta), delta = rowsum(dO * O) - dlse
           for (const Range& run : plan.runs) {
             gemm<T>(false, true, rows, run.k1 - run.k0, d, T(1), dout + q0 * p.out_row_stride,
                     p.out_row_stride, v + run.k0 * p.v_row_stride, p.v_row_stride, T(0),
-                    ds.data() + run.col, plan.cols);
+                    ds + run.col, plan.cols);
           }
           for (int64_t i = 0; i < rows; ++i) {
             const T* oi = o + (q0 + i) * p.out_row_stride;
@@ -273,8 +302,8 @@ void backward(const SetAttentionBwdParams& g) {
             T delta = 0;
             for (int64_t c = 0; c < d; ++c) delta += oi[c] * gi[c];
             if (dlse) delta -= dlse[q0 + i];
-            const T* pr = s.data() + i * plan.cols;
-            T* dr = ds.data() + i * plan.cols;
+            const T* pr = s + i * plan.cols;
+            T* dr = ds + i * plan.cols;
             // P = 0 (a key the row does not see) gives dS = 0 even where dP is NaN.
             for (int64_t c = 0; c < plan.cols; ++c) {
               dr[c] = pr[c] == 0 ? T(0) : pr[c] * (dr[c] - delta);
@@ -283,11 +312,11 @@ void backward(const SetAttentionBwdParams& g) {
           const T scale = static_cast<T>(p.scale);
           for (const Range& run : plan.runs) {
             const int64_t n = run.k1 - run.k0;
-            gemm<T>(false, false, rows, d, n, scale, ds.data() + run.col, plan.cols,
+            gemm<T>(false, false, rows, d, n, scale, ds + run.col, plan.cols,
                     k + run.k0 * p.k_row_stride, p.k_row_stride, T(1), dq + q0 * d, d);
-            gemm<T>(true, false, n, d, rows, scale, ds.data() + run.col, plan.cols,
+            gemm<T>(true, false, n, d, rows, scale, ds + run.col, plan.cols,
                     q + q0 * p.q_row_stride, p.q_row_stride, T(1), dk + run.k0 * d, d);
-            gemm<T>(true, false, n, d, rows, T(1), s.data() + run.col, plan.cols,
+            gemm<T>(true, false, n, d, rows, T(1), s + run.col, plan.cols,
                     dout + q0 * p.out_row_stride, p.out_row_stride, T(1), dv + run.k0 * d, d);
           }
         }

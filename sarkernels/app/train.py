@@ -235,6 +235,10 @@ def train(cfg, resume=False, overwrite=False, progress=True, log=print, bar_row=
     encoder = None
     if cfg.condition == "prompts":
         encoder = prompts.TextEncoder()
+    # MKL's conditions for run-to-run identical bits: a fixed thread count and no dynamic
+    # adjustment of it; torch turns MKL's adjustment off only in set_num_threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, dataset.tokenizer, dataset.num_classes,
                         None if encoder is None else encoder.dim).to(device)
@@ -254,6 +258,10 @@ def train(cfg, resume=False, overwrite=False, progress=True, log=print, bar_row=
         start = state["step"]
         if rank == 0:
             log(f"resumed {step_dir} at step {start}")
+            if state.get("threads", threads) != threads:
+                log(f"note: the run trained on {state['threads']} CPU threads and continues on "
+                    f"{threads}; BLAS splits some products by the thread count, so the bits "
+                    "may differ from a run that was never interrupted")
     step_model = _Loss(model)
     if world > 1:
         step_model = nn.parallel.DistributedDataParallel(step_model)
@@ -299,7 +307,7 @@ def train(cfg, resume=False, overwrite=False, progress=True, log=print, bar_row=
                 final = checkpoint.save(cfg.out, done, model, config, {
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "step": done})
+                    "threads": threads, "step": done})
     finally:  # an error or Ctrl-C is reported below the bar, not inside it
         if bar is not None:
             bar.close()

@@ -80,8 +80,9 @@ class RandARTransformer(DecoderOnly):
             raise ValueError(f"scale must be an int >= 2, got {scale!r}")
         if not 0 <= mask_ratio <= 1:
             raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
-        if spatial_cfg is None or spatial_cfg < 0:
-            raise ValueError(f"spatial_cfg must be >= 0, got {spatial_cfg}")
+        for name, value in (("cfg", cfg), ("spatial_cfg", spatial_cfg)):
+            if value is None or value < 0:  # the three-branch guidance needs both weights
+                raise ValueError(f"{name} must be >= 0, got {value}")
         sampling = Sampling(temperature, top_k, top_p, cfg, spatial_cfg)
         prefix, batch = condition.guidance(self, labels, sampling.reps)
         device = self.output.weight.device

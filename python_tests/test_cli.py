@@ -213,10 +213,16 @@ def test_demo_quick(tmp_path):
 
 def test_ctrl_c_before_the_first_checkpoint_says_none_was_written(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sarkernels", "train", "--dim", "32", "--heads", "2", "--layers",
-         "1", "--batch", "8", "--steps", "100000", "--out", str(out), "--no-progress"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A child inherits an ignored SIGINT (a test run started with nohup or `&` from a script)
+    # and its Python then leaves it ignored; a handled one is reset to the default at exec.
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sarkernels", "train", "--dim", "32", "--heads", "2",
+             "--layers", "1", "--batch", "8", "--steps", "100000", "--out", str(out),
+             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     try:
         deadline = time.monotonic() + 300
         while not out.exists():  # the run folder appears just before training starts

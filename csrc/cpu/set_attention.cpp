@@ -12,9 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
-#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -28,32 +26,18 @@ namespace {
 constexpr int64_t kTileQ = 96;
 constexpr int64_t kTileK = 16;
 
-// Score scratch handed to BLAS, 64-byte aligned. MKL may order a product's sums by the
-// alignment of its operands (Intel: "Aligning Data for Consistent Results"); a
-// std::vector's data sits wherever the heap's history puts it (16-byte aligned, any
-// offset mod 64), so the same inputs could round differently from one call to the next.
-// Here every operand's alignment follows from the shapes alone, as for ATen's tensors.
+// Score scratch handed to BLAS, a tensor's memory: ATen's CPU allocator aligns it to 64
+// bytes. MKL may order a product's sums by the alignment of its operands (Intel: "Aligning
+// Data for Consistent Results"); malloc'd memory (a std::vector's) sits wherever the heap's
+// history puts it, so the same inputs could round differently from one call to the next.
+// Here every operand's alignment follows from the shapes alone.
 template <typename T>
-class Scratch {
- public:
-  T* get(int64_t n) {
-    if (n > capacity_) {
-      constexpr size_t kAlign = 64;
-      const size_t bytes = (n * sizeof(T) + kAlign - 1) / kAlign * kAlign;
-      data_.reset(static_cast<T*>(std::aligned_alloc(kAlign, bytes)));
-      TORCH_CHECK(data_ != nullptr, "sarkernels: cannot allocate ", bytes, " bytes of scratch");
-      capacity_ = n;
-    }
-    return data_.get();
+T* scratch(at::Tensor& buffer, int64_t n) {
+  if (!buffer.defined() || buffer.numel() < n) {
+    buffer = at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   }
-
- private:
-  struct Free {
-    void operator()(T* p) const { std::free(p); }
-  };
-  std::unique_ptr<T, Free> data_;
-  int64_t capacity_ = 0;
-};
+  return buffer.data_ptr<T>();
+}
 
 template <typename T>
 at::Tensor matrix(const T* data, int64_t rows, int64_t cols, int64_t ld) {
@@ -200,7 +184,7 @@ void forward(const SetAttentionParams& p) {
   const int64_t d = p.head_dim;
   at::parallel_for(0, p.batch * p.heads_q * q_tiles, 1, [&](int64_t begin, int64_t end) {
     QTilePlan plan;
-    Scratch<T> scratch;
+    at::Tensor s_buffer;
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / (p.heads_q * q_tiles);
       const int64_t h = unit / q_tiles % p.heads_q;
@@ -213,7 +197,7 @@ void forward(const SetAttentionParams& p) {
       T* lse = static_cast<T*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride + q0;
 
       plan.build(p, tiles, b, q0, q0 + rows);
-      T* s = scratch.get(rows * plan.cols);
+      T* s = scratch<T>(s_buffer, rows * plan.cols);
       scores(p, plan, b, q, k, q0, rows, s);
       // A row is empty iff its sum is exactly 0 (no visible key, or only -inf logits); a
       // NaN or +inf logit makes the sum, and so lse, NaN.
@@ -263,7 +247,7 @@ void backward(const SetAttentionBwdParams& g) {
   // One unit per (batch, kv head): it owns its dk/dv rows, so no two threads add into them.
   at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
     QTilePlan plan;
-    Scratch<T> s_scratch, ds_scratch;
+    at::Tensor s_buffer, ds_buffer;
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / p.heads_kv, hk = unit % p.heads_kv;
       const T* k = head_ptr<T>(p.k, b, hk, p.k_batch_stride, p.k_head_stride);
@@ -284,8 +268,8 @@ void backward(const SetAttentionBwdParams& g) {
           plan.build(p, tiles, b, q0, q0 + rows);
           std::fill(dq + q0 * d, dq + (q0 + rows) * d, T(0));
           if (plan.runs.empty()) continue;
-          T* s = s_scratch.get(rows * plan.cols);
-          T* ds = ds_scratch.get(rows * plan.cols);
+          T* s = scratch<T>(s_buffer, rows * plan.cols);
+          T* ds = scratch<T>(ds_buffer, rows * plan.cols);
           scores(p, plan, b, q, k, q0, rows, s);
           for (int64_t i = 0; i < rows; ++i) {  // s <- P = exp(s - lse)
             exp_shifted(s + i * plan.cols, plan.cols, lse[q0 + i]);

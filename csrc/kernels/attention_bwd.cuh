@@ -21,11 +21,15 @@ namespace attention {
 
 constexpr int kRowThreads = 128;  // threads per block of the row-wise kernels
 
-// s <- P = exp(s - lse), with lse(n, e) the lse of fragment element (n, e).
-template <typename Acc, int N, typename LseFn>
-SK_DEVICE void recompute_probs(Frag<Acc, N>& s, LseFn lse) {
+// s <- P = exp(s - lse), with lse(n, e) the lse of fragment element (n, e); kFold: s holds
+// raw scores, taken to ExpBase units by `scale` in the exponent (for_each_key_tile).
+template <bool kFold = false, typename Acc, int N, typename LseFn>
+SK_DEVICE void recompute_probs(Frag<Acc, N>& s, LseFn lse, Acc scale = Acc(1)) {
   SK_UNROLL for (int n = 0; n < N / 8; ++n) {
-    SK_UNROLL for (int e = 0; e < 4; ++e) s.x[n][e] = ExpBase<Acc>::exp(s.x[n][e] - lse(n, e));
+    SK_UNROLL for (int e = 0; e < 4; ++e) {
+      const Acc x = s.x[n][e];
+      s.x[n][e] = ExpBase<Acc>::exp((kFold ? x * scale : x) - lse(n, e));
+    }
   }
 }
 
@@ -88,7 +92,8 @@ struct DkdvLayout {
   static constexpr size_t kLse = kQSets + 2 * BM * sizeof(int64_t);
   static constexpr size_t kDelta = kLse + 2 * BM * sizeof(Acc);
   static constexpr size_t kDs = kDelta + 2 * BM * sizeof(Acc);  // dS [BM][BN], atomic dQ only
-  static constexpr size_t kScratch = kDs + (kAtomicDq ? tile_bytes<T, BM, BN> : 0);
+  static constexpr size_t kList = kDs + (kAtomicDq ? tile_bytes<T, BM, BN> : 0);
+  static constexpr size_t kScratch = kList + sizeof(TileList);
   static constexpr size_t kBytes = kScratch + kWarps * kFragScratch<T, BM> * sizeof(Acc);
 };
 
@@ -142,11 +147,14 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   auto first_row = [&](int64_t t, int rep) {  // workspace row of the tile's first query
     return (b * p.heads_q + hk * group + rep) * p.len_q + t * BM;
   };
-  for_each_needed_tile(
-      ceil_div(p.len_q, BM), int(group),
-      [&](int64_t t) { return warp_id_range(q_sets + t * BM, queries_in(t)); },
-      [&](IdRange queries) { return classify(queries, block_k, p.strict) != TileKind::kSkip; },
-      [&](int64_t t, int rep, int st) {
+  TileList& list = *reinterpret_cast<TileList*>(smem + Lay::kList);
+  list.set_rows(block_k, warp_k);
+  for_each_needed_tile<Lay::kThreads>(
+      q_sets, p.len_q, BM, int(group), list,
+      [&](int64_t t, IdRange queries) {
+        return tile_info<false, Lay::kWarps>(list, queries, p.strict, queries_in(t) < BM);
+      },
+      [&](int64_t t, int rep, int st, unsigned) {
         const int64_t h = hk * group + rep, q0 = t * BM, row = first_row(t, rep);
         const int nq = queries_in(t);
         load_rows_async<Lay::kThreads, BM, D>(q_tiles + st * BM * kLd, q_row<T>(p, b, h, q0),
@@ -160,22 +168,25 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
         load_values<Lay::kThreads, BM>(lse_tiles + st * BM, lse, nq, Acc(INFINITY));
         load_values<Lay::kThreads, BM>(delta_tiles + st * BM, delta, nq, Acc(0));
       },
-      [](int) {},
-      [&](int64_t t, int rep, int st, IdRange queries) {
+      [](int64_t, int, int, unsigned) {},
+      [&](int64_t t, int rep, int st, unsigned info) {
         const int nq = queries_in(t);
         const T* q_tile = q_tiles + st * BM * kLd;
         const T* dout_tile = dout_tiles + st * BM * kLd;
         const Acc* lse = lse_tiles + st * BM;
         const Acc* delta = delta_tiles + st * BM;
-        const TileKind kind = warp_tile_kind(queries, warp_k, p.strict, nq < BM);
+        const TileKind kind = warp_kind(info);
         Frag<Acc, BM> ds;  // dS^T of the warp's keys x the tile's queries
         ds.zero();
         if (kind != TileKind::kSkip) {
           Frag<Acc, BM> prob;
           prob.zero();
           gemm_smem_a<T, BM, D, BFrom::kRowsN>(prob, k_tile + 16 * warp * kLd, kLd, q_tile, kLd);
-          scale_and_mask<false>(prob, scale, kind == TileKind::kPartial, row_set,
-                                q_set_tiles + st * BM, nq, p.strict, nullptr);
+          const uint32_t hidden =
+              kind == TileKind::kPartial
+                  ? hidden_bits<false, BM>(row_set, q_set_tiles + st * BM, nq, p.strict)
+                  : 0;
+          scale_and_mask(prob, scale, hidden, 0);
           recompute_probs(prob, [&](int n, int e) { return lse[frag_col(n, e)]; });
           gemm_smem_a<T, BM, D, BFrom::kRowsN>(ds, v_tile + 16 * warp * kLd, kLd, dout_tile, kLd);
           gemm_frag_a<T, DC, BM, BFrom::kRowsK>(dv, prob, scratch, dout_tile + c0, kLd);
@@ -240,7 +251,8 @@ struct DqLayout {
   static constexpr size_t kQ = 0;
   static constexpr size_t kDout = kQ + tile_bytes<T, BM, D>;
   static constexpr size_t kKeys = kDout + tile_bytes<T, BM, D>;
-  static constexpr size_t kScratch = kKeys + KeyStages<T, D, BN>::kBytes;
+  static constexpr size_t kList = kKeys + KeyStages<T, D, BN>::kBytes;
+  static constexpr size_t kScratch = kList + sizeof(TileList);
   static constexpr size_t kBytes = kScratch + kWarps * kFragScratch<T, BN> * sizeof(acc_t<T>);
 };
 
@@ -259,7 +271,7 @@ __global__ void __launch_bounds__(DqLayout<T, D, BM, BN>::kThreads, 1)
   const T* const dout_rows = reinterpret_cast<T*>(smem + Lay::kDout) + 16 * warp_id() * kLd;
   Acc* const scratch =
       reinterpret_cast<Acc*>(smem + Lay::kScratch) + warp_id() * kFragScratch<T, BN>;
-  const QueryBlock qb = query_block<BM, D, DC>(p);
+  const QueryBlock<1> qb = query_block<BM, D, DC, 1>(p);
   const int64_t row0 = (qb.b * p.heads_q + qb.h) * p.len_q + qb.q0;
   Acc lse[2], delta[2];
   SK_UNROLL for (int i = 0; i < 2; ++i) {
@@ -279,12 +291,14 @@ __global__ void __launch_bounds__(DqLayout<T, D, BM, BN>::kThreads, 1)
   dq.zero();
   for_each_key_tile<Lay::kThreads>(
       p, qb, q_rows, KeyStages<T, D, BN>(smem + Lay::kKeys),
-      [&](Frag<Acc, BN>& s, const T* k_tile, const T* v_tile) {
-        recompute_probs(s, [&](int, int e) { return lse[e >> 1]; });
+      *reinterpret_cast<TileList*>(smem + Lay::kList),
+      [&](Frag<Acc, BN>(&s)[1], const T* k_tile, const T* v_tile, Acc scale, auto fold) {
+        recompute_probs<decltype(fold)::value>(s[0], [&](int, int e) { return lse[e >> 1]; },
+                                               scale);
         Frag<Acc, BN> ds;
         ds.zero();
         gemm_smem_a<T, BN, D, BFrom::kRowsN>(ds, dout_rows, kLd, v_tile, kLd);
-        score_grads(ds, s, [&](int, int e) { return delta[e >> 1]; });
+        score_grads(ds, s[0], [&](int, int e) { return delta[e >> 1]; });
         gemm_frag_a<T, DC, BN, BFrom::kRowsK>(dq, ds, scratch, k_tile + qb.c0, kLd);
       });
 

@@ -24,11 +24,15 @@ namespace sarkernels::kernels::attention {
 
 // Queries x keys per block: tensor-core tiles for 16-bit inputs, smaller ones for the
 // scalar path (its shared tiles are 2-4x wider per element) and for head dims above 128
-// (shared memory); 16 query rows per warp. Output columns per block (kCols < D: column
-// splits, see QueryBlock): 32 for float64 above head dim 64, for registers.
+// (shared memory). Query rows per warp (kRows): 32 on tensor cores, as FlashAttention-2
+// (each K and V fragment loaded from shared memory feeds twice the MMAs and every per-tile
+// cost is spread over twice the scores), except where the accumulators do not fit in
+// registers: 16 at head dim 256, and at 96, which spills 12 bytes at 32 (nvcc 13.0). Output columns per block (kCols < D: column splits, see
+// QueryBlock): 32 for float64 above head dim 64, for registers.
 template <typename T, int D>
 struct FwdTiles {
-  static constexpr int kM = kTensorCores<T> ? 64 : 32;
+  static constexpr int kRows = kTensorCores<T> && D <= 64 ? 32 : 16;
+  static constexpr int kM = kTensorCores<T> ? 4 * kRows : 32;
   static constexpr int kN =
       kTensorCores<T> ? (D > 128 ? 32 : 64) : sizeof(T) == 8 || D > 128 ? 16 : 32;
   static constexpr int kCols = sizeof(T) == 8 && D > 64 ? 32 : D;
@@ -48,13 +52,14 @@ struct BwdTiles {
   static constexpr int kCols = D < (kDouble ? 32 : 128) ? D : kDouble ? 32 : 128;
 };
 
-// Deterministic dQ blocks: queries x keys, as the forward's but narrower key tiles at
-// large head dims (dQ, S and dP live in registers together).
+// Deterministic dQ blocks: queries x keys, 16 query rows per warp, narrower key tiles than
+// the forward's at large head dims (dQ, S and dP live in registers together), and at head
+// dim 256 on tensor cores two column splits (all 256 spill 8 bytes with nvcc 13.0).
 template <typename T, int D>
 struct DqTiles {
-  static constexpr int kM = FwdTiles<T, D>::kM;
+  static constexpr int kM = kTensorCores<T> ? 64 : 32;
   static constexpr int kN = kTensorCores<T> && D > 64 ? 32 : FwdTiles<T, D>::kN;
-  static constexpr int kCols = FwdTiles<T, D>::kCols;
+  static constexpr int kCols = kTensorCores<T> && D > 128 ? 128 : FwdTiles<T, D>::kCols;
 };
 
 // ---------------------------------------------------------------- operand rows
@@ -108,6 +113,37 @@ SK_DEVICE void load_rows_async(T* dst, const T* src, int64_t stride, int rows, i
     cp_async16(dst + r * tile_ld<T, Cols> + c, in ? src + r * stride + c : src, in);
   }
 }
+
+// load_rows_async of a whole tile (rows == Rows, cols == Cols) from rows `stride` apart,
+// the thread's offset found once (construct outside the loop that copies tiles): where the
+// block's threads cover whole rows per pass, the copy is a fixed run of cp.async with no
+// bounds and no index arithmetic. The stride is passed per copy (a kernel parameter costs
+// no register).
+template <int Threads, int Rows, int Cols, typename T>
+class TileCopy {
+  static constexpr int kPer = 16 / int(sizeof(T)), kChunks = Cols / kPer;
+  static constexpr bool kRegular = Threads % kChunks == 0 && Rows * kChunks % Threads == 0;
+  static constexpr int kStep = kRegular ? Threads / kChunks : 1;  // rows per pass
+  int64_t from_;
+  int to_;
+
+ public:
+  SK_DEVICE explicit TileCopy(int64_t stride)
+      : from_(thread_rank() / kChunks * stride + thread_rank() % kChunks * kPer),
+        to_(thread_rank() / kChunks * tile_ld<T, Cols> + thread_rank() % kChunks * kPer) {}
+
+  SK_DEVICE void operator()(T* dst, const T* src, int64_t stride) const {
+    if constexpr (kRegular) {
+      const T* from = src + from_;
+      SK_UNROLL for (int i = 0; i < Rows / kStep; ++i) {
+        cp_async16(dst + to_ + i * kStep * tile_ld<T, Cols>, from);
+        from += kStep * stride;
+      }
+    } else {
+      load_rows_async<Threads, Rows, Cols>(dst, src, stride, Rows, Cols);
+    }
+  }
+};
 
 // Copies the first `rows` rows and `cols` columns of a shared tile to dst (row stride
 // `stride`).
@@ -202,63 +238,120 @@ SK_DEVICE TileKind classify(IdRange q, IdRange k, bool strict) {
   return classify_tile(q.lo, q.hi, k.lo, k.hi, strict);
 }
 
+// mask.h's class of a tile, partial whenever the tile is ragged (has rows or columns past
+// the end)
+SK_DEVICE TileKind warp_tile_kind(IdRange q, IdRange k, bool strict, bool ragged) {
+  const TileKind kind = classify(q, k, strict);
+  return kind == TileKind::kFull && ragged ? TileKind::kPartial : kind;
+}
+
 SK_DEVICE int clamp_rows(int64_t n, int cap) { return n <= 0 ? 0 : n < cap ? int(n) : cap; }
 SK_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------- the tile walk
 
-// Calls body(tile, rep, stage, range) for rep in [0, repeats) of every tile in [0, count)
-// whose set-id range (range_of(tile)) the block needs (needed(range)), in order. The
-// loads of the next visit (issue(tile, rep, stage) into the other of two stages, one
-// cp.async group) fly while body runs; skipped tiles cost a range reduction and nothing
-// else. Every warp must compute the same ranges and decisions. Call after committing the
-// block's own loads (they land before the first body); returns with every copy landed
-// and a barrier passed.
-// landed(stage) runs in every thread once its own copies of the visit have landed, before
-// the barrier that makes everyone's visible; plain shared stores made by issue() are
-// visible to every thread's landed() and body().
-template <typename RangeFn, typename NeededFn, typename IssueFn, typename LandedFn,
-          typename BodyFn>
-SK_DEVICE void for_each_needed_tile(int64_t count, int repeats, RangeFn range_of,
-                                    NeededFn needed, IssueFn issue, LandedFn landed,
-                                    BodyFn body) {
-  IdRange next_range{};
-  auto next_tile = [&](int64_t t) {
-    for (; t < count; ++t) {
-      next_range = range_of(t);
-      if (needed(next_range)) break;
-    }
-    return t;
-  };
-  int64_t tile = next_tile(0);
-  IdRange range = next_range;
-  int rep = 0, stage = 0;
-  if (tile < count) issue(tile, 0, 0);
-  cp_async_commit();
-  sync_threads();  // plain stores of the first issue() precede every thread's landed()
-  while (tile < count) {
-    int64_t following = tile;
-    int following_rep = rep + 1;
-    IdRange following_range = range;
-    if (following_rep == repeats) {
-      following = next_tile(tile + 1);
-      following_range = next_range;
-      following_rep = 0;
-    }
-    if (following < count) issue(following, following_rep, stage ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();  // everything but the group just issued has landed
-    landed(stage);
-    sync_threads();
-    body(tile, rep, stage, range);
-    sync_threads();  // the stage is free for the loads issued next
-    tile = following;
-    rep = following_rep;
-    range = following_range;
-    stage ^= 1;
+// Tiles whose set-id ranges the walk computes at once (into shared memory): a longer
+// sequence is walked in chunks of this many tiles.
+inline constexpr int kTileChunk = 64;
+
+// Most warps of a block that walks tiles.
+inline constexpr int kMaxWarps = 8;
+
+// A chunk's tile ranges and the list of the tiles the block needs with their tile_info, in
+// shared memory; and the set-id ranges of the block's and of each warp's rows, which the
+// block stores before walking (set_rows), so that they take no registers during the walk.
+struct TileList {
+  IdRange range[kTileChunk];
+  unsigned info[kTileChunk];
+  int tile[kTileChunk];  // indices into range and info, in order
+  int count;
+  IdRange block_rows, warp_rows[kMaxWarps];
+
+  SK_DEVICE void set_rows(IdRange block, IdRange warp) {
+    if (lane_id() == 0) warp_rows[warp_id()] = warp;
+    if (thread_rank() == 0) block_rows = block;
   }
-  cp_async_wait<0>();
-  sync_threads();
+};
+
+// A tile's classes, found once per walk so that a visit takes no set-id comparison: the
+// block's (bits 0-1) and each warp's (bits 2w + 2, 2w + 3) TileKind for its rows against
+// the tile's ids (ids of queries x keys in mask.h's order: RowsAreQueries, or the tile's
+// first), partial wherever the tile is ragged; 0 when the block skips the tile.
+template <bool RowsAreQueries, int Warps>
+SK_DEVICE unsigned tile_info(const TileList& list, IdRange tile, bool strict, bool ragged) {
+  static_assert(Warps <= kMaxWarps, "tile_info has room for kMaxWarps warps");
+  auto kind = [&](IdRange rows) {
+    return unsigned(RowsAreQueries ? warp_tile_kind(rows, tile, strict, ragged)
+                                   : warp_tile_kind(tile, rows, strict, ragged));
+  };
+  unsigned info = kind(list.block_rows);
+  if (info == unsigned(TileKind::kSkip)) return 0;
+  SK_UNROLL for (int w = 0; w < Warps; ++w) info |= kind(list.warp_rows[w]) << (2 + 2 * w);
+  return info;
+}
+SK_DEVICE TileKind block_kind(unsigned info) { return TileKind(info & 3); }
+SK_DEVICE TileKind warp_kind(unsigned info) { return TileKind(info >> (2 + 2 * warp_id()) & 3); }
+
+// Calls body(tile, rep, stage, info) for rep in [0, repeats) of every tile of `tile_len`
+// of the `len` ids whose info = info_of(tile, set-id range) is not 0 (tile_info), in order.
+// The ranges of a chunk of tiles are found once, by the block's warps together, and the
+// needed tiles listed with their info, so a tile the block skips is never visited. The
+// loads of the next visit (issue(tile, rep, stage, info) into the other of two stages,
+// one cp.async group) fly while body runs. Call after committing the block's own loads
+// (they land before the first body) and list.set_rows; returns with every copy
+// landed and a barrier passed.
+// landed(tile, rep, stage, info) runs in every thread once its own copies of the visit
+// have landed, before the barrier that makes everyone's visible; plain shared stores made
+// by issue() are visible to every thread's landed() and body().
+template <int Threads, typename InfoFn, typename IssueFn, typename LandedFn, typename BodyFn>
+SK_DEVICE void for_each_needed_tile(const int64_t* ids, int64_t len, int tile_len, int repeats,
+                                    TileList& list, InfoFn info_of, IssueFn issue,
+                                    LandedFn landed, BodyFn body) {
+  constexpr int kWarps = Threads / 32;
+  const int64_t tiles = ceil_div(len, tile_len);
+  for (int64_t t0 = 0; t0 < tiles; t0 += kTileChunk) {
+    const int n = clamp_rows(tiles - t0, kTileChunk);
+    for (int c = warp_id(); c < n; c += kWarps) {
+      const int64_t at = (t0 + c) * tile_len;
+      const IdRange r = warp_id_range(ids + at, clamp_rows(len - at, tile_len));
+      if (lane_id() == 0) list.range[c] = r;
+    }
+    sync_threads();
+    if (warp_id() == 0) {
+      int listed = 0;
+      for (int c0 = 0; c0 < n; c0 += 32) {
+        const int c = c0 + lane_id();
+        const unsigned info = c < n ? info_of(t0 + c, list.range[c]) : 0;
+        const unsigned votes = ballot(info != 0);
+        if (info != 0) {
+          list.tile[listed + popcount(votes & ((1u << lane_id()) - 1))] = c;
+          list.info[c] = info;
+        }
+        listed += popcount(votes);
+      }
+      if (lane_id() == 0) list.count = listed;
+    }
+    sync_threads();
+    const int visits = list.count * repeats;
+    auto visit = [&](int v, int stage, auto fn) {
+      const int c = list.tile[v / repeats];
+      fn(t0 + c, v % repeats, stage, list.info[c]);
+    };
+    if (visits > 0) visit(0, 0, issue);
+    cp_async_commit();
+    sync_threads();  // plain stores of the first issue() precede every thread's landed()
+    for (int v = 0, stage = 0; v < visits; ++v, stage ^= 1) {
+      if (v + 1 < visits) visit(v + 1, stage ^ 1, issue);
+      cp_async_commit();
+      cp_async_wait<1>();  // everything but the group just issued has landed
+      visit(v, stage, landed);
+      sync_threads();
+      visit(v, stage, body);
+      sync_threads();  // the stage is free for the loads issued next
+    }
+    cp_async_wait<0>();
+    sync_threads();
+  }
 }
 
 // ---------------------------------------------------------------- scores
@@ -282,34 +375,51 @@ struct ExpBase<double> {
   static SK_DEVICE double max(double a, double b) { return fmax(a, b); }
 };
 
-// s <- s * scale; NaN in the columns flagged in nan_cols (nullable); and on partial tiles
-// -inf where the set rule hides the pair or the column lies past n_cols. Rows are queries
+// Masks of a lane's share of a warp's 16 x N fragment (N <= 64): bit 4n + e stands for
+// element (n, e). They are found before the scores are, so that the ids they come from take
+// no registers beside the accumulators.
+
+// The elements the set rule hides, or whose column lies past n_cols. Rows are queries
 // (RowsAreQueries) or keys: row_set holds the ids of this lane's two rows, col_sets
-// (shared) those of the tile's columns. Masking last keeps every hidden pair at -inf,
-// whatever the scale's sign or the column's flag.
-template <bool RowsAreQueries, typename Acc, int N>
-SK_DEVICE void scale_and_mask(Frag<Acc, N>& s, Acc scale, bool partial,
-                              const int64_t (&row_set)[2], const int64_t* col_sets, int n_cols,
-                              bool strict, const int* nan_cols) {
+// (shared) those of the tile's columns.
+template <bool RowsAreQueries, int N>
+SK_DEVICE uint32_t hidden_bits(const int64_t (&row_set)[2], const int64_t* col_sets, int n_cols,
+                               bool strict) {
+  static_assert(N <= 64, "a lane's share of the fragment fits 32 bits");
+  uint32_t bits = 0;
   SK_UNROLL for (int n = 0; n < N / 8; ++n) {
     SK_UNROLL for (int e = 0; e < 4; ++e) {
-      s.x[n][e] *= scale;
-      if (nan_cols != nullptr && nan_cols[frag_col(n, e)]) s.x[n][e] = Acc(NAN);
-      if (partial) {
-        const int c = frag_col(n, e);
-        const int64_t row = row_set[e >> 1];
-        const bool seen = c < n_cols && (RowsAreQueries ? visible(row, col_sets[c], strict)
-                                                        : visible(col_sets[c], row, strict));
-        if (!seen) s.x[n][e] = -INFINITY;
-      }
+      const int c = frag_col(n, e);
+      const int64_t row = row_set[e >> 1];
+      const bool seen = c < n_cols && (RowsAreQueries ? visible(row, col_sets[c], strict)
+                                                      : visible(col_sets[c], row, strict));
+      bits |= uint32_t(!seen) << (4 * n + e);
     }
   }
+  return bits;
 }
 
-// The kind of a warp's tile: partial whenever the tile has columns past the end.
-SK_DEVICE TileKind warp_tile_kind(IdRange q, IdRange k, bool strict, bool ragged) {
-  const TileKind kind = classify(q, k, strict);
-  return kind == TileKind::kFull && ragged ? TileKind::kPartial : kind;
+// The elements whose column is flagged (scrub_rows' flags).
+template <int N>
+SK_DEVICE uint32_t flagged_bits(const int* flags) {
+  static_assert(N <= 64, "a lane's share of the fragment fits 32 bits");
+  uint32_t bits = 0;
+  SK_UNROLL for (int n = 0; n < N / 8; ++n) {
+    SK_UNROLL for (int e = 0; e < 4; ++e) bits |= uint32_t(flags[frag_col(n, e)] != 0) << (4 * n + e);
+  }
+  return bits;
+}
+
+// s <- s * scale, NaN where `nan` has the element's bit, -inf where `hidden` has it.
+// Masking last keeps every hidden pair at -inf, whatever the scale's sign or the flag.
+template <typename Acc, int N>
+SK_DEVICE void scale_and_mask(Frag<Acc, N>& s, Acc scale, uint32_t hidden, uint32_t nan) {
+  SK_UNROLL for (int n = 0; n < N / 8; ++n) {
+    SK_UNROLL for (int e = 0; e < 4; ++e) {
+      const int bit = 4 * n + e;
+      s.x[n][e] = hidden >> bit & 1 ? Acc(-INFINITY) : nan >> bit & 1 ? Acc(NAN) : s.x[n][e] * scale;
+    }
+  }
 }
 
 // ---------------------------------------------------------------- query-tile kernels
@@ -318,33 +428,41 @@ SK_DEVICE TileKind warp_tile_kind(IdRange q, IdRange k, bool strict, bool ragged
 // output columns [c0, c0 + D / splits): more than one split only where the accumulators
 // of every column would not fit in registers (each split recomputes the scores).
 
+// M: 16-row slabs per warp.
+template <int M>
 struct QueryBlock {
-  int64_t b, h, hk, q0;
+  int b, h, hk;  // below the grid's block count, so below 2^31
+  int64_t q0;
   int c0;                   // first output column
   int nq;                   // valid rows of the tile
   IdRange block_q, warp_q;  // set ids of the block's and of this warp's rows
-  int64_t row_set[2];       // ids of this lane's rows g and g + 8 (0 past the end)
+  const int64_t* q_sets;    // the set ids of the block's rows
+
+  // The ids of this lane's rows g and g + 8 of slab m (0 past the end), read only where a
+  // tile needs them, so that they take no registers across the walk.
+  SK_DEVICE void row_sets(int m, int64_t (&ids)[2]) const {
+    SK_UNROLL for (int i = 0; i < 2; ++i) {
+      const int r = 16 * (M * warp_id() + m) + frag_row(2 * i);
+      ids[i] = r < nq ? q_sets[r] : 0;
+    }
+  }
 };
 
-template <int BM, int D, int DC>
-SK_DEVICE QueryBlock query_block(const SetAttentionParams& p) {
-  QueryBlock qb;
+template <int BM, int D, int DC, int M>
+SK_DEVICE QueryBlock<M> query_block(const SetAttentionParams& p) {
+  QueryBlock<M> qb;
   const int64_t q_tiles = ceil_div(p.len_q, BM);
   const int64_t bh = blockIdx.x / (q_tiles * (D / DC));
   qb.c0 = int(blockIdx.x / q_tiles % (D / DC)) * DC;
-  qb.b = bh / p.heads_q;
-  qb.h = bh % p.heads_q;
-  qb.hk = qb.h / (p.heads_q / p.heads_kv);
+  qb.b = int(bh / p.heads_q);
+  qb.h = int(bh % p.heads_q);
+  qb.hk = int(qb.h / (p.heads_q / p.heads_kv));
   qb.q0 = blockIdx.x % q_tiles * BM;
   qb.nq = clamp_rows(p.len_q - qb.q0, BM);
-  const int64_t* q_sets = p.q_sets + qb.b * p.len_q + qb.q0;
-  const int w = 16 * warp_id();
-  qb.block_q = warp_id_range(q_sets, qb.nq);
-  qb.warp_q = warp_id_range(q_sets + w, clamp_rows(qb.nq - w, 16));
-  SK_UNROLL for (int i = 0; i < 2; ++i) {
-    const int r = w + frag_row(2 * i);
-    qb.row_set[i] = r < qb.nq ? q_sets[r] : 0;
-  }
+  qb.q_sets = p.q_sets + qb.b * p.len_q + qb.q0;
+  const int w = 16 * M * warp_id();
+  qb.block_q = warp_id_range(qb.q_sets, qb.nq);
+  qb.warp_q = warp_id_range(qb.q_sets + w, clamp_rows(qb.nq - w, 16 * M));
   return qb;
 }
 
@@ -366,45 +484,90 @@ struct KeyStages {
         bad(reinterpret_cast<int*>(at + 4 * tile_bytes<T, BN, D> + 2 * BN * sizeof(int64_t))) {}
 };
 
-// For each key tile this warp's rows see: s = the warp's scores (Q K^T in ExpBase units,
-// hidden pairs -inf, NaN for keys whose value is not finite), then body(s, k_tile, v_tile)
-// with the stage's shared tiles (the value tile scrubbed of non-finite values).
-// q_rows: the warp's 16 rows of the block's Q tile in shared memory, already issued.
-template <int Threads, typename T, int D, int BN, typename Body>
-SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock& qb,
-                                 const T* q_rows, KeyStages<T, D, BN> ks, Body body) {
+// For each key tile this warp's rows see: s = the warp's scores (M slabs of Q K^T) and
+// body(s, k_tile, v_tile, scale, fold) with the stage's shared tiles, where either fold is
+// std::true_type and s holds raw dot products of a tile every row sees, all of its values
+// finite (the fast path: the caller folds `scale`, in ExpBase units per raw unit, into its
+// exponent), or fold is std::false_type and s is scaled into ExpBase units with hidden
+// pairs at -inf and NaN for keys whose value is not finite (the value tile then scrubbed of
+// them).
+// Non-finite values are looked for only in tiles some row of the block does not see: in
+// the others every row's output takes the non-finite value, which the caller detects.
+// q_rows: the warp's 16M rows of the block's Q tile in shared memory, already issued.
+template <int Threads, int M, typename T, int D, int BN, typename Body>
+SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M>& qb,
+                                 const T* q_rows, KeyStages<T, D, BN> ks, TileList& list,
+                                 Body body) {
   using Acc = acc_t<T>;
   constexpr int kLd = tile_ld<T, D>;
   const T* k = k_row<T>(p, qb.b, qb.hk, 0);
   const T* v = v_row<T>(p, qb.b, qb.hk, 0);
   const int64_t* k_sets = p.k_sets + qb.b * p.len_k;
   const Acc scale = Acc(p.scale) * ExpBase<Acc>::kPerNat;
+  // Folding the scale into the exponent needs the row max of raw scores to give that of
+  // the scaled ones: a finite scale >= 0.
+  const bool foldable = scale >= Acc(0) && scale < Acc(INFINITY);
   auto keys_in = [&](int64_t t) { return clamp_rows(p.len_k - t * BN, BN); };
-  for_each_needed_tile(
-      ceil_div(p.len_k, BN), 1,
-      [&](int64_t t) { return warp_id_range(k_sets + t * BN, keys_in(t)); },
-      [&](IdRange keys) { return classify(qb.block_q, keys, p.strict) != TileKind::kSkip; },
-      [&](int64_t t, int, int st) {
-        const int nk = keys_in(t);
-        load_rows_async<Threads, BN, D>(ks.k + st * BN * kLd, k + t * BN * p.k_row_stride,
-                                        p.k_row_stride, nk, int(p.head_dim));
-        load_rows_async<Threads, BN, D>(ks.v + st * BN * kLd, v + t * BN * p.v_row_stride,
-                                        p.v_row_stride, nk, int(p.head_dim));
-        load_values<Threads, BN>(ks.sets + st * BN, k_sets + t * BN, nk, int64_t(0));
-        load_values<Threads, BN + 1, int>(ks.bad + st * (BN + 1), nullptr, 0, 0);
+  // Whether some row of the block does not see some key of the tile (or it is ragged).
+  auto block_partial = [](unsigned info) { return block_kind(info) == TileKind::kPartial; };
+  const bool whole_rows = p.head_dim == D;
+  const TileCopy<Threads, BN, D, T> k_copy(p.k_row_stride), v_copy(p.v_row_stride);
+  list.set_rows(qb.block_q, qb.warp_q);
+  for_each_needed_tile<Threads>(
+      k_sets, p.len_k, BN, 1, list,
+      [&](int64_t t, IdRange keys) {
+        return tile_info<true, Threads / 32>(list, keys, p.strict, keys_in(t) < BN);
       },
-      [&](int st) { scrub_rows<Threads, BN, D>(ks.v + st * BN * kLd, ks.bad + st * (BN + 1)); },
-      [&](int64_t t, int, int st, IdRange keys) {
+      [&](int64_t t, int, int st, unsigned info) {
+        T* const k_to = ks.k + st * BN * kLd;
+        T* const v_to = ks.v + st * BN * kLd;
+        const T* const k_from = k + t * BN * p.k_row_stride;
+        const T* const v_from = v + t * BN * p.v_row_stride;
+        if (!block_partial(info) && whole_rows) {  // not ragged: the fixed copy
+          k_copy(k_to, k_from, p.k_row_stride);
+          v_copy(v_to, v_from, p.v_row_stride);
+          return;
+        }
         const int nk = keys_in(t);
-        const TileKind kind = warp_tile_kind(qb.warp_q, keys, p.strict, nk < BN);
+        load_rows_async<Threads, BN, D>(k_to, k_from, p.k_row_stride, nk, int(p.head_dim));
+        load_rows_async<Threads, BN, D>(v_to, v_from, p.v_row_stride, nk, int(p.head_dim));
+        if (block_partial(info)) {
+          load_values<Threads, BN>(ks.sets + st * BN, k_sets + t * BN, nk, int64_t(0));
+          load_values<Threads, BN + 1, int>(ks.bad + st * (BN + 1), nullptr, 0, 0);
+        }
+      },
+      [&](int64_t, int, int st, unsigned info) {
+        if (block_partial(info)) {
+          scrub_rows<Threads, BN, D>(ks.v + st * BN * kLd, ks.bad + st * (BN + 1));
+        }
+      },
+      [&](int64_t t, int, int st, unsigned info) {
+        const TileKind kind = warp_kind(info);
         if (kind == TileKind::kSkip) return;
-        Frag<Acc, BN> s;
-        s.zero();
-        gemm_smem_a<T, BN, D, BFrom::kRowsN>(s, q_rows, kLd, ks.k + st * BN * kLd, kLd);
-        const int* bad = ks.bad + st * (BN + 1);
-        scale_and_mask<true>(s, scale, kind == TileKind::kPartial, qb.row_set,
-                             ks.sets + st * BN, nk, p.strict, bad[BN] ? bad : nullptr);
-        body(s, ks.k + st * BN * kLd, ks.v + st * BN * kLd);
+        const T* k_tile = ks.k + st * BN * kLd;
+        const T* v_tile = ks.v + st * BN * kLd;
+        const bool partial = block_partial(info), fold = !partial && foldable;
+        uint32_t hidden[M] = {}, nan = 0;
+        if (!fold) {
+          const int* bad = ks.bad + st * (BN + 1);
+          if (partial && bad[BN]) nan = flagged_bits<BN>(bad);
+          if (kind == TileKind::kPartial) {
+            SK_UNROLL for (int m = 0; m < M; ++m) {
+              int64_t row_set[2];
+              qb.row_sets(m, row_set);
+              hidden[m] = hidden_bits<true, BN>(row_set, ks.sets + st * BN, keys_in(t), p.strict);
+            }
+          }
+        }
+        Frag<Acc, BN> s[M];
+        SK_UNROLL for (int m = 0; m < M; ++m) s[m].zero();
+        gemm_smem_a<T, BN, D, BFrom::kRowsN>(s, q_rows, kLd, k_tile, kLd);
+        if (fold) {
+          body(s, k_tile, v_tile, scale, std::true_type{});
+        } else {
+          SK_UNROLL for (int m = 0; m < M; ++m) scale_and_mask(s[m], scale, hidden[m], nan);
+          body(s, k_tile, v_tile, scale, std::false_type{});
+        }
       });
 }
 

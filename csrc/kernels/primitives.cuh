@@ -109,6 +109,22 @@ inline bool vote_all(bool pred, unsigned mask = kFullMask, Site site = Site::cur
 }
 #endif
 
+// ---------------------------------------------------------------- bit counts, fast exp2
+
+#if !SK_EMULATED
+SK_DEVICE int popcount(unsigned x) { return __popc(x); }
+// 2^x by the SFU's approximation (MUFU.EX2: relative error about 2^-22, denormal results
+// flushed to 0), instead of exp2f's accurate sequence around it.
+SK_DEVICE float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+#else
+inline int popcount(unsigned x) { return __builtin_popcount(x); }
+inline float exp2_approx(float x) { return exp2f(x); }
+#endif
+
 // ---------------------------------------------------------------- atomics
 
 #if !SK_EMULATED

@@ -63,17 +63,20 @@ SK_DEVICE void load_b_pair(uint32_t (&b)[4], const T* x, int ldx, int n0, int k0
   }
 }
 
-// c += a (one 16 x 16 A fragment at k-step k0) * B[k0 .. k0 + 16)[0 .. N).
-template <typename T, int N, BFrom L>
-SK_DEVICE void mma_k_step(Frag<float, N>& c, const uint32_t (&a)[4], const T* x, int ldx,
-                          int k0) {
+// c(m) += a[m] (16 x 16 A fragments at k-step k0) * B[k0 .. k0 + 16)[0 .. N) for the M
+// 16-row slabs of a warp: each B fragment is loaded once for all of them.
+template <typename T, int N, BFrom L, int M, typename CFn>
+SK_DEVICE void mma_k_step(CFn c, const uint32_t (&a)[M][4], const T* x, int ldx, int k0) {
   static_assert(N % 16 == 0, "tensor-core GEMMs take N in multiples of 16");
   SK_UNROLL for (int p = 0; p < N / 16; ++p) {
     uint32_t b[4];
     load_b_pair<T, L>(b, x, ldx, 16 * p, k0);
     const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-    mma_16816<T>(c.x[2 * p], a, b0, c.x[2 * p]);
-    mma_16816<T>(c.x[2 * p + 1], a, b1, c.x[2 * p + 1]);
+    SK_UNROLL for (int m = 0; m < M; ++m) {
+      auto& cm = c(m);
+      mma_16816<T>(cm.x[2 * p], a[m], b0, cm.x[2 * p]);
+      mma_16816<T>(cm.x[2 * p + 1], a[m], b1, cm.x[2 * p + 1]);
+    }
   }
 }
 
@@ -107,49 +110,109 @@ SK_DEVICE void scalar_gemm(Frag<acc_t<T>, N>& c, AFn a, const T* x, int ldx) {
   }
 }
 
-}  // namespace detail
-
-// c (16 x N) += A * B with A the warp's 16 x K rows of a shared tile (a, row stride lda).
-template <typename T, int N, int K, BFrom L>
-SK_DEVICE void gemm_smem_a(Frag<acc_t<T>, N>& c, const T* a, int lda, const T* x, int ldx) {
+// c(m) (16 x N) += A * B for m < M, with A the warp's 16M x K rows of a shared tile (a,
+// row stride lda), slab m being rows 16m .. 16m + 15.
+template <typename T, int N, int K, BFrom L, int M, typename CFn>
+SK_DEVICE void gemm_smem_a(CFn c, const T* a, int lda, const T* x, int ldx) {
   if constexpr (kTensorCores<T>) {
     static_assert(K % 16 == 0, "tensor-core GEMMs take K in multiples of 16");
     const int l = lane_id();
     SK_UNROLL for (int k0 = 0; k0 < K; k0 += 16) {
-      uint32_t af[4];
-      ldmatrix<4, false>(af, a + (l % 16) * lda + k0 + 8 * (l / 16));
-      detail::mma_k_step<T, N, L>(c, af, x, ldx, k0);
+      uint32_t af[M][4];
+      SK_UNROLL for (int m = 0; m < M; ++m) {
+        ldmatrix<4, false>(af[m], a + (16 * m + l % 16) * lda + k0 + 8 * (l / 16));
+      }
+      mma_k_step<T, N, L, M>(c, af, x, ldx, k0);
     }
   } else {
-    detail::scalar_gemm<T, N, K, L>(
-        c, [&](int r, int k) { return to_float(a[r * lda + k]); }, x, ldx);
+    SK_UNROLL for (int m = 0; m < M; ++m) {
+      scalar_gemm<T, N, K, L>(
+          c(m), [&](int r, int k) { return to_float(a[(16 * m + r) * lda + k]); }, x, ldx);
+    }
   }
 }
 
-// c (16 x N) += A * B with A = the fragment `a` (16 x K), rounded to T on the tensor-core
-// path as FlashAttention does. `scratch` is the warp's kFragScratch<T, K> elements.
-template <typename T, int N, int K, BFrom L>
-SK_DEVICE void gemm_frag_a(Frag<acc_t<T>, N>& c, const Frag<acc_t<T>, K>& a,
-                           acc_t<T>* scratch, const T* x, int ldx) {
+// c(m) (16 x N) += a(m) * B for m < M, with a(m) 16 x K fragments, rounded to T on the
+// tensor-core path as FlashAttention does; there also row_sums(m, af) with each k-step's
+// packed A fragments of slab m. `scratch` is the warp's kFragScratch<T, K> elements (the
+// scalar path, which takes one slab at a time).
+template <typename T, int N, int K, BFrom L, int M, typename CFn, typename AFn,
+          typename SumFn>
+SK_DEVICE void gemm_frag_a(CFn c, AFn a, acc_t<T>* scratch, const T* x, int ldx,
+                           SumFn row_sums) {
   if constexpr (kTensorCores<T>) {
     static_assert(K % 16 == 0, "tensor-core GEMMs take K in multiples of 16");
     SK_UNROLL for (int k = 0; k < K / 16; ++k) {
       // The C layout of columns 16k .. 16k + 15 is the A layout of k-step k.
-      const uint32_t af[4] = {pack2<T>(a.x[2 * k][0], a.x[2 * k][1]),
-                              pack2<T>(a.x[2 * k][2], a.x[2 * k][3]),
-                              pack2<T>(a.x[2 * k + 1][0], a.x[2 * k + 1][1]),
-                              pack2<T>(a.x[2 * k + 1][2], a.x[2 * k + 1][3])};
-      detail::mma_k_step<T, N, L>(c, af, x, ldx, 16 * k);
+      uint32_t af[M][4];
+      SK_UNROLL for (int m = 0; m < M; ++m) {
+        const auto& am = a(m);
+        af[m][0] = pack2<T>(am.x[2 * k][0], am.x[2 * k][1]);
+        af[m][1] = pack2<T>(am.x[2 * k][2], am.x[2 * k][3]);
+        af[m][2] = pack2<T>(am.x[2 * k + 1][0], am.x[2 * k + 1][1]);
+        af[m][3] = pack2<T>(am.x[2 * k + 1][2], am.x[2 * k + 1][3]);
+        row_sums(m, af[m]);
+      }
+      mma_k_step<T, N, L, M>(c, af, x, ldx, 16 * k);
     }
   } else {
-    sync_warp();  // every lane is done reading the scratch's previous contents
-    SK_UNROLL for (int n = 0; n < K / 8; ++n) {
-      SK_UNROLL for (int e = 0; e < 4; ++e) scratch[frag_row(e) * K + frag_col(n, e)] = a.x[n][e];
+    SK_UNROLL for (int m = 0; m < M; ++m) {
+      sync_warp();  // every lane is done reading the scratch's previous contents
+      SK_UNROLL for (int n = 0; n < K / 8; ++n) {
+        SK_UNROLL for (int e = 0; e < 4; ++e) {
+          scratch[frag_row(e) * K + frag_col(n, e)] = a(m).x[n][e];
+        }
+      }
+      sync_warp();
+      scalar_gemm<T, N, K, L>(
+          c(m), [&](int r, int k) { return scratch[r * K + k]; }, x, ldx);
     }
-    sync_warp();
-    detail::scalar_gemm<T, N, K, L>(
-        c, [&](int r, int k) { return scratch[r * K + k]; }, x, ldx);
   }
+}
+
+}  // namespace detail
+
+// The accessor of M slabs held as an array, or of a single one.
+template <typename F, int M>
+SK_DEVICE auto slabs(F (&f)[M]) {
+  return [&f](int m) -> F& { return f[m]; };
+}
+template <typename F>
+SK_DEVICE auto slabs(F& f) {
+  return [&f](int) -> F& { return f; };
+}
+
+// c (16 x N, or M such slabs: Frag[M]) += A * B with A the warp's 16 (16M) x K rows of a
+// shared tile (a, row stride lda).
+template <typename T, int N, int K, BFrom L, typename C>
+SK_DEVICE void gemm_smem_a(C& c, const T* a, int lda, const T* x, int ldx) {
+  constexpr int M = sizeof(C) / sizeof(Frag<acc_t<T>, N>);
+  detail::gemm_smem_a<T, N, K, L, M>(slabs(c), a, lda, x, ldx);
+}
+
+// c (16 x N, or Frag[M]) += A * B with A = the fragment(s) `a` (16 x K each), rounded to
+// T on the tensor-core path. `scratch` is the warp's kFragScratch<T, K> elements.
+template <typename T, int N, int K, BFrom L, typename C, typename A>
+SK_DEVICE void gemm_frag_a(C& c, const A& a, acc_t<T>* scratch, const T* x, int ldx) {
+  constexpr int M = sizeof(C) / sizeof(Frag<acc_t<T>, N>);
+  static_assert(sizeof(A) == M * sizeof(Frag<acc_t<T>, K>), "one A fragment per C slab");
+  detail::gemm_frag_a<T, N, K, L, M>(slabs(c), slabs(a), scratch, x, ldx,
+                                     [](int, const uint32_t (&)[4]) {});
+}
+
+// gemm_frag_a on tensor cores that also adds the row sums of each slab of `a`, as rounded
+// to T for the product, to every column of sums[m] (16 x 8: one more mma per k-step, with
+// B all ones, instead of an add per element).
+template <typename T, int N, int K, BFrom L, typename C, typename A, int M>
+SK_DEVICE void gemm_frag_a_row_sums(C& c, const A& a, Frag<float, 8> (&sums)[M], const T* x,
+                                    int ldx) {
+  static_assert(kTensorCores<T>, "row sums by mma take 16-bit inputs");
+  static_assert(sizeof(A) == M * sizeof(Frag<float, K>), "one A fragment per slab");
+  const uint32_t one = pack2<T>(1.0f, 1.0f), ones[2] = {one, one};
+  detail::gemm_frag_a<T, N, K, L, M>(slabs(c), slabs(a), nullptr, x, ldx,
+                                     [&](int m, const uint32_t (&af)[4]) {
+                                       mma_16816<T>(sums[m].x[0], af, ones, sums[m].x[0]);
+                                     });
 }
 
 }  // namespace sarkernels::kernels::attention

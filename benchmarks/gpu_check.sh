@@ -67,6 +67,13 @@ ATTN=${PIPESTATUS[0]}
 echo "training attention exit $ATTN (1: our output failed the float64 check; 124: timed out)"
 [ "$ATTN" -eq 0 ] || tail -5 "$OUT/attention_training.log"
 
+# The census model's estimates at the same shapes, beside the times above, to calibrate it
+# (needs nvdisasm: the toolkit's, or PyPI's nvidia-cuda-nvdisasm; skipped without it).
+step "instruction census and its issue-slot estimates (sm_90a)"
+$PY benchmarks/sass_census.py --model --fa2 benchmarks/census_fa2.json > "$OUT/census.md" 2>&1 ||
+    echo "census failed or skipped: $(tail -1 "$OUT/census.md")"
+grep -A30 -i "estimate" "$OUT/census.md" | head -40
+
 step "generation: RandAR 88 steps and SAR 16/64 sets, config $CONFIG, $DTYPE, batch $BATCH, CFG"
 $PY benchmarks/generation.py --config "$CONFIG" --device "$DEVICE" --dtype "$DTYPE" --batch "$BATCH" \
     --cfg-scale 4 --recipes randar-88 sar-16 sar-64 --modes $MODES \
@@ -84,6 +91,7 @@ done | tee "$OUT/vq_decode.md"
     echo; echo "ptxas exit status: $PTXAS"; grep -o '[a-z_]*\.cu: [0-9]* entries.*spills' "$OUT/ptxas.log"
     echo; echo "## simt vs GPU (exit status $COMPARE)"; cat "$OUT/simt_vs_gpu.md"
     echo; echo "## Training attention (exit status $ATTN)"; cat "$OUT/attention_training.md"
+    echo; echo "## Instruction census and estimates (static, not measured)"; cat "$OUT/census.md"
     echo; echo "## Generation"; cat "$OUT/generation.md"
     echo; echo "## VQ-16 decode"; cat "$OUT/vq_decode.md"
 } > "$OUT/results.md"

@@ -446,9 +446,11 @@ def natural_loops(cfg):
 # without it is the last iteration (or skips a guarded loop). A bound, not "the most
 # loads": loops over a runtime count come with peeled remainder copies a real iteration
 # skips.
+# "full" and "partial" also do all of the iteration's global reductions (the atomic dQ of
+# the dK/dV kernel: skipping them is the bounds check of a ragged tile, not less work).
 OBJECTIVES = {
-    "full": lambda c, w: (c.get(w, 0), -c.get("total", 0)),
-    "partial": lambda c, w: (c.get(w, 0), c.get("total", 0)),
+    "full": lambda c, w: (c.get(w, 0), c.get("atom", 0), -c.get("total", 0)),
+    "partial": lambda c, w: (c.get(w, 0), c.get("atom", 0), c.get("total", 0)),
     "skip": lambda c, w: (-c.get("total", 0),),
 }
 
@@ -947,6 +949,9 @@ def visits(row, q_sets, k_sets, strict, causal):
         need = _classify(*qk((blo[:, None], bhi[:, None]), (clo[None], chi[None])), strict) > 0
         wk = _classify(*qk((wlo[:, None], whi[:, None]), (clo[None], chi[None])), strict)
         wk = np.where((wk == 1) & ragged[None], 2, wk).reshape(len(blo), w, len(clo))
+        if kind != "ours dkdv":  # the fast path needs a tile every row of the block sees
+            bk = _classify(*qk((blo[:, None], bhi[:, None]), (clo[None], chi[None])), strict)
+            wk = np.where((wk == 1) & ((bk != 1) | ragged[None])[:, None, :], 2, wk)
         for name, code in (("skip", 0), ("full", 1), ("partial", 2)):
             out[name] = splits * int(((wk == code) & need[:, None, :]).sum())
         out["blocks"] = splits * len(blo)

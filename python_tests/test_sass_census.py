@@ -222,11 +222,15 @@ def brute_visits(q_sets, k_sets, strict, bm, bn, warp_rows, rows_are_queries):
         return "full" if vis(min(q), max(k)) else "partial"
     for r0, c0 in itertools.product(range(0, len(rows), rb), range(0, len(cols), cb)):
         block, tile = rows[r0:r0 + rb], cols[c0:c0 + cb]
-        if kind(block, tile) == "skip":
+        block_kind = kind(block, tile)
+        if block_kind == "skip":
             continue
+        # The query-tile kernels take their fast path only where the whole block sees the
+        # whole tile; the dK/dV kernel decides per warp.
+        fast = block_kind == "full" or not rows_are_queries
         for w in range(0, rb, warp_rows):
             k = kind(block[w:w + warp_rows], tile)
-            out["partial" if k == "full" and len(tile) < cb else k] += 1
+            out["partial" if k == "full" and (len(tile) < cb or not fast) else k] += 1
     return out
 
 

@@ -147,3 +147,63 @@ def test_extreme_set_ids(backend, id_dtype, strict, sort):
     if strict:  # the smallest id sees nothing (q_set - 1 would wrap and show every key)
         smallest = q_sets[0] == values[0]
         assert smallest.any() and lse[:, :, smallest].isneginf().all()
+
+
+@pytest.mark.parametrize("case", ["nan_v", "inf_v"])
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.float16, 64),
+                                     (torch.float32, 64), (torch.float64, 128)])
+def test_a_non_finite_value_in_fully_visible_tiles(backend, case, dtype, d):
+    """The fused kernels scrub values only in tiles some row of the block does not see; in a
+    tile every row sees (keys 0-127 here: two whole 64-key tiles in set 0), the row's output
+    itself must carry a value's NaN/inf to out and lse. float64 at d=128 splits the output
+    columns over blocks, so each block sees only part of a row."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = attention_inputs(1, 2, 2, 200, 150, d, gen, dtype)
+    tail = torch.randint(1, 6, (22,), generator=gen).sort().values
+    k_sets = torch.cat([torch.zeros(128, dtype=torch.long), tail])[None]
+    q_sets = torch.randint(0, 6, (1, 200), generator=gen).sort(-1).values
+    v[0, 1, 70, d - 1] = NAN if case == "nan_v" else INF
+    out, lse = sarkernels.set_attention(q, k, v, q_sets, k_sets, return_lse=True)
+    assert lse[0, 1].isnan().all() and out[0, 1].isnan().all()  # every query sees key 70
+    assert lse[0, 0].isfinite().all() and out[0, 0].isfinite().all()
+
+
+@pytest.mark.parametrize("lq,lk", [(40, 2100), (2100, 40)])
+def test_more_key_or_query_tiles_than_one_walk_chunk(backend, lq, lk):
+    """The kernels list the tiles they need 64 at a time: float32 key tiles of 32 (forward)
+    and query tiles of 32 (dK/dV), so 2100 keys or queries take two chunks."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = attention_inputs(1, 2, 1, lq, lk, 16, gen, torch.float32)
+    q_sets = torch.randint(0, 9, (1, lq), generator=gen).sort(-1).values
+    k_sets = torch.randint(0, 9, (1, lk), generator=gen)  # unsorted: partial tiles too
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out, lse = sarkernels.set_attention(*leaves, q_sets, k_sets, return_lse=True)
+    grads = torch.autograd.grad(out.sum() + lse.nan_to_num(0, 0, 0).sum(), leaves)
+    with sarkernels.use_backend("reference"):
+        ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        r_out, r_lse = sarkernels.set_attention(*ref, q_sets, k_sets, return_lse=True)
+        r_grads = torch.autograd.grad(r_out.sum() + r_lse.nan_to_num(0, 0, 0).sum(), ref)
+    torch.testing.assert_close(out.double(), r_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), r_lse, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, r_grads):
+        torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("lq,lk", [(17, 0), (0, 5), (40, 0)])
+def test_no_keys_or_no_queries(backend, lq, lk, deterministic):
+    """Zero-length operands: every row is empty (zeros, lse -inf, zero gradients). On a GPU
+    the fused kernels then walk no tile at all, and must still wait for their own loads."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = attention_inputs(1, 2, 2, lq, lk, 64, gen, torch.float32)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        out, lse = sarkernels.set_attention(*leaves, torch.zeros(1, lq, dtype=torch.long),
+                                            torch.zeros(1, lk, dtype=torch.long), return_lse=True)
+        grads = torch.autograd.grad(out.sum(), leaves, allow_unused=True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(out, torch.zeros_like(out)) and lse.isneginf().all()
+    for g, t in zip(grads, leaves):
+        assert g is None or torch.equal(g, torch.zeros_like(t))

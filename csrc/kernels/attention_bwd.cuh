@@ -21,26 +21,28 @@ namespace attention {
 
 constexpr int kRowThreads = 128;  // threads per block of the row-wise kernels
 
-// s <- P = exp(s - lse), with lse(n, e) the lse of fragment element (n, e); kFold: s holds
-// raw scores, taken to ExpBase units by `scale` in the exponent (for_each_key_tile).
-template <bool kFold = false, typename Acc, int N, typename LseFn>
-SK_DEVICE void recompute_probs(Frag<Acc, N>& s, LseFn lse, Acc scale = Acc(1)) {
+// s <- P = exp(s - lse) (exp_for<T>), with lse(n, e) the lse of fragment element (n, e);
+// kFold: s holds raw scores, taken to ExpBase units by `scale` in the exponent's FFMA.
+template <typename T, bool kFold, typename Acc, int N, typename LseFn>
+SK_DEVICE void recompute_probs(Frag<Acc, N>& s, LseFn lse, Acc scale) {
   SK_UNROLL for (int n = 0; n < N / 8; ++n) {
     SK_UNROLL for (int e = 0; e < 4; ++e) {
       const Acc x = s.x[n][e];
-      s.x[n][e] = ExpBase<Acc>::exp((kFold ? x * scale : x) - lse(n, e));
+      s.x[n][e] = exp_for<T>(kFold ? x * scale - lse(n, e) : x - lse(n, e));
     }
   }
 }
 
-// dp <- dS = P * (dP - delta), with delta(n, e) that of fragment element (n, e). P = 0 (a
-// key the row does not see) gives 0 even where a non-finite value made dP NaN.
-template <typename Acc, int N, typename DeltaFn>
+// dp <- dS = P * (dP - delta), with delta(n, e) that of fragment element (n, e). Unless
+// every pair of the tile is seen (kAllSeen), P = 0 (a key the row does not see) gives 0
+// even where a non-finite value made dP NaN; in a tile whose rows all see all its keys
+// such a dP makes the row's delta NaN anyway.
+template <bool kAllSeen, typename Acc, int N, typename DeltaFn>
 SK_DEVICE void score_grads(Frag<Acc, N>& dp, const Frag<Acc, N>& prob, DeltaFn delta) {
   SK_UNROLL for (int n = 0; n < N / 8; ++n) {
     SK_UNROLL for (int e = 0; e < 4; ++e) {
-      const Acc pr = prob.x[n][e];
-      dp.x[n][e] = pr == Acc(0) ? Acc(0) : pr * (dp.x[n][e] - delta(n, e));
+      const Acc pr = prob.x[n][e], g = pr * (dp.x[n][e] - delta(n, e));
+      dp.x[n][e] = kAllSeen || pr != Acc(0) ? g : Acc(0);
     }
   }
 }
@@ -148,21 +150,32 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
     return (b * p.heads_q + hk * group + rep) * p.len_q + t * BM;
   };
   TileList& list = *reinterpret_cast<TileList*>(smem + Lay::kList);
+  const bool whole_rows = dim == D;
+  const TileCopy<Lay::kThreads, BM, D, T> q_copy(p.q_row_stride), dout_copy(p.out_row_stride);
   list.set_rows(block_k, warp_k);
   for_each_needed_tile<Lay::kThreads>(
       q_sets, p.len_q, BM, int(group), list,
       [&](int64_t t, IdRange queries) {
         return tile_info<false, Lay::kWarps>(list, queries, p.strict, queries_in(t) < BM);
       },
-      [&](int64_t t, int rep, int st, unsigned) {
+      [&](int64_t t, int rep, int st, unsigned info) {
         const int64_t h = hk * group + rep, q0 = t * BM, row = first_row(t, rep);
+        T* const q_to = q_tiles + st * BM * kLd;
+        T* const dout_to = dout_tiles + st * BM * kLd;
+        const T* const q_from = q_row<T>(p, b, h, q0);
+        const T* const dout_from = static_cast<const T*>(g.dout) + out_offset(p, b, h, q0);
+        const bool partial = block_kind(info) == TileKind::kPartial;  // or ragged
         const int nq = queries_in(t);
-        load_rows_async<Lay::kThreads, BM, D>(q_tiles + st * BM * kLd, q_row<T>(p, b, h, q0),
-                                              p.q_row_stride, nq, dim);
-        const T* dout = static_cast<const T*>(g.dout) + out_offset(p, b, h, q0);
-        load_rows_async<Lay::kThreads, BM, D>(dout_tiles + st * BM * kLd, dout, p.out_row_stride,
-                                              nq, dim);
-        load_values<Lay::kThreads, BM>(q_set_tiles + st * BM, q_sets + q0, nq, int64_t(0));
+        if (!partial && whole_rows) {
+          q_copy(q_to, q_from, p.q_row_stride);
+          dout_copy(dout_to, dout_from, p.out_row_stride);
+        } else {
+          load_rows_async<Lay::kThreads, BM, D>(q_to, q_from, p.q_row_stride, nq, dim);
+          load_rows_async<Lay::kThreads, BM, D>(dout_to, dout_from, p.out_row_stride, nq, dim);
+        }
+        if (partial) {  // the ids only serve hidden_bits, which partial tiles take
+          load_values<Lay::kThreads, BM>(q_set_tiles + st * BM, q_sets + q0, nq, int64_t(0));
+        }
         const Acc* lse = static_cast<const Acc*>(w.lse) + row;
         const Acc* delta = static_cast<const Acc*>(w.delta) + row;
         load_values<Lay::kThreads, BM>(lse_tiles + st * BM, lse, nq, Acc(INFINITY));
@@ -182,15 +195,23 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
           Frag<Acc, BM> prob;
           prob.zero();
           gemm_smem_a<T, BM, D, BFrom::kRowsN>(prob, k_tile + 16 * warp * kLd, kLd, q_tile, kLd);
-          const uint32_t hidden =
-              kind == TileKind::kPartial
-                  ? hidden_bits<false, BM>(row_set, q_set_tiles + st * BM, nq, p.strict)
-                  : 0;
-          scale_and_mask(prob, scale, hidden, 0);
-          recompute_probs(prob, [&](int n, int e) { return lse[frag_col(n, e)]; });
+          auto lse_of = [&](int n, int e) { return lse[frag_col(n, e)]; };
+          auto delta_of = [&](int n, int e) { return delta[frag_col(n, e)]; };
+          const bool partial = kind == TileKind::kPartial;
+          if (partial) {
+            scale_and_mask(prob, scale,
+                           hidden_bits<false, BM>(row_set, q_set_tiles + st * BM, nq, p.strict), 0);
+            recompute_probs<T, false>(prob, lse_of, scale);
+          } else {
+            recompute_probs<T, true>(prob, lse_of, scale);
+          }
           gemm_smem_a<T, BM, D, BFrom::kRowsN>(ds, v_tile + 16 * warp * kLd, kLd, dout_tile, kLd);
           gemm_frag_a<T, DC, BM, BFrom::kRowsK>(dv, prob, scratch, dout_tile + c0, kLd);
-          score_grads(ds, prob, [&](int n, int e) { return delta[frag_col(n, e)]; });
+          if (partial) {
+            score_grads<false>(ds, prob, delta_of);
+          } else {
+            score_grads<true>(ds, prob, delta_of);
+          }
           gemm_frag_a<T, DC, BM, BFrom::kRowsK>(dk, ds, scratch, q_tile + c0, kLd);
         }
         if (kAtomicDq && split == 0) {
@@ -202,18 +223,21 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
           }
           sync_threads();
           Acc* dq_rows = static_cast<Acc*>(w.dq_accum) + first_row(t, rep) * dim;
+          const bool whole = nq == BM && whole_rows;  // no bounds to check
           for (int slab = warp; slab < BM / 16 && 16 * slab < nq; slab += Lay::kWarps) {
-            // 32 columns at a time, so that dK and dV stay in registers
-            for (int c0 = 0; c0 < dim; c0 += 32) {
+            // 32 columns at a time, so that dK and dV stay in registers (a loop, not
+            // unrolled: unrolled it spills at head dim 128)
+            SK_NO_UNROLL for (int c0 = 0; c0 < dim; c0 += 32) {
               Frag<Acc, 32> dq;
               dq.zero();
               gemm_smem_a<T, 32, BN, BFrom::kRowsK>(dq, ds_tile + 16 * slab * kDsLd, kDsLd,
                                                     k_tile + c0, kLd);
               SK_UNROLL for (int n = 0; n < 4; ++n) {
-                SK_UNROLL for (int e = 0; e < 4; ++e) {
-                  const int r = 16 * slab + frag_row(e);
-                  const int c = c0 + frag_col(n, e);
-                  if (r < nq && c < dim) atomic_add(dq_rows + r * dim + c, dq.x[n][e]);
+                SK_UNROLL for (int h = 0; h < 2; ++h) {  // rows g, g + 8: column pairs
+                  const int r = 16 * slab + frag_row(2 * h), c = c0 + frag_col(n, 0);
+                  if (whole || (r < nq && c < dim)) {  // c even, dim a multiple of 8
+                    atomic_add2(dq_rows + r * dim + c, dq.x[n][2 * h], dq.x[n][2 * h + 1]);
+                  }
                 }
               }
             }
@@ -289,16 +313,16 @@ __global__ void __launch_bounds__(DqLayout<T, D, BM, BN>::kThreads, 1)
   cp_async_commit();
   Frag<Acc, DC> dq;  // columns c0 .. c0 + DC
   dq.zero();
-  for_each_key_tile<Lay::kThreads>(
+  for_each_key_tile<Lay::kThreads, 1, false>(
       p, qb, q_rows, KeyStages<T, D, BN>(smem + Lay::kKeys),
       *reinterpret_cast<TileList*>(smem + Lay::kList),
       [&](Frag<Acc, BN>(&s)[1], const T* k_tile, const T* v_tile, Acc scale, auto fold) {
-        recompute_probs<decltype(fold)::value>(s[0], [&](int, int e) { return lse[e >> 1]; },
-                                               scale);
+        constexpr bool kFold = decltype(fold)::value;  // implies every pair seen
+        recompute_probs<T, kFold>(s[0], [&](int, int e) { return lse[e >> 1]; }, scale);
         Frag<Acc, BN> ds;
         ds.zero();
         gemm_smem_a<T, BN, D, BFrom::kRowsN>(ds, dout_rows, kLd, v_tile, kLd);
-        score_grads(ds, s[0], [&](int, int e) { return delta[e >> 1]; });
+        score_grads<kFold>(ds, s[0], [&](int, int e) { return delta[e >> 1]; });
         gemm_frag_a<T, DC, BN, BFrom::kRowsK>(dq, ds, scratch, k_tile + qb.c0, kLd);
       });
 
@@ -363,7 +387,8 @@ void set_attention_backward(const SetAttentionBwdParams& g, const AttentionBwdWo
   check_rows_aligned(fn, "dout", g.dout,
                      {p.out_batch_stride, p.out_head_stride, p.out_row_stride}, e);
   for (const void* grad : {g.dq, g.dk, g.dv}) check_rows_aligned(fn, "dq/dk/dv", grad, {}, e);
-  if (deterministic != (w.dq_accum == nullptr)) {
+  // (With no query rows the accumulator is empty, and its pointer may be null either way.)
+  if (deterministic != (w.dq_accum == nullptr) && p.batch * p.heads_q * p.len_q > 0) {
     throw std::invalid_argument(std::string(fn) + ": the workspace must have a dQ accumulator "
                                 "exactly when not deterministic");
   }

@@ -29,9 +29,11 @@ struct FwdLayout {
 // each of M slabs. The shift follows the row max lazily, as in FlashAttention-4: o and l
 // are rescaled only when a row's max exceeds its shift by more than kSlack (then the
 // warp's rows all move to their max), so exponentials stay below 2^kSlack and most tiles
-// after the first take no rescale. The max ignores NaN (fmax); a NaN score still makes its
+// after the first take no rescale. The price: o may hold up to 2^kSlack times the values'
+// magnitude before normalising, so values within 2^-kSlack of the float range can
+// overflow it (a row's output is then NaN). The max ignores NaN (fmax); a NaN score still makes its
 // exponential, hence l, out and lse, NaN. On tensor cores (16-bit inputs, whose
-// probabilities are rounded to 16 bits for P V) the exponential is the SFU's approximation
+// probabilities are rounded to 16 bits for P V) the exponential is exp_for's approximation
 // and the row sums are those of the rounded probabilities, found by the P V product
 // (pv below), so that out is normalised by what it summed.
 template <typename T, int M>
@@ -63,13 +65,7 @@ struct OnlineSoftmax {
     }
   }
 
-  static SK_DEVICE Acc exp(Acc x) {
-    if constexpr (kTensorCores<T>) {
-      return exp2_approx(x);
-    } else {
-      return Base::exp(x);
-    }
-  }
+  static SK_DEVICE Acc exp(Acc x) { return exp_for<T>(x); }
 
   // s <- exp(s - shift), first moving the shifts (rescaling o and l) if a row's max got
   // past its shift by more than kSlack. Fold: s holds raw scores of a tile without hidden
@@ -90,7 +86,7 @@ struct OnlineSoftmax {
         x = Base::max(x, shfl_xor(x, 2));
         if constexpr (kFold) x *= scale;  // scale >= 0: the max of the scaled scores
         mx[mi][i] = x;
-        grow = grow || x > m[mi][i] + kSlack;  // also a first finite score (m = -inf)
+        grow = grow || x - m[mi][i] > kSlack;  // also a first finite score (m = -inf)
       }
     }
     if (vote_any(grow)) {
@@ -108,7 +104,11 @@ struct OnlineSoftmax {
             o[mi].x[n][2 * i] *= corr;
             o[mi].x[n][2 * i + 1] *= corr;
           }
-          m[mi][i] = to;
+          // A max of +inf (an inf score, or one the scale takes past the float range, which
+          // the folded FFMA never rounds to inf) makes the row NaN, as inf - inf would: a
+          // NaN shift makes every later exponential NaN, and stays (fmax would drop it).
+          const bool dead = to == Acc(INFINITY) || m[mi][i] != m[mi][i];
+          m[mi][i] = dead ? Acc(NAN) : to;
         }
       }
     }
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(FwdLayout<T, D, BM, BN, RW>::kThreads, 1)
   Frag<Acc, DC> o[M];  // columns c0 .. c0 + DC
   SK_UNROLL for (int m = 0; m < M; ++m) o[m].zero();
   OnlineSoftmax<T, M> softmax;
-  for_each_key_tile<Lay::kThreads>(
+  for_each_key_tile<Lay::kThreads, M, (D > DC)>(
       p, qb, q_rows, KeyStages<T, D, BN>(smem + Lay::kKeys),
       *reinterpret_cast<TileList*>(smem + Lay::kList),
       [&](auto& s, const T*, const T* v_tile, Acc scale, auto fold) {

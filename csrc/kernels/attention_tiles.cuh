@@ -332,26 +332,31 @@ SK_DEVICE void for_each_needed_tile(const int64_t* ids, int64_t len, int tile_le
       if (lane_id() == 0) list.count = listed;
     }
     sync_threads();
-    const int visits = list.count * repeats;
-    auto visit = [&](int v, int stage, auto fn) {
-      const int c = list.tile[v / repeats];
-      fn(t0 + c, v % repeats, stage, list.info[c]);
+    // Visit (i, rep): repeat rep of the i-th listed tile; counted up, never divided.
+    const int listed = list.count;
+    auto visit = [&](int i, int rep, int stage, auto fn) {
+      const int c = list.tile[i];
+      fn(t0 + c, rep, stage, list.info[c]);
     };
-    if (visits > 0) visit(0, 0, issue);
+    if (listed > 0) visit(0, 0, 0, issue);
     cp_async_commit();
     sync_threads();  // plain stores of the first issue() precede every thread's landed()
-    for (int v = 0, stage = 0; v < visits; ++v, stage ^= 1) {
-      if (v + 1 < visits) visit(v + 1, stage ^ 1, issue);
+    for (int i = 0, rep = 0, stage = 0; i < listed; stage ^= 1) {
+      const bool last_rep = rep + 1 == repeats;
+      const int next_i = last_rep ? i + 1 : i, next_rep = last_rep ? 0 : rep + 1;
+      if (next_i < listed) visit(next_i, next_rep, stage ^ 1, issue);
       cp_async_commit();
       cp_async_wait<1>();  // everything but the group just issued has landed
-      visit(v, stage, landed);
+      visit(i, rep, stage, landed);
       sync_threads();
-      visit(v, stage, body);
+      visit(i, rep, stage, body);
       sync_threads();  // the stage is free for the loads issued next
+      i = next_i;
+      rep = next_rep;
     }
-    cp_async_wait<0>();
-    sync_threads();
   }
+  cp_async_wait<0>();  // also the caller's own loads when there was no tile at all
+  sync_threads();
 }
 
 // ---------------------------------------------------------------- scores
@@ -374,6 +379,18 @@ struct ExpBase<double> {
   static SK_DEVICE double log(double x) { return ::log(x); }
   static SK_DEVICE double max(double a, double b) { return fmax(a, b); }
 };
+
+// ExpBase's exponential of the kernels for inputs T: the SFU's approximation on tensor
+// cores (16-bit inputs, whose probabilities are rounded to 16 bits before any use), the
+// accurate one otherwise.
+template <typename T>
+SK_DEVICE acc_t<T> exp_for(acc_t<T> x) {
+  if constexpr (kTensorCores<T>) {
+    return exp2_approx(x);
+  } else {
+    return ExpBase<acc_t<T>>::exp(x);
+  }
+}
 
 // Masks of a lane's share of a warp's 16 x N fragment (N <= 64): bit 4n + e stands for
 // element (n, e). They are found before the scores are, so that the ids they come from take
@@ -491,10 +508,12 @@ struct KeyStages {
 // exponent), or fold is std::false_type and s is scaled into ExpBase units with hidden
 // pairs at -inf and NaN for keys whose value is not finite (the value tile then scrubbed of
 // them).
-// Non-finite values are looked for only in tiles some row of the block does not see: in
-// the others every row's output takes the non-finite value, which the caller detects.
+// Non-finite values are looked for only in tiles some row of the block does not see (or in
+// every tile, kScrubAll): in the others every row's output takes the non-finite value,
+// which the caller detects (the forward's finish(), which needs every column of the rows:
+// a forward split into column blocks scrubs all).
 // q_rows: the warp's 16M rows of the block's Q tile in shared memory, already issued.
-template <int Threads, int M, typename T, int D, int BN, typename Body>
+template <int Threads, int M, bool kScrubAll, typename T, int D, int BN, typename Body>
 SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M>& qb,
                                  const T* q_rows, KeyStages<T, D, BN> ks, TileList& list,
                                  Body body) {
@@ -508,8 +527,11 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M
   // the scaled ones: a finite scale >= 0.
   const bool foldable = scale >= Acc(0) && scale < Acc(INFINITY);
   auto keys_in = [&](int64_t t) { return clamp_rows(p.len_k - t * BN, BN); };
-  // Whether some row of the block does not see some key of the tile (or it is ragged).
-  auto block_partial = [](unsigned info) { return block_kind(info) == TileKind::kPartial; };
+  // Whether some row of the block does not see some key of the tile (or it is ragged), or
+  // the tile is to be scrubbed as if it did.
+  auto block_partial = [](unsigned info) {
+    return kScrubAll || block_kind(info) == TileKind::kPartial;
+  };
   const bool whole_rows = p.head_dim == D;
   const TileCopy<Threads, BN, D, T> k_copy(p.k_row_stride), v_copy(p.v_row_stride);
   list.set_rows(qb.block_q, qb.warp_q);

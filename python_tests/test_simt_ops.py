@@ -199,12 +199,17 @@ def test_decode_mma_kernel_nonfinite_values_and_masks(dtype, d, hq, hkv, lq, lk,
     q, k, v = attention_inputs(2, hq, hkv, lq, lk, d, gen, dtype)
     q_sets, k_sets = set_ids("random", 2, lq, gen), set_ids("random", 2, lk, gen)
     q_sets[0, 0] = -1  # an empty row
-    k_sets[:, 5] = 4   # a NaN value seen only by rows of set 4 (strict: by none)
-    v[:, :, 5, 3] = float("nan")
-    k_sets[:, lk - 2] = 0  # an inf value seen by most rows
-    v[:, :, lk - 2, 0] = float("inf")
-    k_sets[1, :] = 0  # batch 1: every key visible (full tiles) but one inf key
+    k_sets[0, 5] = 4   # a NaN value seen only by rows of set 4 (strict: by none)
+    v[0, :, 5, 3] = float("nan")
+    k_sets[0, lk - 2] = 0  # an inf value seen by most rows
+    v[0, :, lk - 2, 0] = float("inf")
+    # batch 1: keys of set 0 (full tiles for rows above set 0, the last one ragged) but two
+    # of set 3, one with an inf key, one with a NaN value, which the rows of set 4 see
+    k_sets[1, :] = 0
+    k_sets[1, 7] = k_sets[1, 9] = 3
+    q_sets[1, 0] = 4
     k[1, :, 7, 1] = float("inf")
+    v[1, :, 9, 2] = float("nan")
     out, lse = same_bits_under_every_schedule(
         lambda: sarkernels.set_attention(q, k, v, q_sets, k_sets, strict=strict, return_lse=True))
     want, want_lse = reference.set_attention(q.double(), k.double(), v.double(), q_sets, k_sets,

@@ -283,6 +283,14 @@ class WarpCopy {
       from += step;
     }
   }
+  // Every row and column of rows Cols elements apart (stride == Cols, e.g. a contiguous
+  // cache): the offsets are immediates.
+  SK_DEVICE void dense(T* dst, const T* src) const {
+    const T* from = src + from_;
+    SK_UNROLL for (int i = 0; i < kPasses; ++i) {
+      cp_async16(dst + to_ + i * kStep * kLd, from + i * kStep * Cols);
+    }
+  }
   // Rows from `rows` on and columns from `cols` (the constructor's) on zero-filled.
   SK_DEVICE void operator()(T* dst, const T* src, int64_t stride, int rows) const {
     const T* from = src + from_;
@@ -371,24 +379,29 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(SetAttentionParams
   const int64_t r0 = int64_t(blockIdx.y) * kRows;
   const int n_rows = clamp_rows(p.len_q * group - r0, kRows);
   const int split = int(blockIdx.z);
-  auto head_of = [&](int r) { return hk * group + (r0 + r) / p.len_q; };
-  auto query_of = [&](int r) { return (r0 + r) % p.len_q; };
+  // Lane r % 16 of every warp finds row r's head and query (the only 64-bit divisions).
+  const int qr = lane % kRows;
+  const int64_t q_head = hk * group + (r0 + qr) / p.len_q, q_query = (r0 + qr) % p.len_q;
 
   // Q (raw; the scale goes into the exponent), rows past n_rows and columns past the head
-  // dim zero-filled.
-  for (int i = thread_rank(); i < kRows * kChunks; i += kThreads) {
+  // dim zero-filled; a warp's chunks of a pass lie in one row (kChunks >= 8), whose
+  // offset comes from the lane that holds it.
+  const int64_t q_off = int64_t(b) * p.q_batch_stride + q_head * p.q_head_stride +
+                        q_query * p.q_row_stride;
+  static_assert(kRows * kChunks % kThreads == 0, "whole passes over the Q tile");
+  SK_UNROLL for (int j = 0; j < kRows * kChunks / kThreads; ++j) {
+    const int i = thread_rank() + j * kThreads;
     const int r = i / kChunks, c = i % kChunks * (16 / int(sizeof(T)));
+    const int64_t off = shfl(q_off, r);
     const bool in = r < n_rows && c < p.head_dim;
-    const T* src = static_cast<const T*>(p.q) + int64_t(b) * p.q_batch_stride;
-    if (in) src += head_of(r) * p.q_head_stride + query_of(r) * p.q_row_stride + c;
-    cp_async16(q_tile + r * kLd + c, src, in);
+    const T* q = static_cast<const T*>(p.q);
+    cp_async16(q_tile + r * kLd + c, in ? q + off + c : q, in);
   }
   cp_async_commit();
 
   // Set ids: lane r % 16 holds row r's (INT64_MIN past n_rows: it sees nothing); the
   // warp's range over the valid rows, and this lane's fragment rows g and g + 8.
-  const int qr = lane % kRows;
-  const int64_t q_id = qr < n_rows ? p.q_sets[int64_t(b) * p.len_q + query_of(qr)] : INT64_MIN;
+  const int64_t q_id = qr < n_rows ? p.q_sets[int64_t(b) * p.len_q + q_query] : INT64_MIN;
   int64_t q_lo = qr < n_rows ? q_id : INT64_MAX, q_hi = q_id;
   SK_UNROLL for (int o = 8; o > 0; o >>= 1) {
     const int64_t lo = shfl_xor(q_lo, o), hi = shfl_xor(q_hi, o);
@@ -412,6 +425,7 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(SetAttentionParams
   const int64_t k_adv = int64_t(kWarps * KW) * p.k_row_stride;
   const int64_t v_adv = int64_t(kWarps * KW) * p.v_row_stride;
   const bool whole_cols = p.head_dim == D;
+  const bool dense = whole_cols && p.k_row_stride == D && p.v_row_stride == D;
   const WarpCopy<T, KW, D> k_copy(p.k_row_stride, p.head_dim), v_copy(p.v_row_stride, p.head_dim);
   int keys_left = split_keys - warp * KW;  // keys from this warp's next tile on
 
@@ -421,7 +435,10 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(SetAttentionParams
     T* const k_to = k_st + st * KW * kLd;
     T* const v_to = v_st + st * KW * kLd;
     const int nk = keys_left < KW ? keys_left : KW;
-    if (nk == KW && whole_cols) {
+    if (nk == KW && dense) {
+      k_copy.dense(k_to, k_from);
+      v_copy.dense(v_to, v_from);
+    } else if (nk == KW && whole_cols) {
       k_copy(k_to, k_from, p.k_row_stride);
       v_copy(v_to, v_from, p.v_row_stride);
     } else {
@@ -437,7 +454,9 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(SetAttentionParams
   };
 
   const float scale = float(p.scale) * ExpBase<float>::kPerNat;
-  const bool foldable = scale >= 0.f && scale < INFINITY;
+  // Folding the scale into the exponent needs max(s) * scale = max(s * scale) and
+  // -inf * scale = -inf (the hidden keys past a ragged end): a finite scale > 0.
+  const bool foldable = scale > 0.f && scale < INFINITY;
   WarpSoftmax<T, D> sm;
   constexpr bool kQRegs = D <= 128;  // Q's A fragments in registers (at 256: ldmatrix)
   uint32_t qf[kQRegs ? D / 16 : 1][1][4];
@@ -461,9 +480,9 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(SetAttentionParams
     T* const k_tile = k_st + st * KW * kLd;
     T* const v_tile = v_st + st * KW * kLd;
     const bool in = lane % KW < nk;
-    // Every valid row sees every key iff the lowest row id sees the highest key id; no
-    // row sees a key iff the highest row id sees none.
-    const bool all = vote_all(in && visible(q_lo, id, p.strict));
+    // Every valid row sees every key of the tile iff the lowest row id sees each; no row
+    // sees a key iff the highest row id sees none.
+    const bool all = vote_all(!in || visible(q_lo, id, p.strict));
     const bool any = vote_any(in && visible(q_hi, id, p.strict));
     if (any) {
       Frag<float, KW> s;
@@ -476,6 +495,15 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(SetAttentionParams
         gemm_smem_a<T, KW, D, BFrom::kRowsN>(s, q_tile, kLd, k_tile, kLd);
       }
       if (all && foldable) {
+        // Every row sees every key: no mask and no scrub (a non-finite value reaches every
+        // row's o, which the merge finds), only the keys past a ragged end hidden.
+        if (nk < KW) {
+          SK_UNROLL for (int n = 0; n < KW / 8; ++n) {
+            SK_UNROLL for (int e = 0; e < 4; ++e) {
+              if (frag_col(n, e) >= nk) s.x[n][e] = -INFINITY;
+            }
+          }
+        }
         sm.template update<true>(s, scale);
       } else {
         // Scrub: lane j % KW checks (a share of) key j's value row; a key with a NaN or
@@ -537,33 +565,41 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(SetAttentionParams
   }
   sync_threads();
 
-  // The merge, warps in order: weights 2^(m_w - max m), 1 for a warp without a finite
-  // score (its l and o are 0, or NaN from NaN scores, which must pass).
-  const int64_t split_rows = p.batch * p.heads_q * p.len_q;
-  float* const w_out = static_cast<float*>(w.out);
-  float* const w_lse = static_cast<float*>(w.lse);
+  // The merge, warps in order: per row (warp 0, lane r), weights 2^(m_w - max m), 1 for a
+  // warp without a finite score (its l and o are 0, or NaN from NaN scores, which must
+  // pass), the factor that normalises the weighted sum and the lse; then every element.
   const float* const base = reinterpret_cast<const float*>(smem + Lay::kWarp0);
   constexpr int kWarpFloats = int(Lay::kWarpBytes / sizeof(float));
-  for (int idx = thread_rank(); idx < kRows * D; idx += kThreads) {
-    const int r = idx / D, d = idx % D;
-    if (r >= n_rows || d >= p.head_dim) continue;
-    float mx = -INFINITY;
-    SK_UNROLL for (int v = 0; v < kWarps; ++v) mx = fmaxf(mx, base[v * kWarpFloats + kRows * D + r]);
-    float l = 0, o = 0;
+  float* const row_s = reinterpret_cast<float*>(smem);  // [kRows][kWarps + 1], over Q
+  const int64_t split_rows = p.batch * p.heads_q * p.len_q;
+  const int64_t w_row = split * split_rows + (b * p.heads_q + q_head) * p.len_q + q_query;
+  if (warp == 0 && lane < kRows) {
+    float mx = -INFINITY, wt[kWarps], l = 0;
+    SK_UNROLL for (int v = 0; v < kWarps; ++v) mx = fmaxf(mx, base[v * kWarpFloats + kRows * D + lane]);
     SK_UNROLL for (int v = 0; v < kWarps; ++v) {
-      const float* at = base + v * kWarpFloats;
-      const float mv = at[kRows * D + r];
-      const float wt = mv == -INFINITY ? 1.f : exp2f(mv - mx);
-      l += wt * at[kRows * D + kRows + r];
-      o += wt * at[r * D + d];
+      const float mv = base[v * kWarpFloats + kRows * D + lane];
+      wt[v] = mv == -INFINITY ? 1.f : exp2f(mv - mx);
+      l += wt[v] * base[v * kWarpFloats + kRows * D + kRows + lane];
     }
     const bool empty = l == 0.f;  // never `l > 0`: NaN must pass
-    const int64_t row = split * split_rows + (b * p.heads_q + head_of(r)) * p.len_q + query_of(r);
-    w_out[row * p.head_dim + d] = empty ? 0.f : o / l;
-    if (d == 0) {
-      w_lse[row] = empty ? -INFINITY
-                         : ((mx == -INFINITY ? 0.f : mx) + log2f(l)) / ExpBase<float>::kPerNat;
+    SK_UNROLL for (int v = 0; v < kWarps; ++v) row_s[lane * (kWarps + 1) + v] = wt[v];
+    row_s[lane * (kWarps + 1) + kWarps] = empty ? 0.f : 1.f / l;
+    if (lane < n_rows) {
+      static_cast<float*>(w.lse)[w_row] =
+          empty ? -INFINITY : ((mx == -INFINITY ? 0.f : mx) + log2f(l)) / ExpBase<float>::kPerNat;
     }
+  }
+  sync_threads();
+  float* const w_out = static_cast<float*>(w.out);
+  static_assert(kRows * D % kThreads == 0 && D >= 32, "whole passes, one row per warp pass");
+  SK_NO_UNROLL for (int j = 0; j < kRows * D / kThreads; ++j) {
+    const int idx = thread_rank() + j * kThreads, r = idx / D, d = idx % D;
+    const int64_t row = shfl(w_row, r);
+    if (r >= n_rows || d >= p.head_dim) continue;
+    const float* wt = row_s + r * (kWarps + 1);
+    float o = 0;
+    SK_UNROLL for (int v = 0; v < kWarps; ++v) o += wt[v] * base[v * kWarpFloats + r * D + d];
+    w_out[row * p.head_dim + d] = o * wt[kWarps];
   }
 }
 

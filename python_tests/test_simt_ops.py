@@ -217,3 +217,20 @@ def test_decode_mma_kernel_nonfinite_values_and_masks(dtype, d, hq, hkv, lq, lk,
     torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2, equal_nan=True)
     torch.testing.assert_close(lse.double(), want_lse, atol=2e-2, rtol=2e-2, equal_nan=True)
     assert torch.isnan(want).any() and not torch.isnan(want).all()  # the case is exercised
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_decode_mma_kernel_extreme_set_ids(strict):
+    """Set ids at the ends of int64 (the kernel tests k <= q - strict, with a strict
+    INT64_MIN query seeing nothing)."""
+    lo, hi = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = attention_inputs(1, 2, 1, 4, 70, 64, gen, torch.bfloat16)
+    q_sets = torch.tensor([[lo, hi, 0, lo]])
+    k_sets = torch.tensor([[lo, hi, 0, -5, 7] * 14])
+    with sarkernels.use_backend("simt"):
+        out, lse = sarkernels.set_attention(q, k, v, q_sets, k_sets, strict=strict, return_lse=True)
+    want, want_lse = reference.set_attention(q.double(), k.double(), v.double(), q_sets, k_sets,
+                                             strict=strict)
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-2, rtol=2e-2)

@@ -609,8 +609,12 @@ def _chunks(rows, d, warps, elem=2):
     return rows * d * elem / 16 / (32 * warps)
 
 
-def _decode_rows(d):  # decode_rows() in decode_attention.cuh
+def _decode_rows(d):  # decode_rows() in decode_attention.cuh (the scalar kernel)
     return 32 if d <= 64 else 16 if d <= 128 else 8
+
+
+def _decode_kw(d):  # decode::kw_of() in decode_attention.cuh: keys per warp tile
+    return 32 if d <= 64 else 16
 
 
 def _fa2_bwd_smem(bm, bn, d, v_in_regs, no_double_buffer):
@@ -674,17 +678,29 @@ FAMILIES = (
            must=lambda p, w: ("ldgsts", _chunks(2 * p["BN"], p["D"], w)),
            inner=lambda p, w: dict(lds=_chunks(p["BN"], p["D"], w)),
            visits="ours dq"),
-    # One warp per query row, one key per lane, key tiles of 32; scalar FFMA work: per row
-    # D for Q.K and D (DMax / 32 columns per lane x 32 keys) for P.V, all in inner loops;
-    # the K/V tile (32 x D, one element per load) loaded by all threads.
-    Family("decode_split_kernel", _named("T D".split()),
+    # The tensor-core decode kernel (16-bit inputs, aligned rows): 16 query rows per block
+    # shared by its 4 warps, which split the keys: one iteration is one warp's tile of
+    # _decode_kw(D) keys (16 x KW scores), its K and V tiles copied by that warp alone
+    # (KW x D x 2 tiles of 16-bit elements, 16 bytes a copy, over 32 lanes).
+    Family("decode_mma_kernel", _named("T D".split()),
            key=lambda p: f"decode {p['T']} D{p['D']}",
+           scores=lambda p, w: 16 * _decode_kw(p["D"]),
+           must=lambda p, w: ("ldgsts", 2 * _decode_kw(p["D"]) * p["D"] * 2 / 16 / 32),
+           smem=lambda p: _tile(16, p["D"]) + 4 * 4 * _tile(_decode_kw(p["D"]), p["D"]),
+           visits="ours decode"),
+    # The scalar decode kernel (fp32/fp64, odd head dims, unaligned rows): one warp per
+    # query row, one key per lane, key tiles of 32; scalar FFMA work: per row D for Q.K and
+    # D (DMax / 32 columns per lane x 32 keys) for P.V, all in inner loops; the K/V tile
+    # (32 x D, one element per load) loaded by all threads.
+    Family("decode_split_kernel", _named("T D".split()),
+           key=lambda p: f"decode-scalar {p['T']} D{p['D']}",
            scores=lambda p, w: _decode_rows(p["D"]) // w * 32,
            work="ffma", inner=lambda p, w: dict(ffma=_decode_rows(p["D"]) / w * 2 * p["D"]),
            must=lambda p, w: ("ldg", 2 * 32 * p["D"] / (32 * w)),
            smem=lambda p: 8 * (_decode_rows(p["D"]) + 64) + 4 * (
                _decode_rows(p["D"]) * p["D"] + 32 * (2 * p["D"] + 1) + 128),
-           visits="ours decode"),
+           default=lambda p: p["T"] == "fp32" and p["D"] in (64, 128),
+           visits="ours decode-scalar"),
     # FlashAttention-2 (2.8.3): the traits its launch templates pick on sm_90 are the
     # default rows (fwd hdim64 128x128, hdim128 128x64, bwd hdim64 128x128, split 64x256).
     Family("flash_fwd_kernel",
@@ -972,13 +988,15 @@ def visits(row, q_sets, k_sets, strict, causal):
     return out
 
 
-def _decode_split(bh, lq, lk, d, group=1):
+def _decode_split(bh, lq, lk, d, group=1, mma=True):
     """decode_splits() of decode_attention.cuh for bh = batch * kv heads: (number of
-    splits, keys per split)."""
-    blocks = bh * -(-lq * group // _decode_rows(d))
-    splits = max(1, min(-(-264 // blocks) if blocks else 1, -(-lk // 64), 64))
+    splits, keys per split). mma: the tensor-core kernel's plan (16 rows per block, splits
+    a multiple of its 4 warps' key tiles), else the scalar kernel's."""
+    rows, unit = (16, 4 * _decode_kw(d)) if mma else (_decode_rows(d), 32)
+    blocks = bh * -(-lq * group // rows)
+    splits = max(1, min(-(-264 // blocks) if blocks else 1, -(-lk // max(64, unit)), 64))
     per = -(-lk // splits)
-    split_len = -(-per // 32) * 32 if per > 0 else 32
+    split_len = -(-per // unit) * unit if per > 0 else unit
     return -(-lk // split_len), split_len
 
 
@@ -1052,8 +1070,8 @@ def training_model(rows, machine=MACHINE):
 
 def decode_model(rows, machine=MACHINE):
     """Estimated split-KV kernel times at DECODE_SHAPES, every cached key visible. Ours
-    (decode_splits()' plan): per key tile a warp takes the skip path (loads, early
-    `continue` per row) plus, per row it holds, its share of (full - skip). FlashAttention-
+    (decode_splits()' plan for the tensor-core kernel): every key tile of every split one
+    warp visit (the warps of a block split the keys). FlashAttention-
     2's split-KV kernel (one split: B*H blocks fill the GPU): 64-row blocks, every warp the
     full path (the ragged last key tile partial). The split-combine kernels are left out."""
     out = []
@@ -1064,13 +1082,15 @@ def decode_model(rows, machine=MACHINE):
                 continue
             p, w = r["params"], r["warps"]
             if r["family"] == "ours decode" and r["default"]:
-                per_block, rpw = _decode_rows(d), _decode_rows(d) // w
+                # 16 rows per block; each key tile of KW keys of a split is one warp's visit
+                # (the full path; the ragged last tile of the cache the partial one).
+                kw = _decode_kw(d)
                 splits, split_len = _decode_split(b * h, lq, lk, d)
-                chunks = -(-lq // per_block)
+                chunks = -(-lq // 16)
                 blocks = b * h * chunks * splits
-                tiles = b * h * splits * -(-split_len // 32)
-                held = lq  # rows held over all warps of all chunks, of chunks * per_block
-                v = dict(full=tiles * held / rpw, skip=tiles * (chunks * w - held / rpw))
+                tiles = b * h * chunks * -(-lk // kw)
+                ragged = b * h * chunks * (lk % kw > 0)
+                v = dict(full=tiles - ragged, partial=ragged)
             elif r["family"] == "fa2 splitkv" and p["T"] == "bf16" and p["even_k"] \
                     and not (p["split"] or p["even_mn"] or p["append_kv"]):  # what decode runs
                 blocks = b * h * -(-lq // p["BM"])

@@ -44,7 +44,7 @@ struct KernelOps {
       kernels::set_attention_forward(in.p, dt, Target::stream(q));
       return {in.out, in.lse};
     }
-    DecodeWorkspace w = kernels::decode_splits(in.p);
+    DecodeWorkspace w = kernels::decode_splits(in.p, dt);
     const int64_t out_elems = w.num_splits * in.p.batch * in.p.heads_q * in.p.len_q * in.p.head_dim;
     at::Tensor ws = at::empty({kernels::decode_workspace_elems(in.p, w)}, in.lse.options());
     Target::poison(ws);

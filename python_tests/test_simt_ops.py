@@ -180,3 +180,57 @@ def test_set_attention_backward_kernel_after_the_decode_forward():
                                (q, k, v))
     for a, b in zip(ours, want):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,hq,hkv,lq,lk,strict", [
+    (64, 4, 1, 1, 700, False),    # GQA 4, one query, several splits and a ragged tile
+    (64, 2, 2, 16, 333, True),    # 16 queries: one full 16-row block per head
+    (128, 8, 2, 3, 150, False),   # 12 rows per block, 16-key warp tiles
+    (40, 3, 1, 7, 90, True),      # head dim below the kernel's 64: zero-filled columns
+    (256, 2, 1, 2, 70, False),    # Q from shared memory
+    (136, 1, 1, 5, 41, False),    # head dim 136 in the 256 kernel
+])
+def test_decode_mma_kernel_nonfinite_values_and_masks(dtype, d, hq, hkv, lq, lk, strict):
+    """The tensor-core decode kernel (16-bit, aligned rows): unsorted ids (partial tiles),
+    an empty row, NaN and inf values and keys that only some rows see, identical bits
+    under every schedule, and the float64 reference on the same rounded inputs."""
+    gen = torch.Generator().manual_seed(d + lq)
+    q, k, v = attention_inputs(2, hq, hkv, lq, lk, d, gen, dtype)
+    q_sets, k_sets = set_ids("random", 2, lq, gen), set_ids("random", 2, lk, gen)
+    q_sets[0, 0] = -1  # an empty row
+    k_sets[0, 5] = 4   # a NaN value seen only by rows of set 4 (strict: by none)
+    v[0, :, 5, 3] = float("nan")
+    k_sets[0, lk - 2] = 0  # an inf value seen by most rows
+    v[0, :, lk - 2, 0] = float("inf")
+    # batch 1: keys of set 0 (full tiles for rows above set 0, the last one ragged) but two
+    # of set 3, one with an inf key, one with a NaN value, which the rows of set 4 see
+    k_sets[1, :] = 0
+    k_sets[1, 7] = k_sets[1, 9] = 3
+    q_sets[1, 0] = 4
+    k[1, :, 7, 1] = float("inf")
+    v[1, :, 9, 2] = float("nan")
+    out, lse = same_bits_under_every_schedule(
+        lambda: sarkernels.set_attention(q, k, v, q_sets, k_sets, strict=strict, return_lse=True))
+    want, want_lse = reference.set_attention(q.double(), k.double(), v.double(), q_sets, k_sets,
+                                             strict=strict)
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2, equal_nan=True)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-2, rtol=2e-2, equal_nan=True)
+    assert torch.isnan(want).any() and not torch.isnan(want).all()  # the case is exercised
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_decode_mma_kernel_extreme_set_ids(strict):
+    """Set ids at the ends of int64 (the kernel tests k <= q - strict, with a strict
+    INT64_MIN query seeing nothing)."""
+    lo, hi = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = attention_inputs(1, 2, 1, 4, 70, 64, gen, torch.bfloat16)
+    q_sets = torch.tensor([[lo, hi, 0, lo]])
+    k_sets = torch.tensor([[lo, hi, 0, -5, 7] * 14])
+    with sarkernels.use_backend("simt"):
+        out, lse = sarkernels.set_attention(q, k, v, q_sets, k_sets, strict=strict, return_lse=True)
+    want, want_lse = reference.set_attention(q.double(), k.double(), v.double(), q_sets, k_sets,
+                                             strict=strict)
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-2, rtol=2e-2)

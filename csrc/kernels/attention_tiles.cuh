@@ -433,8 +433,15 @@ template <typename Acc, int N>
 SK_DEVICE void scale_and_mask(Frag<Acc, N>& s, Acc scale, uint32_t hidden, uint32_t nan) {
   SK_UNROLL for (int n = 0; n < N / 8; ++n) {
     SK_UNROLL for (int e = 0; e < 4; ++e) {
-      const int bit = 4 * n + e;
-      s.x[n][e] = hidden >> bit & 1 ? Acc(-INFINITY) : nan >> bit & 1 ? Acc(NAN) : s.x[n][e] * scale;
+      s.x[n][e] = hidden >> (4 * n + e) & 1 ? Acc(-INFINITY) : s.x[n][e] * scale;
+    }
+  }
+  nan &= ~hidden;
+  if (nan != 0) {  // rare: a seen key whose value is not finite
+    SK_UNROLL for (int n = 0; n < N / 8; ++n) {
+      SK_UNROLL for (int e = 0; e < 4; ++e) {
+        if (nan >> (4 * n + e) & 1) s.x[n][e] = Acc(NAN);
+      }
     }
   }
 }

@@ -31,6 +31,7 @@
 #include "kernels/launch.cuh"
 #include "kernels/attention.h"
 #include "kernels/attention_tiles.cuh"
+#include "kernels/online_softmax.cuh"
 #include "kernels/primitives.cuh"
 #include "sarkernels/mask.h"
 #include "sarkernels/params.h"
@@ -303,63 +304,6 @@ class WarpCopy {
   }
 };
 
-// The running shift (base-2 units, lazily following the row max as in the forward's
-// OnlineSoftmax), the row sums (every column of `sums` holds its row's, found by an mma
-// on the rounded probabilities) and the output accumulator of a warp's 16 rows.
-template <typename T, int D>
-struct WarpSoftmax {
-  static constexpr float kSlack = 8;
-  float m[2];
-  Frag<float, 8> sums[1];
-  Frag<float, D> o;
-
-  SK_DEVICE WarpSoftmax() {
-    m[0] = m[1] = -INFINITY;
-    sums[0].zero();
-    o.zero();
-  }
-
-  // s <- exp2(s - shift), moving the shifts first when a row's max passed its shift by
-  // more than kSlack. Fold: s holds raw dot products of a tile every row sees and `scale`
-  // (finite, >= 0) is folded into the exponent's FFMA; else s is scaled and masked.
-  template <bool kFold, int N>
-  SK_DEVICE void update(Frag<float, N>& s, float scale) {
-    float mx[2];
-    bool grow = false;
-    SK_UNROLL for (int i = 0; i < 2; ++i) {
-      float x = -INFINITY;
-      SK_UNROLL for (int n = 0; n < N / 8; ++n) x = fmaxf(x, fmaxf(s.x[n][2 * i], s.x[n][2 * i + 1]));
-      x = fmaxf(x, shfl_xor(x, 1));
-      x = fmaxf(x, shfl_xor(x, 2));
-      if constexpr (kFold) x *= scale;
-      mx[i] = x;
-      grow = grow || x > m[i] + kSlack;  // also a first finite score (m = -inf)
-    }
-    if (vote_any(grow)) {
-      SK_UNROLL for (int i = 0; i < 2; ++i) {
-        const float to = fmaxf(m[i], mx[i]);
-        const float corr = m[i] == -INFINITY ? 0.f : to == -INFINITY ? 1.f : exp2_approx(m[i] - to);
-        sums[0].x[0][2 * i] *= corr;
-        sums[0].x[0][2 * i + 1] *= corr;
-        SK_UNROLL for (int n = 0; n < D / 8; ++n) {
-          o.x[n][2 * i] *= corr;
-          o.x[n][2 * i + 1] *= corr;
-        }
-        m[i] = to;
-      }
-    }
-    SK_UNROLL for (int i = 0; i < 2; ++i) {
-      const float shift = m[i] == -INFINITY ? 0.f : m[i];
-      SK_UNROLL for (int n = 0; n < N / 8; ++n) {
-        SK_UNROLL for (int j = 2 * i; j < 2 * i + 2; ++j) {
-          float& x = s.x[n][j];
-          x = exp2_approx(kFold ? x * scale - shift : x - shift);
-        }
-      }
-    }
-  }
-};
-
 // One block per (batch * kv head, 16-row chunk, split); see the header comment.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) decode_mma_kernel(SetAttentionParams p,
@@ -457,7 +401,9 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(SetAttentionParams
   // Folding the scale into the exponent needs max(s) * scale = max(s * scale) and
   // -inf * scale = -inf (the hidden keys past a ragged end): a finite scale > 0.
   const bool foldable = scale > 0.f && scale < INFINITY;
-  WarpSoftmax<T, D> sm;
+  OnlineSoftmax<T, 1> sm;
+  Frag<float, D> o[1];  // the warp's 16 rows
+  o[0].zero();
   constexpr bool kQRegs = D <= 128;  // Q's A fragments in registers (at 256: ldmatrix)
   uint32_t qf[kQRegs ? D / 16 : 1][1][4];
   cp_async_wait<0>();
@@ -485,8 +431,8 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(SetAttentionParams
     const bool all = vote_all(!in || visible(q_lo, id, p.strict));
     const bool any = vote_any(in && visible(q_hi, id, p.strict));
     if (any) {
-      Frag<float, KW> s;
-      s.zero();
+      Frag<float, KW> s[1];
+      s[0].zero();
       if constexpr (kQRegs) {
         SK_UNROLL for (int k = 0; k < D / 16; ++k) {
           detail::mma_k_step<T, KW, BFrom::kRowsN, 1>(slabs(s), qf[k], k_tile, kLd, 16 * k);
@@ -500,11 +446,11 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(SetAttentionParams
         if (nk < KW) {
           SK_UNROLL for (int n = 0; n < KW / 8; ++n) {
             SK_UNROLL for (int e = 0; e < 4; ++e) {
-              if (frag_col(n, e) >= nk) s.x[n][e] = -INFINITY;
+              if (frag_col(n, e) >= nk) s[0].x[n][e] = -INFINITY;
             }
           }
         }
-        sm.template update<true>(s, scale);
+        sm.update(s, o, scale, std::true_type{});
       } else {
         // Scrub: lane j % KW checks (a share of) key j's value row; a key with a NaN or
         // inf value gets a zero row and scores NaN for the rows that see it.
@@ -531,11 +477,11 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(SetAttentionParams
             }
           }
         }
-        scale_and_mask(s, scale, hidden, nan);
-        sm.template update<false>(s, scale);
+        scale_and_mask(s[0], scale, hidden, nan);
+        sm.update(s, o, scale, std::false_type{});
         sync_warp();  // the scrub's stores precede every lane's reads of the V tile
       }
-      gemm_frag_a_row_sums<T, D, KW, BFrom::kRowsK>(sm.o, s, sm.sums, v_tile, kLd);
+      sm.template pv<KW, D, kLd>(o, s, nullptr, v_tile);
     }
     sync_warp();  // every lane is done with the stage before the next issue refills it
     id = id_next;
@@ -552,14 +498,14 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(SetAttentionParams
     float zero = 0;
     SK_UNROLL for (int n = 0; n < D / 8; ++n) {
       SK_UNROLL for (int j = 2 * i; j < 2 * i + 2; ++j) {
-        o_s[frag_row(j) * D + frag_col(n, j)] = sm.o.x[n][j];
-        zero += sm.o.x[n][j] * 0.f;
+        o_s[frag_row(j) * D + frag_col(n, j)] = o[0].x[n][j];
+        zero += o[0].x[n][j] * 0.f;
       }
     }
     zero += shfl_xor(zero, 1);
     zero += shfl_xor(zero, 2);
     if (lane % 4 == 0) {
-      m_s[frag_row(2 * i)] = sm.m[i];
+      m_s[frag_row(2 * i)] = sm.m[0][i];
       l_s[frag_row(2 * i)] = zero == 0.f ? sm.sums[0].x[0][2 * i] : NAN;
     }
   }

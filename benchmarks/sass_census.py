@@ -604,6 +604,11 @@ def _key_stages(d, bn):  # KeyStages<T, D, BN>::kBytes, 16-bit T
     return 4 * _tile(bn, d) + 2 * bn * 8 + 2 * (bn + 1) * 4
 
 
+# sizeof(TileList) in attention_tiles.cuh: 64 ranges (16 B), 64 infos and tile indices, a
+# count, the block's and 8 warps' ranges.
+TILE_LIST = 64 * 16 + 64 * 4 + 64 * 4 + 8 + 16 + 8 * 16
+
+
 def _chunks(rows, d, warps, elem=2):
     """16-byte copies per thread (= per warp) of rows x d elements over the block."""
     return rows * d * elem / 16 / (32 * warps)
@@ -654,7 +659,7 @@ FAMILIES = (
     Family("set_attention_fwd_kernel", _named("T D BM BN DC RW".split()),  # RW: rows/warp
            key=lambda p: f"fwd {p['T']} D{p['D']}",
            scores=lambda p, w: p["BM"] // w * p["BN"],
-           smem=lambda p: _tile(p["BM"], p["D"]) + _key_stages(p["D"], p["BN"])
+           smem=lambda p: _tile(p["BM"], p["D"]) + _key_stages(p["D"], p["BN"]) + TILE_LIST
            if p["T"] in ("bf16", "fp16") else None,
            must=lambda p, w: ("ldgsts", _chunks(2 * p["BN"], p["D"], w)),  # K and V tiles
            inner=lambda p, w: dict(lds=_chunks(p["BN"], p["D"], w)),  # the V tile's scrub
@@ -667,13 +672,13 @@ FAMILIES = (
            inner=lambda p, w: dict(hmma=p["BM"] / 16 / w * p["D"] * p["BN"] / 128
                                    if p["atomic"] else 0),
            smem=lambda p: 2 * _tile(p["BN"], p["D"]) + 4 * _tile(p["BM"], p["D"])
-           + 2 * p["BM"] * 16 + (_tile(p["BM"], p["BN"]) if p["atomic"] else 0)
+           + 2 * p["BM"] * 16 + (_tile(p["BM"], p["BN"]) if p["atomic"] else 0) + TILE_LIST
            if p["T"] in ("bf16", "fp16") else None,
            visits="ours dkdv"),
     Family("set_attention_dq_kernel", _named("T D BM BN DC".split()),
            key=lambda p: f"dq {p['T']} D{p['D']}",
            scores=lambda p, w: p["BM"] // w * p["BN"],
-           smem=lambda p: 2 * _tile(p["BM"], p["D"]) + _key_stages(p["D"], p["BN"])
+           smem=lambda p: 2 * _tile(p["BM"], p["D"]) + _key_stages(p["D"], p["BN"]) + TILE_LIST
            if p["T"] in ("bf16", "fp16") else None,
            must=lambda p, w: ("ldgsts", _chunks(2 * p["BN"], p["D"], w)),
            inner=lambda p, w: dict(lds=_chunks(p["BN"], p["D"], w)),

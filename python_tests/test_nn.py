@@ -51,6 +51,25 @@ def test_cache_steps_equal_one_pass(backend):
         assert torch.equal(cache.sets[:, :10], sets) and (cache.sets[:, 10:] == UNWRITTEN).all()
 
 
+def test_cached_attention_has_the_gradients_of_one_pass(backend):
+    """The cache write is recorded by autograd on every backend (row 7 of issue 28: the
+    kernels' write left the K/V projection with exactly zero gradient)."""
+    torch.manual_seed(2)
+    m = SetAttention(32, 2, 1)
+    x = torch.randn(2, 7, 32)
+    sets = torch.tensor([0, 1, 1, 2, 3, 3, 4]).expand(2, 7)
+    cache = KVCache(2, 1, 9, 16)
+    grads = []
+    for out in (m(x, sets), torch.cat([m(x[:, a:b], sets[:, a:b], cache=cache, cache_slots=a)
+                                       for a, b in ((0, 3), (3, 7))], 1)):
+        grads.append(torch.autograd.grad(out.square().sum(), [m.wqkv.weight, m.wo.weight]))
+    for one_pass, stepped in zip(*grads):
+        assert stepped.abs().sum() > 0
+        torch.testing.assert_close(stepped, one_pass, atol=1e-5, rtol=1e-5)
+    w_k = grads[1][0][32:48]  # the K projection's rows
+    assert w_k.abs().sum() > 0
+
+
 def test_cache_bounds():
     cache = KVCache(1, 1, 4, 8)
     with pytest.raises(ValueError, match="exceed"):

@@ -14,8 +14,9 @@ NAN, INF = float("nan"), float("inf")
 I64, I32 = torch.iinfo(torch.int64), torch.iinfo(torch.int32)
 
 
-def rule_oracle(q, k, v, q_sets, k_sets, strict):
+def rule_oracle(q, k, v, q_sets, k_sets, strict, scale=None):
     """The rule row by row in float64, with visibility decided on Python ints."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = q.double(), k.double(), v.double()
     group = q.shape[1] // k.shape[1]
     out = torch.zeros_like(q)
@@ -28,7 +29,7 @@ def rule_oracle(q, k, v, q_sets, k_sets, strict):
                 if not seen:
                     continue
                 kv, vv = k[b, h // group, seen], v[b, h // group, seen]
-                logits = kv @ q[b, h, i] * q.shape[-1] ** -0.5
+                logits = kv @ q[b, h, i] * scale
                 if logits.isnan().any() or logits.isposinf().any() or not vv.isfinite().all():
                     out[b, h, i], lse[b, h, i] = NAN, NAN
                 elif (logits > -INF).any():
@@ -95,24 +96,55 @@ def test_all_minus_inf_logits_make_an_empty_row(backend):
     assert lse[0, :, 0].isneginf().all()
 
 
-def test_a_non_finite_value_reaches_only_rows_that_see_it(backend):
+def reached(q, k, v, q_sets, k_sets, strict):
+    """Where a NaN/inf may show, forward and backward: the rows whose q is not finite and
+    that see a key, or that see a key whose k or v is not finite; then the keys those rows
+    see. Returns (rows [B, Hq, Lq], keys [B, Hkv, Lk])."""
+    sees = k_sets[:, None, :] < q_sets[:, :, None] if strict else \
+        k_sets[:, None, :] <= q_sets[:, :, None]  # [B, Lq, Lk]
+    group = q.shape[1] // k.shape[1]
+    bad_q = ~q.isfinite().all(-1)
+    bad_kv = (~k.isfinite().all(-1) | ~v.isfinite().all(-1)).repeat_interleave(group, 1)
+    rows = (bad_q & sees.any(-1)[:, None]) | (sees[:, None] & bad_kv[:, :, None]).any(-1)
+    keys = (rows[..., None] & sees[:, None]).unflatten(1, (-1, group)).any(2).any(2)
+    return rows, keys
+
+
+def cleaned(case, q, k, v):
+    """q, k, v with the case's non-finite values replaced by finite random ones."""
+    dirty = [t.clone() for t in (q, k, v)]
+    corrupt(case, *dirty)
+    return [torch.where(d.isfinite(), d, torch.randn_like(d)) for d in dirty], dirty
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_a_non_finite_value_reaches_only_rows_and_keys_that_see_it(backend, case, strict):
+    """Out, lse and every gradient away from the value's reach are those of finite inputs
+    (rows 4 and 5 of issue 28: an inf key or a NaN query hidden from a row made its dq, or
+    every key's dk, NaN)."""
     q, k, v, q_sets, k_sets = inputs(torch.float64)
-    sees = k_sets[:, None, :] <= q_sets[:, :, None]  # [B, Lq, Lk]
-    blind = ~sees[0, :, 12]  # batch row 0's queries that do not see key 12
-    clean = [t.clone().requires_grad_() for t in (q, k, v)]
-    corrupt("nan_v", q, k, v)  # poisons key 12 of batch row 0 and key 30 of batch row 1
-    dirty = [t.clone().requires_grad_() for t in (q, k, v)]
+    (clean, dirty) = cleaned(case, q, k, v)
+    rows, keys = reached(*dirty, q_sets, k_sets, strict)
+    # (The rows that see a key see every lower one: a poisoned key leaves unreached only keys
+    # that no row reached sees; a NaN query of a row leaves the keys above that row's set.)
+    assert rows.any() and (~rows).any() and (case != "nan_q" or (~keys).any())
     results = []
-    for q_, k_, v_ in (clean, dirty):
-        out = sarkernels.set_attention(q_, k_, v_, q_sets, k_sets)
-        dq, = torch.autograd.grad(out[0, :, blind].sum(), q_)
-        results.append((out[0, :, blind], dq[0, :, blind]))
-    assert blind.any() and not blind.all()
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
-    out = sarkernels.set_attention(*dirty, q_sets, k_sets)
-    empty = ~sees[1].any(-1)
-    assert empty.any() and torch.equal(out[1, :, empty], torch.zeros_like(out[1, :, empty]))
+    for inputs_ in (clean, dirty):
+        leaves = [t.clone().requires_grad_() for t in inputs_]
+        out, lse = sarkernels.set_attention(*leaves, q_sets, k_sets, strict=strict,
+                                            return_lse=True)
+        grads = torch.autograd.grad((out.sum(-1) + lse.nan_to_num(neginf=0.0)).sum(), leaves)
+        results.append((out, lse, *grads))
+    (out, lse, dq, dk, dv), (out_, lse_, dq_, dk_, dv_) = results
+    sees = k_sets[:, None, :] < q_sets[:, :, None] if strict else \
+        k_sets[:, None, :] <= q_sets[:, :, None]
+    empty = ~sees.any(-1)[:, None].expand_as(rows)  # lse -inf
+    for a, b, where in ((out, out_, rows), (lse, lse_, rows | empty), (dq, dq_, rows),
+                        (dk, dk_, keys), (dv, dv_, keys)):
+        assert b[~where].isfinite().all()
+        torch.testing.assert_close(b[~where], a[~where], atol=1e-12, rtol=1e-12)
+    assert empty.any() and torch.equal(dq_[empty], torch.zeros_like(dq_[empty]))
 
 
 def test_empty_row_with_nan_query_has_zero_gradient(backend):
@@ -123,6 +155,29 @@ def test_empty_row_with_nan_query_has_zero_gradient(backend):
     dq, = torch.autograd.grad(out[1].sum(), q)
     assert torch.equal(dq[1, :, :3], torch.zeros_like(dq[1, :, :3]))
     assert dq[1, :, 3:].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale,case", [(NAN, None), (0.0, "nan_q"), (0.0, "inf_k"),
+                                        (INF, None), (-INF, None)])
+def test_special_scales_follow_the_rule(backend, scale, case, dtype):
+    """The logit is scale * (q . k) in IEEE arithmetic whatever the scale (rows 1-3 of issue
+    28: the CPU kernels folded the scale into BLAS's alpha, which skips the product for 0,
+    ignores NaN and turned an inf scale of negative dot products into NaN rows)."""
+    q, k, v, q_sets, k_sets = inputs(dtype)
+    if case is not None:
+        corrupt(case, q, k, v)
+    first = q_sets[0] == k_sets[0, 0]  # batch row 0's first queries see its first keys alone
+    if abs(scale) == INF:  # dot products of the sign that an infinite scale takes to -inf
+        k[0, :, k_sets[0] == k_sets[0, 0]] = 1.0
+        q[0, :, first] = -1.0 if scale > 0 else 1.0
+    out, lse = sarkernels.set_attention(q, k, v, q_sets, k_sets, scale=scale, return_lse=True)
+    want_out, want_lse = rule_oracle(q, k, v, q_sets, k_sets, False, scale)
+    empty = want_lse.isneginf()
+    assert want_lse.isnan().any() and empty.any()
+    assert empty[0, :, first].all() == (abs(scale) == INF)
+    assert torch.equal(lse.isnan(), want_lse.isnan()) and torch.equal(lse.isneginf(), empty)
+    torch.testing.assert_close(out.double(), want_out, equal_nan=True, atol=1e-5, rtol=1e-5)
 
 
 EXTREME = {torch.int64: [I64.min, I64.min + 1, -1, 0, 1, I64.max - 1, I64.max],

@@ -284,7 +284,8 @@ def kv_cache_append(k_cache, v_cache, k, v, slots, *, check=True):
     outside ``[0, S)`` or repeated within a row raises ValueError and nothing is written.
     Overwriting slots written by earlier calls is allowed. The caches must not be leaves
     that require grad and must not overlap in memory (not one tensor, nor views of one
-    buffer). Returns None.
+    buffer). Returns None. Where k or v requires grad (and grad mode is on), the write is
+    recorded by autograd: gradients through the caches reach k and v.
 
     ``check``: on CUDA tensors, reading the kernel's error flag costs a device-to-host copy
     (a sync); ``check=False``, and any call while a CUDA graph is being captured, skips it:
@@ -315,6 +316,10 @@ def kv_cache_append(k_cache, v_cache, k, v, slots, *, check=True):
         raise ValueError(f"{fn}: caches must have a unit stride on their last dim")
     _check_caches(fn, k_cache, v_cache)
     ops = _ops_for(k_cache.device)
+    if ops is not None and torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+        # The kernels write outside autograd; the reference's in-place indexing records the
+        # write, so gradients reach k and v through the caches (checked as the kernels do).
+        ops, check = None, True
     if ops is not None:
         ops.kv_cache_append(k_cache, v_cache, k, v, slots, check)
     else:

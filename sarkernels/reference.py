@@ -15,6 +15,10 @@ def visible(q_sets, k_sets, strict=False):
     return k < q if strict else k <= q
 
 
+def _finite(x):
+    return torch.where(torch.isfinite(x), x, 0.0)
+
+
 def set_attention(q, k, v, q_sets, k_sets, strict=False, scale=None):
     """Returns ``(out, lse)`` under :func:`sarkernels.set_attention`'s rule for empty rows
     and NaN/inf.
@@ -31,16 +35,25 @@ def set_attention(q, k, v, q_sets, k_sets, strict=False, scale=None):
     poisoned = ~torch.isfinite(v).all(-1)[:, :, None, :]
     v = v.masked_fill(poisoned.transpose(-1, -2), 0.0)
     mask = visible(q_sets, k_sets, strict)[:, None]
-    s = (q.to(work) @ k.transpose(-1, -2) * scale).masked_fill(poisoned, float("nan"))
+    dtype, q = q.dtype, q.to(work)
+    # Gradients flow through the products of the finite parts only: through q @ k^T itself
+    # a NaN/inf would reach, as 0 * inf, the rows and keys whose pairs the mask hides. The
+    # value stays that of the raw product (equal to the finite one where all is finite).
+    dots = _finite(q) @ _finite(k).transpose(-1, -2)
+    dots = dots + (q.detach() @ k.detach().transpose(-1, -2) - dots).detach()
+    s = (dots * scale).masked_fill(poisoned, float("nan"))
     s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(-1, keepdim=True).detach() if s.shape[-1] else s.new_zeros(*s.shape[:-1], 1)
     m = m.masked_fill(m == float("-inf"), 0.0)  # a NaN or +inf max keeps the row NaN
     e = torch.exp(s - m)
     denom = e.sum(-1, keepdim=True)
     empty = denom == 0
-    out = (e @ v) / denom.masked_fill(empty, 1.0)
+    # Weights exactly 0, not NaN, in the hidden pairs of a NaN row: through e @ v its NaN
+    # gradient would reach the values of keys it does not see.
+    p = (e / denom.masked_fill(empty, 1.0)).masked_fill(~mask, 0.0)
+    out = p @ v
     lse = torch.where(empty, float("-inf"), m + torch.log(denom)).squeeze(-1)
-    return out.to(q.dtype), lse
+    return out.to(dtype), lse
 
 
 def check_slots(slots, cache_len):

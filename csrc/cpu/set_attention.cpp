@@ -121,14 +121,19 @@ struct QTilePlan {
 };
 
 // scores[i, c] = scale * q_i . k_c over the plan's columns; invisible pairs get -inf.
+// The scale is applied after the product, not as BLAS's alpha: BLAS skips the product for
+// alpha 0 and may scale an operand first, so a NaN, 0 or inf scale would not give the
+// IEEE products of the scaled dot products.
 template <typename T>
 void scores(const SetAttentionParams& p, const QTilePlan& plan, int64_t b, const T* q,
             const T* k, int64_t q0, int64_t rows, T* s) {
   for (const Range& run : plan.runs) {
-    gemm<T>(false, true, rows, run.k1 - run.k0, p.head_dim, static_cast<T>(p.scale),
-            q + q0 * p.q_row_stride, p.q_row_stride, k + run.k0 * p.k_row_stride,
-            p.k_row_stride, T(0), s + run.col, plan.cols);
+    gemm<T>(false, true, rows, run.k1 - run.k0, p.head_dim, T(1), q + q0 * p.q_row_stride,
+            p.q_row_stride, k + run.k0 * p.k_row_stride, p.k_row_stride, T(0), s + run.col,
+            plan.cols);
   }
+  const T scale = static_cast<T>(p.scale);
+  for (int64_t c = 0; c < rows * plan.cols; ++c) s[c] *= scale;
   const int64_t* qs = p.q_sets + b * p.len_q;
   const int64_t* ks = p.k_sets + b * p.len_k;
   for (const Range& part : plan.partial) {
@@ -175,6 +180,32 @@ template <typename T>
 const T* head_ptr(const void* base, int64_t b, int64_t h, int64_t bs, int64_t hs) {
   return static_cast<const T*>(base) + b * bs + h * hs;
 }
+
+// The n rows (`stride` apart) of x as the gradient GEMMs take them: x itself, or, when a
+// row holds a NaN or inf, a copy with those values zeroed. Those GEMMs weigh every row of a
+// run, with weight 0 for the pairs the rule hides, and 0 * inf would carry the value into
+// rows it is hidden from; a pair that sees it has a NaN weight already.
+template <typename T>
+struct GradRows {
+  const T* rows;
+  int64_t stride;
+
+  GradRows(const T* x, int64_t n, int64_t d, int64_t x_stride, at::Tensor& buffer)
+      : rows(x), stride(x_stride) {
+    bool finite = true;
+    for (int64_t j = 0; j < n && finite; ++j) finite = all_finite(x + j * x_stride, d);
+    if (finite) return;
+    T* copy = scratch<T>(buffer, n * d);
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t c = 0; c < d; ++c) {
+        const T value = x[j * x_stride + c];
+        copy[j * d + c] = std::isfinite(value) ? value : T(0);
+      }
+    }
+    rows = copy;
+    stride = d;
+  }
+};
 
 template <typename T>
 void forward(const SetAttentionParams& p) {
@@ -247,10 +278,11 @@ void backward(const SetAttentionBwdParams& g) {
   // One unit per (batch, kv head): it owns its dk/dv rows, so no two threads add into them.
   at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
     QTilePlan plan;
-    at::Tensor s_buffer, ds_buffer;
+    at::Tensor s_buffer, ds_buffer, k_buffer, q_buffer;
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / p.heads_kv, hk = unit % p.heads_kv;
       const T* k = head_ptr<T>(p.k, b, hk, p.k_batch_stride, p.k_head_stride);
+      const GradRows<T> k_grad(k, p.len_k, d, p.k_row_stride, k_buffer);
       const T* v = head_ptr<T>(p.v, b, hk, p.v_batch_stride, p.v_head_stride);
       T* dk = static_cast<T*>(g.dk) + (b * p.heads_kv + hk) * p.len_k * d;
       T* dv = static_cast<T*>(g.dv) + (b * p.heads_kv + hk) * p.len_k * d;
@@ -258,6 +290,7 @@ void backward(const SetAttentionBwdParams& g) {
       std::fill(dv, dv + p.len_k * d, T(0));
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const T* q = head_ptr<T>(p.q, b, h, p.q_batch_stride, p.q_head_stride);
+        const GradRows<T> q_grad(q, p.len_q, d, p.q_row_stride, q_buffer);
         const T* o = head_ptr<T>(p.out, b, h, p.out_batch_stride, p.out_head_stride);
         const T* dout = head_ptr<T>(g.dout, b, h, p.out_batch_stride, p.out_head_stride);
         const T* lse = head_ptr<T>(p.lse, b, h, p.lse_batch_stride, p.lse_head_stride);
@@ -271,10 +304,20 @@ void backward(const SetAttentionBwdParams& g) {
           T* s = scratch<T>(s_buffer, rows * plan.cols);
           T* ds = scratch<T>(ds_buffer, rows * plan.cols);
           scores(p, plan, b, q, k, q0, rows, s);
+          const T scale = static_cast<T>(p.scale);
           for (int64_t i = 0; i < rows; ++i) {  // s <- P = exp(s - lse)
-            exp_shifted(s + i * plan.cols, plan.cols, lse[q0 + i]);
+            T* row = s + i * plan.cols;
+            if (std::isnan(lse[q0 + i])) {  // NaN where the row sees, not in its hidden pairs
+              for (int64_t c = 0; c < plan.cols; ++c) {
+                row[c] = row[c] == -std::numeric_limits<T>::infinity()
+                             ? T(0) : std::numeric_limits<T>::quiet_NaN();
+              }
+            } else {
+              exp_shifted(row, plan.cols, lse[q0 + i]);
+            }
           }
-          // ds <- dP = dO V^T, then dS = P * (dP - delta), delta = rowsum(dO * O) - dlse
+          // ds <- dP = dO V^T, then scale * dS, dS = P * (dP - delta), delta =
+          // rowsum(dO * O) - dlse (the scale here, not as alpha: 0 * an inf scale is NaN)
           for (const Range& run : plan.runs) {
             gemm<T>(false, true, rows, run.k1 - run.k0, d, T(1), dout + q0 * p.out_row_stride,
                     p.out_row_stride, v + run.k0 * p.v_row_stride, p.v_row_stride, T(0),
@@ -290,16 +333,15 @@ void backward(const SetAttentionBwdParams& g) {
             T* dr = ds + i * plan.cols;
             // P = 0 (a key the row does not see) gives dS = 0 even where dP is NaN.
             for (int64_t c = 0; c < plan.cols; ++c) {
-              dr[c] = pr[c] == 0 ? T(0) : pr[c] * (dr[c] - delta);
+              dr[c] = pr[c] == 0 ? T(0) : scale * pr[c] * (dr[c] - delta);
             }
           }
-          const T scale = static_cast<T>(p.scale);
           for (const Range& run : plan.runs) {
             const int64_t n = run.k1 - run.k0;
-            gemm<T>(false, false, rows, d, n, scale, ds + run.col, plan.cols,
-                    k + run.k0 * p.k_row_stride, p.k_row_stride, T(1), dq + q0 * d, d);
-            gemm<T>(true, false, n, d, rows, scale, ds + run.col, plan.cols,
-                    q + q0 * p.q_row_stride, p.q_row_stride, T(1), dk + run.k0 * d, d);
+            gemm<T>(false, false, rows, d, n, T(1), ds + run.col, plan.cols,
+                    k_grad.rows + run.k0 * k_grad.stride, k_grad.stride, T(1), dq + q0 * d, d);
+            gemm<T>(true, false, n, d, rows, T(1), ds + run.col, plan.cols,
+                    q_grad.rows + q0 * q_grad.stride, q_grad.stride, T(1), dk + run.k0 * d, d);
             gemm<T>(true, false, n, d, rows, T(1), s + run.col, plan.cols,
                     dout + q0 * p.out_row_stride, p.out_row_stride, T(1), dv + run.k0 * d, d);
           }

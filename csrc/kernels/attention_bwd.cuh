@@ -33,6 +33,18 @@ SK_DEVICE void recompute_probs(Frag<Acc, N>& s, LseFn lse, Acc scale) {
   }
 }
 
+// prob <- 0 where `hidden` has the element's bit, else NaN where `nan` has it. After the
+// exponent, so that the hidden pairs of a row whose lse is NaN still weigh 0.
+template <typename Acc, int N>
+SK_DEVICE void mask_probs(Frag<Acc, N>& prob, uint32_t hidden, uint32_t nan) {
+  SK_UNROLL for (int n = 0; n < N / 8; ++n) {
+    SK_UNROLL for (int e = 0; e < 4; ++e) {
+      const int bit = 4 * n + e;
+      prob.x[n][e] = hidden >> bit & 1 ? Acc(0) : nan >> bit & 1 ? Acc(NAN) : prob.x[n][e];
+    }
+  }
+}
+
 // dp <- dS = P * (dP - delta), with delta(n, e) that of fragment element (n, e). Unless
 // every pair of the tile is seen (kAllSeen), P = 0 (a key the row does not see) gives 0
 // even where a non-finite value made dP NaN; in a tile whose rows all see all its keys
@@ -93,10 +105,12 @@ struct DkdvLayout {
   static constexpr size_t kQSets = kDout + 2 * tile_bytes<T, BM, D>;
   static constexpr size_t kLse = kQSets + 2 * BM * sizeof(int64_t);
   static constexpr size_t kDelta = kLse + 2 * BM * sizeof(Acc);
-  static constexpr size_t kDs = kDelta + 2 * BM * sizeof(Acc);  // dS [BM][BN], atomic dQ only
-  static constexpr size_t kList = kDs + (kAtomicDq ? tile_bytes<T, BM, BN> : 0);
+  static constexpr size_t kDs = kDelta + 2 * BM * sizeof(Acc);  // dS^T [BN][BM], atomic dQ only
+  static constexpr size_t kList = kDs + (kAtomicDq ? tile_bytes<T, BN, BM> : 0);
   static constexpr size_t kScratch = kList + sizeof(TileList);
-  static constexpr size_t kBytes = kScratch + kWarps * kFragScratch<T, BM> * sizeof(Acc);
+  // scrub_rows' flags: the block's keys, then two stages of query rows (BN + 1, BM + 1)
+  static constexpr size_t kBad = kScratch + kWarps * kFragScratch<T, BM> * sizeof(Acc);
+  static constexpr size_t kBytes = kBad + (BN + 1 + 2 * (BM + 1)) * sizeof(int);
 };
 
 // Register budget of one block per SM, as in the dQ kernel below. DC: the dK/dV columns of
@@ -106,7 +120,7 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
     set_attention_dkdv_kernel(SetAttentionBwdParams g, AttentionBwdWorkspace w) {
   using Acc = acc_t<T>;
   using Lay = DkdvLayout<T, D, BN, BM, kAtomicDq>;
-  constexpr int kLd = tile_ld<T, D>, kDsLd = tile_ld<T, BN>;
+  constexpr int kLd = tile_ld<T, D>, kDsLd = tile_ld<T, BM>;
   const SetAttentionParams& p = g.fwd;
   SK_DYNAMIC_SMEM(smem);
   T* const k_tile = reinterpret_cast<T*>(smem + Lay::kK);
@@ -119,6 +133,8 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   T* const ds_tile = reinterpret_cast<T*>(smem + Lay::kDs);
   const int warp = warp_id();
   Acc* const scratch = reinterpret_cast<Acc*>(smem + Lay::kScratch) + warp * kFragScratch<T, BM>;
+  int* const k_bad = reinterpret_cast<int*>(smem + Lay::kBad);
+  int* const q_bad_tiles = k_bad + BN + 1;
 
   constexpr int kSplits = D / DC;
   const int64_t k_tiles = ceil_div(p.len_k, BN);
@@ -140,6 +156,7 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   load_rows_async<Lay::kThreads, BN, D>(k_tile, k_row<T>(p, b, hk, k0), p.k_row_stride, nk, dim);
   load_rows_async<Lay::kThreads, BN, D>(v_tile, v_row<T>(p, b, hk, k0), p.v_row_stride, nk, dim);
   cp_async_commit();
+  load_values<Lay::kThreads, BN + 1, int>(k_bad, nullptr, 0, 0);
 
   const Acc scale = Acc(p.scale) * ExpBase<Acc>::kPerNat;
   Frag<Acc, DC> dk, dv;  // columns c0 .. c0 + DC
@@ -150,6 +167,7 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
     return (b * p.heads_q + hk * group + rep) * p.len_q + t * BM;
   };
   TileList& list = *reinterpret_cast<TileList*>(smem + Lay::kList);
+  bool keys_scrubbed = false;
   const bool whole_rows = dim == D;
   const TileCopy<Lay::kThreads, BM, D, T> q_copy(p.q_row_stride), dout_copy(p.out_row_stride);
   list.set_rows(block_k, warp_k);
@@ -175,13 +193,23 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
         }
         if (partial) {  // the ids only serve hidden_bits, which partial tiles take
           load_values<Lay::kThreads, BM>(q_set_tiles + st * BM, q_sets + q0, nq, int64_t(0));
+          load_values<Lay::kThreads, BM + 1, int>(q_bad_tiles + st * (BM + 1), nullptr, 0, 0);
         }
         const Acc* lse = static_cast<const Acc*>(w.lse) + row;
         const Acc* delta = static_cast<const Acc*>(w.delta) + row;
         load_values<Lay::kThreads, BM>(lse_tiles + st * BM, lse, nq, Acc(INFINITY));
         load_values<Lay::kThreads, BM>(delta_tiles + st * BM, delta, nq, Acc(0));
       },
-      [](int64_t, int, int, unsigned) {},
+      // Non-finite values are scrubbed (and their rows' scores made NaN below) where a pair
+      // does not see them: dS^T Q and dS K would carry them as 0 * inf into keys and
+      // queries that do not see them. The keys once, the queries of partial tiles.
+      [&](int64_t, int, int st, unsigned info) {
+        if (!keys_scrubbed) scrub_rows<Lay::kThreads, BN, D>(k_tile, k_bad);
+        keys_scrubbed = true;
+        if (block_kind(info) == TileKind::kPartial) {
+          scrub_rows<Lay::kThreads, BM, D>(q_tiles + st * BM * kLd, q_bad_tiles + st * (BM + 1));
+        }
+      },
       [&](int64_t t, int rep, int st, unsigned info) {
         const int nq = queries_in(t);
         const T* q_tile = q_tiles + st * BM * kLd;
@@ -198,12 +226,17 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
           auto lse_of = [&](int n, int e) { return lse[frag_col(n, e)]; };
           auto delta_of = [&](int n, int e) { return delta[frag_col(n, e)]; };
           const bool partial = kind == TileKind::kPartial;
-          if (partial) {
-            scale_and_mask(prob, scale,
-                           hidden_bits<false, BM>(row_set, q_set_tiles + st * BM, nq, p.strict), 0);
-            recompute_probs<T, false>(prob, lse_of, scale);
-          } else {
-            recompute_probs<T, true>(prob, lse_of, scale);
+          const int* q_bad = q_bad_tiles + st * (BM + 1);
+          const bool bad_keys = k_bad[BN] != 0;
+          const bool bad_queries = block_kind(info) == TileKind::kPartial && q_bad[BM] != 0;
+          recompute_probs<T, true>(prob, lse_of, scale);
+          if (partial || bad_keys || bad_queries) {
+            uint32_t nan = bad_queries ? flagged_bits<BM>(q_bad) : 0;
+            if (bad_keys) nan |= flagged_row_bits<BM>(k_bad + 16 * warp);
+            mask_probs(
+                prob,
+                partial ? hidden_bits<false, BM>(row_set, q_set_tiles + st * BM, nq, p.strict) : 0,
+                nan);
           }
           gemm_smem_a<T, BM, D, BFrom::kRowsN>(ds, v_tile + 16 * warp * kLd, kLd, dout_tile, kLd);
           gemm_frag_a<T, DC, BM, BFrom::kRowsK>(dv, prob, scratch, dout_tile + c0, kLd);
@@ -215,32 +248,38 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
           gemm_frag_a<T, DC, BM, BFrom::kRowsK>(dk, ds, scratch, q_tile + c0, kLd);
         }
         if (kAtomicDq && split == 0) {
-          // dS (queries x keys) gathered from every warp; then 16-query slabs of dS K.
-          SK_UNROLL for (int n = 0; n < BM / 8; ++n) {
-            SK_UNROLL for (int e = 0; e < 4; ++e) {
-              ds_tile[frag_col(n, e) * kDsLd + 16 * warp + frag_row(e)] = from_float<T>(ds.x[n][e]);
-            }
-          }
+          // dS^T staged as the warps hold it (keys x queries); each warp then takes 16-query
+          // slabs of dS K, reading dS^T transposed.
+          const Acc one[2] = {1, 1};
+          stage_frag<T, BM>(ds_tile + 16 * warp * kDsLd, ds, one);
           sync_threads();
-          Acc* dq_rows = static_cast<Acc*>(w.dq_accum) + first_row(t, rep) * dim;
-          const bool whole = nq == BM && whole_rows;  // no bounds to check
-          for (int slab = warp; slab < BM / 16 && 16 * slab < nq; slab += Lay::kWarps) {
-            // 32 columns at a time, so that dK and dV stay in registers (a loop, not
-            // unrolled: unrolled it spills at head dim 128)
-            SK_NO_UNROLL for (int c0 = 0; c0 < dim; c0 += 32) {
-              Frag<Acc, 32> dq;
-              dq.zero();
-              gemm_smem_a<T, 32, BN, BFrom::kRowsK>(dq, ds_tile + 16 * slab * kDsLd, kDsLd,
-                                                    k_tile + c0, kLd);
-              SK_UNROLL for (int n = 0; n < 4; ++n) {
-                SK_UNROLL for (int h = 0; h < 2; ++h) {  // rows g, g + 8: column pairs
-                  const int r = 16 * slab + frag_row(2 * h), c = c0 + frag_col(n, 0);
-                  if (whole || (r < nq && c < dim)) {  // c even, dim a multiple of 8
-                    atomic_add2(dq_rows + r * dim + c, dq.x[n][2 * h], dq.x[n][2 * h + 1]);
+          Acc* const dq_rows = static_cast<Acc*>(w.dq_accum) + first_row(t, rep) * dim;
+          auto add_slabs = [&](auto whole) {  // whole: no bounds to check
+            for (int slab = warp; slab < BM / 16 && 16 * slab < nq; slab += Lay::kWarps) {
+              const int r = 16 * slab + frag_row(0);
+              Acc* at = dq_rows + r * dim + frag_col(0, 0);  // row r; row r + 8 is 8 dim on
+              // kCols columns at a time, so that dK and dV stay in registers (a loop, not
+              // unrolled: unrolled, or 32 columns wide at head dim 128, it spills)
+              constexpr int kCols = D >= 128 ? 16 : 32;
+              SK_NO_UNROLL for (int c0 = 0; c0 < dim; c0 += kCols, at += kCols) {
+                Frag<Acc, kCols> dq;
+                dq.zero();
+                gemm_smem_a<T, kCols, BN, BFrom::kRowsK, AFrom::kRowsK>(
+                    dq, ds_tile + 16 * slab, kDsLd, k_tile + c0, kLd);
+                SK_UNROLL for (int n = 0; n < kCols / 8; ++n) {
+                  SK_UNROLL for (int h = 0; h < 2; ++h) {  // c even, dim a multiple of 8
+                    if (decltype(whole)::value || (r + 8 * h < nq && c0 + frag_col(n, 0) < dim)) {
+                      atomic_add2(at + 8 * h * dim + 8 * n, dq.x[n][2 * h], dq.x[n][2 * h + 1]);
+                    }
                   }
                 }
               }
             }
+          };
+          if (nq == BM && whole_rows) {
+            add_slabs(std::true_type{});
+          } else {
+            add_slabs(std::false_type{});
           }
         }
       });
@@ -313,7 +352,7 @@ __global__ void __launch_bounds__(DqLayout<T, D, BM, BN>::kThreads, 1)
   cp_async_commit();
   Frag<Acc, DC> dq;  // columns c0 .. c0 + DC
   dq.zero();
-  for_each_key_tile<Lay::kThreads, 1, false>(
+  for_each_key_tile<Lay::kThreads, 1, false, true>(
       p, qb, q_rows, KeyStages<T, D, BN>(smem + Lay::kKeys),
       *reinterpret_cast<TileList*>(smem + Lay::kList),
       [&](Frag<Acc, BN>(&s)[1], const T* k_tile, const T* v_tile, Acc scale, auto fold) {

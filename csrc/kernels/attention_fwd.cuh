@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(FwdLayout<T, D, BM, BN, RW>::kThreads, 1)
   Frag<Acc, DC> o[M];  // columns c0 .. c0 + DC
   SK_UNROLL for (int m = 0; m < M; ++m) o[m].zero();
   OnlineSoftmax<T, M> softmax;
-  for_each_key_tile<Lay::kThreads, M, (D > DC)>(
+  for_each_key_tile<Lay::kThreads, M, (D > DC), false>(
       p, qb, q_rows, KeyStages<T, D, BN>(smem + Lay::kKeys),
       *reinterpret_cast<TileList*>(smem + Lay::kList),
       [&](auto& s, const T*, const T* v_tile, Acc scale, auto fold) {

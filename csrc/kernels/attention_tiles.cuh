@@ -427,6 +427,14 @@ SK_DEVICE uint32_t flagged_bits(const int* flags) {
   return bits;
 }
 
+// The elements whose row is flagged: flags of the warp's 16 rows (scrub_rows' flags).
+template <int N>
+SK_DEVICE uint32_t flagged_row_bits(const int* flags) {
+  static_assert(N <= 64, "a lane's share of the fragment fits 32 bits");
+  constexpr uint32_t kRow0 = uint32_t((uint64_t(1) << (N / 2)) - 1) / 15 * 3;  // e = 0, 1
+  return (flags[frag_row(0)] != 0 ? kRow0 : 0) | (flags[frag_row(2)] != 0 ? kRow0 << 2 : 0);
+}
+
 // s <- s * scale, NaN where `nan` has the element's bit, -inf where `hidden` has it.
 // Masking last keeps every hidden pair at -inf, whatever the scale's sign or the flag.
 template <typename Acc, int N>
@@ -513,14 +521,17 @@ struct KeyStages {
 // std::true_type and s holds raw dot products of a tile every row sees, all of its values
 // finite (the fast path: the caller folds `scale`, in ExpBase units per raw unit, into its
 // exponent), or fold is std::false_type and s is scaled into ExpBase units with hidden
-// pairs at -inf and NaN for keys whose value is not finite (the value tile then scrubbed of
-// them).
+// pairs at -inf and NaN for keys whose value (kScrubK: or key) is not finite (the tiles
+// then scrubbed of them).
 // Non-finite values are looked for only in tiles some row of the block does not see (or in
 // every tile, kScrubAll): in the others every row's output takes the non-finite value,
 // which the caller detects (the forward's finish(), which needs every column of the rows:
 // a forward split into column blocks scrubs all).
 // q_rows: the warp's 16M rows of the block's Q tile in shared memory, already issued.
-template <int Threads, int M, bool kScrubAll, typename T, int D, int BN, typename Body>
+// kScrubK: the key tile is scrubbed too (and flagged), for a caller that multiplies it by
+// weights that are 0 for the keys a row does not see (the dQ kernel's dS K).
+template <int Threads, int M, bool kScrubAll, bool kScrubK, typename T, int D, int BN,
+          typename Body>
 SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M>& qb,
                                  const T* q_rows, KeyStages<T, D, BN> ks, TileList& list,
                                  Body body) {
@@ -568,6 +579,9 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M
       [&](int64_t, int, int st, unsigned info) {
         if (block_partial(info)) {
           scrub_rows<Threads, BN, D>(ks.v + st * BN * kLd, ks.bad + st * (BN + 1));
+          if constexpr (kScrubK) {
+            scrub_rows<Threads, BN, D>(ks.k + st * BN * kLd, ks.bad + st * (BN + 1));
+          }
         }
       },
       [&](int64_t t, int, int st, unsigned info) {

@@ -44,6 +44,9 @@ SK_DEVICE int frag_col(int n, int e) { return 8 * n + 2 * (lane_id() % 4) + (e &
 // How the right operand B (K x N) is stored: as the rows of X = B^T ([N][K], e.g. K in
 // Q K^T) or as X = B itself ([K][N], e.g. V in P V; read with ldmatrix.trans).
 enum class BFrom { kRowsN, kRowsK };
+// How a shared left operand A (M x K) is stored: as its rows ([M][K]) or as those of A^T
+// ([K][M], e.g. dS^T staged from the dK/dV kernel's fragments; read with ldmatrix.trans).
+enum class AFrom { kRowsM, kRowsK };
 
 // Shared-memory scratch a scalar-path warp needs to turn a K-column fragment into a left
 // operand (none on the tensor-core path, where the fragment is repacked in registers).
@@ -111,23 +114,32 @@ SK_DEVICE void scalar_gemm(Frag<acc_t<T>, N>& c, AFn a, const T* x, int ldx) {
 }
 
 // c(m) (16 x N) += A * B for m < M, with A the warp's 16M x K rows of a shared tile (a,
-// row stride lda), slab m being rows 16m .. 16m + 15.
-template <typename T, int N, int K, BFrom L, int M, typename CFn>
+// row stride lda; LA: stored as A's rows or as A^T's), slab m being rows 16m .. 16m + 15.
+template <typename T, int N, int K, BFrom L, int M, AFrom LA, typename CFn>
 SK_DEVICE void gemm_smem_a(CFn c, const T* a, int lda, const T* x, int ldx) {
+  constexpr bool kT = LA == AFrom::kRowsK;
   if constexpr (kTensorCores<T>) {
     static_assert(K % 16 == 0, "tensor-core GEMMs take K in multiples of 16");
-    const int l = lane_id();
+    // Lane l addresses row l % 8 of 8 x 8 matrix j = l / 8: (rows, k) blocks (0, 0),
+    // (8, 0), (0, 8), (8, 8) of the slab's 16 x 16 A tile.
+    const int l = lane_id(), r = l % 8, j = l / 8;
     SK_UNROLL for (int k0 = 0; k0 < K; k0 += 16) {
       uint32_t af[M][4];
       SK_UNROLL for (int m = 0; m < M; ++m) {
-        ldmatrix<4, false>(af[m], a + (16 * m + l % 16) * lda + k0 + 8 * (l / 16));
+        const int m0 = 16 * m + 8 * (j & 1), k = k0 + 8 * (j >> 1);  // block j's origin
+        ldmatrix<4, kT>(af[m], kT ? a + (k + r) * lda + m0 : a + (m0 + r) * lda + k);
       }
       mma_k_step<T, N, L, M>(c, af, x, ldx, k0);
     }
   } else {
     SK_UNROLL for (int m = 0; m < M; ++m) {
       scalar_gemm<T, N, K, L>(
-          c(m), [&](int r, int k) { return to_float(a[(16 * m + r) * lda + k]); }, x, ldx);
+          c(m),
+          [&](int r, int k) {
+            const int row = 16 * m + r;
+            return to_float(kT ? a[k * lda + row] : a[row * lda + k]);
+          },
+          x, ldx);
     }
   }
 }
@@ -184,10 +196,10 @@ SK_DEVICE auto slabs(F& f) {
 
 // c (16 x N, or M such slabs: Frag[M]) += A * B with A the warp's 16 (16M) x K rows of a
 // shared tile (a, row stride lda).
-template <typename T, int N, int K, BFrom L, typename C>
+template <typename T, int N, int K, BFrom L, AFrom LA = AFrom::kRowsM, typename C>
 SK_DEVICE void gemm_smem_a(C& c, const T* a, int lda, const T* x, int ldx) {
   constexpr int M = sizeof(C) / sizeof(Frag<acc_t<T>, N>);
-  detail::gemm_smem_a<T, N, K, L, M>(slabs(c), a, lda, x, ldx);
+  detail::gemm_smem_a<T, N, K, L, M, LA>(slabs(c), a, lda, x, ldx);
 }
 
 // c (16 x N, or Frag[M]) += A * B with A = the fragment(s) `a` (16 x K each), rounded to

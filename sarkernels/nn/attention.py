@@ -48,6 +48,14 @@ class KVCache:
                             check=self.check)
         self.sets.scatter_(1, slots, sets.expand(b, n))
 
+    def contents(self):
+        """``(k, v, sets)`` of every slot, for attention over the whole cache. Once values
+        that require grad were written (and grad mode is on), copies: the next write in place
+        would change what this step's backward saved."""
+        if torch.is_grad_enabled() and (self.k.requires_grad or self.v.requires_grad):
+            return self.k.clone(), self.v.clone(), self.sets.clone()
+        return self.k, self.v, self.sets
+
 
 
 
@@ -132,6 +140,6 @@ class SetAttention(nn.Module):
             q, k = rope(q), rope(k, context=context is not None)
         if cache is not None:
             cache.write(k, v, context_sets, cache_slots)
-            k, v, context_sets = cache.k, cache.v, cache.sets
+            k, v, context_sets = cache.contents()
         out = ops.set_attention(q, k, v, sets, context_sets, strict=strict)
         return self.wo(out.transpose(1, 2).flatten(2))

@@ -42,8 +42,8 @@ def init_weights(module, std=0.02):
 
 
 def check_labels(labels, num_classes, values=True):
-    """``labels`` as a 1-D integer tensor; ``values``: also in ``[0, num_classes)`` (a host
-    sync on CUDA)."""
+    """``labels`` (a 1-D integer tensor) as int64; ``values``: also in ``[0, num_classes)``
+    (a host sync on CUDA)."""
     labels = integer_tensor(None, "labels", torch.as_tensor(labels))
     if labels.dim() != 1:
         raise ValueError(f"labels must be 1-D [B], got shape {list(labels.shape)}")

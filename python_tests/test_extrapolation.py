@@ -228,6 +228,8 @@ def test_three_branch_guidance_on_a_toy_model():
     (dict(mask_ratio=1.5), r"mask_ratio must be in \[0, 1\]"),
     (dict(spatial_cfg=-1), "spatial_cfg must be >= 0"),
     (dict(spatial_cfg=None), "spatial_cfg must be >= 0, got None"),
+    (dict(spatial_cfg=float("nan")), "spatial_cfg must be >= 0 and finite, got nan"),
+    (dict(cfg=float("inf")), "cfg_scale must be >= 0 and finite, got inf"),
     (dict(cfg=None), "cfg must be >= 0, got None"), (dict(cfg=-2), "cfg must be >= 0"),
     (dict(low_res=torch.zeros(2, 5, dtype=torch.long)),
      r"low_res must be integer tokens \[B, G\*G\]")])

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import sarkernels
 from sarkernels import reference
-from sarkernels.rope import CLASS_TOKEN
+from sarkernels.rope import CLASS_TOKEN, rope_angles
 from conftest import NAMESPACES, assert_within
 
 
@@ -167,12 +167,50 @@ def test_rope_2d_rejects_what_interleave_rejects(backend, pos):
 @pytest.mark.parametrize("change,match,error", [
     (dict(positions=torch.tensor([[0.0, 1.5]])), "positions must be an integer tensor", TypeError),
     (dict(grid_size=(0, 4)), "grid_size must be", ValueError),
-    (dict(grid_size=2.5), "grid_size must be", ValueError)])
+    (dict(grid_size=2.5), "grid_size must be", ValueError),
+    (dict(grid_size=True), "grid_size must be", ValueError),
+    (dict(positions=torch.tensor([[0, 1]], dtype=torch.uint64)),
+     "positions must be an integer tensor of a dtype other than uint64", TypeError),
+    (dict(x=torch.ones(1, 1, 2, 8, dtype=torch.int64)),
+     "rope_2d: x must be float32/float64/float16/bfloat16, got torch.int64", TypeError),
+    (dict(x=torch.ones(1, 1, 2, 8, dtype=torch.bool)), "x must be float32.*got torch.bool", TypeError),
+    (dict(x=torch.ones(1, 1, 2, 8, dtype=torch.complex64)), "x must be float32.*got torch.complex64",
+     TypeError),
+    (dict(base=0), "rope_2d: base must be > 0 and finite, got 0.0", ValueError),
+    (dict(check="no"), "rope_2d: check must be a bool", TypeError)])
 def test_rope_2d_bad_input_names_the_argument(change, match, error):
     args = dict(x=torch.randn(1, 1, 2, 8), positions=torch.tensor([[0, 1]]), grid_size=(3, 4))
     args.update(change)
     with pytest.raises(error, match=match):
         sarkernels.rope_2d(**args)
+
+
+@pytest.mark.parametrize("kw,error,match", [
+    (dict(head_dim=0), ValueError, "head_dim must be an int >= 1, got 0"),
+    (dict(head_dim=8.0), TypeError, "head_dim must be an int, got float 8.0"),
+    (dict(ntk_boundary=1.5), TypeError, "ntk_boundary must be an int, got float 1.5"),
+    (dict(ntk_boundary=-1), ValueError, "ntk_boundary must be an int >= 0, got -1"),
+    (dict(scale=True), TypeError, "scale must be an int, got bool True"),
+    (dict(base=float("nan")), ValueError, "base must be > 0 and finite, got nan")])
+def test_rope_angles_bad_input_names_the_argument(kw, error, match):
+    with pytest.raises(error, match=f"rope_angles: {match}"):
+        rope_angles(**{"grid_size": 3, "head_dim": 8, **kw})
+
+
+INDEX_DTYPES = [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16,
+                torch.uint32]
+
+
+@pytest.mark.parametrize("dtype", INDEX_DTYPES, ids=str)
+def test_every_integer_position_dtype(backend, dtype):
+    tok, pos = torch.randn(1, 3, 8, dtype=torch.float64), torch.tensor([[11, 0, 5]])
+    vec, table = torch.randn(8, dtype=torch.float64), torch.randn(12, 8, dtype=torch.float64)
+    x = torch.randn(1, 2, 3, 8, dtype=torch.float64)
+    for ins, kw in ((vec, dict(num_heads=2, grid_size=(3, 4))), (table, {})):
+        want = sarkernels.interleave_position_instructions(tok, pos, ins, **kw)
+        got = sarkernels.interleave_position_instructions(tok, pos.to(dtype), ins, **kw)
+        assert torch.equal(got, want)
+    assert torch.equal(sarkernels.rope_2d(x, pos.to(dtype), (3, 4)), sarkernels.rope_2d(x, pos, (3, 4)))
 
 
 def good():
@@ -194,6 +232,18 @@ BAD = [
     (lambda a: dict(prefix=torch.randn(2, 1, 5)), r"prefix must be \[B=2, C, D=8\]"),
     (lambda a: dict(merge=True), "merge=True .* needs a\\s+prefix"),
     (lambda a: dict(positions=a["positions"].to("meta")), "positions is on meta"),
+    (lambda a: dict(positions=a["positions"].to(torch.uint64)),
+     "positions must be an integer tensor of a dtype other than uint64.*got torch.uint64"),
+    (lambda a: dict(grid_size=True), "grid_size must be an int or .*got True"),
+    (lambda a: dict(grid_size=(3, True)), "grid_size must be an int or .*got \\(3, True\\)"),
+    (lambda a: dict(num_heads=True), "num_heads must be an int, got bool True"),
+    (lambda a: dict(rope_base=0), "rope_base must be > 0 and finite, got 0.0"),
+    (lambda a: dict(rope_base=-1), "rope_base must be > 0 and finite, got -1.0"),
+    (lambda a: dict(rope_base=float("nan")), "rope_base must be > 0 and finite, got nan"),
+    (lambda a: dict(rope_base=float("inf")), "rope_base must be > 0 and finite, got inf"),
+    (lambda a: dict(rope_base="1e4"), "rope_base must be a real number, got str '1e4'"),
+    (lambda a: dict(merge="no"), "merge must be a bool .*got str 'no'"),
+    (lambda a: dict(check=0), "check must be a bool .*got int 0"),
 ]
 
 

@@ -76,6 +76,11 @@ def unwritable_caches(case):
     if case == "overlapping_views":
         flat = torch.zeros(200)
         return flat[:96].view(1, 2, 6, 8), flat[48:144].view(1, 2, 6, 8)
+    if case == "expanded":  # every slot is one memory location
+        return torch.zeros(1, 2, 1, 8).expand(1, 2, 6, 8), buf[1]
+    if case == "inference":
+        with torch.inference_mode():
+            return torch.zeros(1, 2, 6, 8), buf[1]
     return buf[0], buf[1]  # "halves": two disjoint views of one buffer are fine
 
 
@@ -84,6 +89,8 @@ def unwritable_caches(case):
     ("leaf_v_requires_grad", "v_cache is a leaf tensor that requires grad"),
     ("same_tensor", "k_cache and v_cache overlap in memory"),
     ("overlapping_views", "k_cache and v_cache overlap in memory"),
+    ("expanded", r"k_cache has stride 0 on dim 2 \(an expanded tensor"),
+    ("inference", "k_cache is an inference tensor"),
     ("halves", None)])
 def test_caches_the_op_cannot_write(backend, case, match):
     k_cache, v_cache = unwritable_caches(case)
@@ -95,6 +102,83 @@ def test_caches_the_op_cannot_write(backend, case, match):
     with pytest.raises(ValueError, match=match):
         sarkernels.kv_cache_append(k_cache, v_cache, k, v, slots)
     assert not k_cache.any() and not v_cache.any()
+
+
+def test_inference_caches_are_written_in_inference_mode(backend):
+    with torch.inference_mode():
+        k_cache, v_cache = torch.zeros(1, 2, 6, 8), torch.zeros(1, 2, 6, 8)
+        sarkernels.kv_cache_append(k_cache, v_cache, torch.ones(1, 2, 1, 8),
+                                   -torch.ones(1, 2, 1, 8), torch.tensor([[4]]))
+    assert k_cache[:, :, 4].eq(1).all() and v_cache[:, :, 4].eq(-1).all()
+
+
+@pytest.mark.parametrize("new", ["k", "v"])
+@pytest.mark.parametrize("source", ["k_cache", "v_cache"])
+def test_new_values_that_are_views_of_a_cache(backend, new, source):
+    """A swap of two slots through views of the cache would read what it already overwrote."""
+    caches = dict(k_cache=torch.arange(96.0).view(1, 2, 6, 8), v_cache=-torch.arange(96.0).view(1, 2, 6, 8))
+    before = {name: t.clone() for name, t in caches.items()}
+    values = dict(k=torch.ones(1, 2, 2, 8), v=torch.ones(1, 2, 2, 8))
+    values[new] = caches[source][:, :, :2]
+    with pytest.raises(ValueError, match=rf"{new} overlaps {source} in memory .*{new}\.clone\(\)"):
+        sarkernels.kv_cache_append(**caches, **values, slots=torch.tensor([[1, 0]]))
+    assert all(torch.equal(caches[name], before[name]) for name in caches)
+
+
+SLOT_DTYPES = [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16,
+               torch.uint32]
+
+
+@pytest.mark.parametrize("dtype", SLOT_DTYPES, ids=str)
+def test_every_integer_slot_dtype(backend, dtype):
+    k_cache, v_cache = torch.zeros(2, 1, 6, 8), torch.zeros(2, 1, 6, 8)
+    k = torch.arange(1.0, 5.0).view(2, 1, 2, 1).expand(2, 1, 2, 8)
+    sarkernels.kv_cache_append(k_cache, v_cache, k, -k, torch.tensor([[5, 0], [1, 2]], dtype=dtype))
+    assert k_cache[:, 0, :, 0].tolist() == [[2, 0, 0, 0, 0, 1], [0, 3, 4, 0, 0, 0]]
+    assert torch.equal(v_cache, -k_cache)
+
+
+def test_uint64_slots_are_refused(backend):
+    k_cache, v_cache, k = torch.zeros(1, 1, 6, 8), torch.zeros(1, 1, 6, 8), torch.ones(1, 1, 1, 8)
+    with pytest.raises(TypeError, match="kv_cache_append: slots must be an integer tensor of a "
+                                        "dtype other than uint64.*got torch.uint64"):
+        sarkernels.kv_cache_append(k_cache, v_cache, k, k, torch.tensor([[2]], dtype=torch.uint64))
+
+
+def test_meta_tensors_propagate_shapes(backend):
+    meta = dict(device="meta")
+    k_cache, v_cache = torch.empty(2, 1, 6, 8, **meta), torch.empty(2, 1, 6, 8, **meta)
+    k, slots = torch.empty(2, 1, 3, 8, **meta), torch.empty(2, 3, dtype=torch.long, **meta)
+    if backend == "reference":
+        assert sarkernels.kv_cache_append(k_cache, v_cache, k, k, slots) is None
+    else:  # the compiled backends have no meta kernels, and say so
+        with pytest.raises(RuntimeError, match="meta tensors"):
+            sarkernels.kv_cache_append(k_cache, v_cache, k, k, slots)
+    with pytest.raises(ValueError, match=r"slots must be \[B, n\] = \[2, 3\]"):
+        sarkernels.kv_cache_append(k_cache, v_cache, k, k, slots[:, :2])
+
+
+@pytest.mark.slow
+def test_compiled_checks_like_eager(backend):
+    """The checks that need values or memory run inside a compiled graph as eagerly."""
+    def write(k_cache, v_cache, k, slots):
+        sarkernels.kv_cache_append(k_cache, v_cache, k, -k, slots)
+        return k_cache.sum()
+
+    torch.compiler.reset()  # a compiled graph keeps the backend it was traced under
+    compiled = torch.compile(write, fullgraph=True, backend="aot_eager")
+    k = torch.ones(1, 2, 2, 8)
+    buf = torch.zeros(2, 1, 2, 6, 8)
+    cases = [(buf[0], buf[1], torch.tensor([[0, 9]]), r"slots\[0, 1\] = 9 is outside"),
+             (buf[0], buf[1], torch.tensor([[2, 2]]), "slot 2 appears more than once"),
+             (buf[0], buf[0], torch.tensor([[0, 1]]), "k_cache and v_cache overlap in memory")]
+    for k_cache, v_cache, slots, match in cases:
+        for fn in (write, compiled):
+            with pytest.raises(ValueError, match=match):
+                fn(k_cache, v_cache, k, slots)
+            assert not buf.any()
+    assert compiled(buf[0], buf[1], k, torch.tensor([[4, 1]])) == 32
+    assert buf[0][:, :, [4, 1]].eq(1).all() and buf[1][:, :, [4, 1]].eq(-1).all()
 
 
 BAD = [
@@ -129,3 +213,12 @@ def test_opcheck(ns):
     for check in (True, False):
         torch.library.opcheck(getattr(torch.ops, ns).kv_cache_append.default,
                               (k_cache, v_cache, k, v, slots, check))
+
+
+def test_opcheck_of_the_checks():
+    k_cache, v_cache = torch.randn(2, 3, 10, 16), torch.randn(2, 3, 10, 16)
+    k, v = torch.randn(2, 3, 4, 16), torch.randn(2, 3, 4, 16)
+    slots = torch.tensor([[0, 9, 3, 4], [5, 6, 7, 1]])
+    for check_slots in (True, False):
+        torch.library.opcheck(torch.ops.sarkernels.kv_cache_append_checks.default,
+                              (k_cache, v_cache, k, v, slots, check_slots))

@@ -263,6 +263,20 @@ def test_bad_generate_arguments(kind, kw, match):
         m.generate(torch.tensor(kw.pop("labels")), **kw)
 
 
+@pytest.mark.parametrize("kind", ["randar", "sar", "rar"])
+@pytest.mark.parametrize("kw,error,match", [
+    (dict(cfg_scale=float("nan")), ValueError, "cfg_scale must be >= 0 and finite, got nan"),
+    (dict(cfg_scale=float("inf")), ValueError, "cfg_scale must be >= 0 and finite, got inf"),
+    (dict(cfg_scale="2"), TypeError, "cfg_scale must be a real number, got str '2'"),
+    (dict(labels=torch.tensor([True])), TypeError, "labels must be an integer tensor, got torch.bool"),
+    (dict(top_k=1.5), TypeError, "top_k must be an int, got float 1.5"),
+])
+def test_generate_refuses_what_would_sample_garbage(kind, kw, error, match):
+    kw = {"labels": torch.tensor([1]), **kw}
+    with pytest.raises(error, match=match):
+        make(kind).generate(kw.pop("labels"), **kw)
+
+
 def test_rar_rejects_parallel_schedules():
     with pytest.raises(ValueError, match="one token per step"):
         make("rar").generate(torch.tensor([1]), schedule="randar")

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,3 +75,33 @@ def test_cache_bounds():
     cache = KVCache(1, 1, 4, 8)
     with pytest.raises(ValueError, match="exceed"):
         cache.write(torch.zeros(1, 1, 3, 8), torch.zeros(1, 1, 3, 8), torch.zeros(1, 3, dtype=torch.long), 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8], ids=str)
+@pytest.mark.parametrize("slots", [1, np.int64(1), torch.tensor([1, 2]), torch.tensor([[1, 2]])],
+                         ids=["int", "numpy", "[n]", "[B, n]"])
+def test_cache_write_takes_any_integers(backend, dtype, slots):
+    cache = KVCache(1, 1, 4, 8)
+    if isinstance(slots, torch.Tensor):
+        slots = slots.to(dtype)
+    cache.write(torch.ones(1, 1, 2, 8), -torch.ones(1, 1, 2, 8), torch.tensor([[3, 200]], dtype=dtype),
+                slots)
+    assert cache.sets.tolist() == [[UNWRITTEN, 3, 200, UNWRITTEN]]
+    assert cache.k[0, 0, :, 0].tolist() == [0, 1, 1, 0] and torch.equal(cache.v, -cache.k)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(sets=torch.tensor([[3, 4]], dtype=torch.uint64)), TypeError,
+     "KVCache.write: sets must be an integer tensor of a dtype other than uint64"),
+    (dict(sets=torch.tensor([[3.0, 4.0]])), TypeError, "KVCache.write: sets must be an integer tensor"),
+    (dict(sets=torch.tensor([3, 4, 5])), ValueError, r"sets must be \[n\] or \[B, n\] = \[1, 2\], got \[3\]"),
+    (dict(sets=torch.tensor([[3, 4]], device="meta")), ValueError, "sets is on meta but the cache is on cpu"),
+    (dict(slots=True), TypeError, "KVCache.write: slots must be a tensor, got bool"),
+    (dict(slots=torch.tensor([1, 2], dtype=torch.uint64)), TypeError, "slots must be an integer tensor of a"),
+])
+def test_cache_write_checks_before_writing(backend, change, error, match):
+    cache = KVCache(1, 1, 4, 8)
+    args = dict(k=torch.ones(1, 1, 2, 8), v=torch.ones(1, 1, 2, 8), sets=torch.tensor([[3, 4]]), slots=1)
+    with pytest.raises(error, match=match):
+        cache.write(**{**args, **change})
+    assert not cache.k.any() and not cache.v.any() and (cache.sets == UNWRITTEN).all()

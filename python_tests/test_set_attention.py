@@ -223,6 +223,14 @@ BAD = [  # (changes to good arguments, expected message)
     (lambda a: dict(q=torch.randn(2, 4, 5, 12), k=torch.randn(2, 2, 6, 12),
                     v=torch.randn(2, 2, 6, 12)), "head dim D must be"),
     (lambda a: dict(k_sets=a["k_sets"].to("meta")), "k_sets is on meta"),
+    (lambda a: dict(scale="abc"), "scale must be a real number, got str 'abc'"),
+    (lambda a: dict(scale="0.5"), "scale must be a real number, got str '0.5'"),
+    (lambda a: dict(scale=[0.5]), r"scale must be a real number, got list \[0.5\]"),
+    (lambda a: dict(scale=0.5j), r"scale must be a real number, got complex 0.5j"),
+    (lambda a: dict(scale=True), "scale must be a real number, got bool True"),
+    (lambda a: dict(strict="no"), r"strict must be a bool \(True or False\), got str 'no'"),
+    (lambda a: dict(strict=1), "strict must be a bool .*got int 1"),
+    (lambda a: dict(return_lse="yes"), "return_lse must be a bool .*got str 'yes'"),
 ]
 
 

@@ -11,7 +11,6 @@ import sarkernels
 from conftest import attention_inputs
 
 NAN, INF = float("nan"), float("inf")
-I64, I32 = torch.iinfo(torch.int64), torch.iinfo(torch.int32)
 
 
 def rule_oracle(q, k, v, q_sets, k_sets, strict, scale=None):
@@ -180,28 +179,48 @@ def test_special_scales_follow_the_rule(backend, scale, case, dtype):
     torch.testing.assert_close(out.double(), want_out, equal_nan=True, atol=1e-5, rtol=1e-5)
 
 
-EXTREME = {torch.int64: [I64.min, I64.min + 1, -1, 0, 1, I64.max - 1, I64.max],
-           torch.int32: [I32.min, I32.min + 1, -1, 0, 1, I32.max - 1, I32.max]}
+# Every integer dtype set ids may have, with the ids of each that wrap when narrowed or
+# reinterpreted (uint8 200 as int8 is -56, uint32 2^32 - 1 as int32 is -1).
+ID_DTYPES = [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16,
+             torch.uint32]
+
+
+def extreme_ids(dtype):
+    info = torch.iinfo(dtype)
+    return sorted({i for i in (info.min, info.min + 1, -1, 0, 1, info.max // 2 + 1,
+                               info.max - 1, info.max) if info.min <= i <= info.max})
 
 
 @pytest.mark.parametrize("strict", [False, True])
-@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=str)
 @pytest.mark.parametrize("sort", [False, True])
 def test_extreme_set_ids(backend, id_dtype, strict, sort):
     gen = torch.Generator().manual_seed(4)
     q, k, v = attention_inputs(2, 2, 2, 21, 35, 8, gen)
-    values = torch.tensor(EXTREME[id_dtype], dtype=id_dtype)
+    values = torch.tensor(extreme_ids(id_dtype))
     q_sets = values[torch.arange(21) % len(values)].expand(2, 21).clone()
     k_sets = values[torch.randint(0, len(values), (2, 35), generator=gen)]
     if sort:
         q_sets, k_sets = q_sets.sort(-1).values, k_sets.sort(-1).values
-    out, lse = sarkernels.set_attention(q, k, v, q_sets, k_sets, strict=strict, return_lse=True)
+    out, lse = sarkernels.set_attention(q, k, v, q_sets.to(id_dtype), k_sets.to(id_dtype),
+                                        strict=strict, return_lse=True)
     want_out, want_lse = rule_oracle(q, k, v, q_sets, k_sets, strict)
     torch.testing.assert_close(out, want_out, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(lse, want_lse, atol=1e-12, rtol=1e-12)
     if strict:  # the smallest id sees nothing (q_set - 1 would wrap and show every key)
         smallest = q_sets[0] == values[0]
         assert smallest.any() and lse[:, :, smallest].isneginf().all()
+
+
+@pytest.mark.parametrize("name", ["q_sets", "k_sets"])
+def test_uint64_set_ids_are_refused(backend, name):
+    """uint64 ids from 2^63 have no int64 equal: refused, not wrapped to negative ids."""
+    q, k, v, q_sets, k_sets = inputs(torch.float32)
+    sets = dict(q_sets=q_sets, k_sets=k_sets)
+    sets[name] = torch.full_like(sets[name], 2**63, dtype=torch.uint64)
+    with pytest.raises(TypeError, match=f"set_attention: {name} must be an integer tensor of a "
+                                        "dtype other than uint64.*got torch.uint64"):
+        sarkernels.set_attention(q, k, v, **sets)
 
 
 @pytest.mark.parametrize("case", ["nan_v", "inf_v"])

@@ -13,8 +13,10 @@ Backends (:func:`use_backend`, per thread and task):
 Where a backend has no backward kernel for set_attention, the backward recomputes the
 reference under autograd. :func:`backends`
 says what is compiled and usable and, per op, what runs. Checks that need only shapes,
-dtypes and devices happen here (they trace under ``torch.compile``); checks of values
-(slots, positions) happen inside the kernels and the reference.
+dtypes and devices happen here (they trace under ``torch.compile``; the shared rules are in
+:mod:`sarkernels.checks`); checks of values (slots, positions) happen inside the kernels and
+the reference, and kv_cache_append's checks of memory in an op of their own that a compiled
+graph runs as eager code does.
 """
 import contextlib
 import contextvars
@@ -23,6 +25,7 @@ import importlib
 import torch
 
 from . import reference
+from .checks import flag, float_tensor, integer, integer_tensor, real
 from .rope import check_angles, grid_shape, rope_2d, rotate_instruction
 
 __all__ = ["set_attention", "kv_cache_append", "interleave_position_instructions", "rope_2d",
@@ -168,27 +171,8 @@ def _ops_for(device):
 
 # ---------------------------------------------------------------- argument checks
 
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
 def _shape(t):
     return list(t.shape)
-
-
-def _check_float(fn, name, t, dtype=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"{fn}: {name} must be float32/float64/float16/bfloat16, got {t.dtype}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{fn}: {name} must have dtype {dtype} (like the first input), got {t.dtype}")
-
-
-def _check_int(fn, name, t):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{fn}: {name} must be an integer tensor, got {t.dtype}")
 
 
 def _check_rank(fn, name, t, rank, layout):
@@ -204,12 +188,12 @@ def _check_device(fn, named):
 
 
 def _check_attention(q, k, v, q_sets, k_sets):
+    """The set ids as int64, after checking every tensor."""
     fn = "set_attention"
-    _check_float(fn, "q", q)
-    _check_float(fn, "k", k, q.dtype)
-    _check_float(fn, "v", v, q.dtype)
-    _check_int(fn, "q_sets", q_sets)
-    _check_int(fn, "k_sets", k_sets)
+    float_tensor(fn, "q", q)
+    float_tensor(fn, "k", k, q.dtype)
+    float_tensor(fn, "v", v, q.dtype)
+    q_sets, k_sets = integer_tensor(fn, "q_sets", q_sets), integer_tensor(fn, "k_sets", k_sets)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_rank(fn, name, t, 4, "[B, H, L, D]")
     _check_rank(fn, "q_sets", q_sets, 2, "[B, Lq]")
@@ -228,26 +212,68 @@ def _check_attention(q, k, v, q_sets, k_sets):
         raise ValueError(f"{fn}: q_sets must be [B, Lq] = [{b}, {lq}], got {_shape(q_sets)}")
     if k_sets.shape != (b, k.shape[2]):
         raise ValueError(f"{fn}: k_sets must be [B, Lk] = [{b}, {k.shape[2]}], got {_shape(k_sets)}")
-
-
-def _extent(t):
-    """The byte range ``[start, end)`` a tensor's elements lie in."""
-    span = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + (span + 1) * t.element_size()
+    return q_sets, k_sets
 
 
 def _check_caches(fn, k_cache, v_cache):
+    """What makes a tensor unwritable in place, from its metadata alone (it traces)."""
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.is_leaf and t.requires_grad:
             raise ValueError(f"{fn}: {name} is a leaf tensor that requires grad, which an "
                              f"in-place write would corrupt; pass a cache that does not "
                              f"require grad")
-    if torch.compiler.is_compiling() or not k_cache.numel():
-        return  # memory addresses do not exist while tracing
-    (k0, k1), (v0, v1) = _extent(k_cache), _extent(v_cache)
-    if k0 < v1 and v0 < k1:
+        shared = [dim for dim, (n, st) in enumerate(zip(t.shape, t.stride())) if st == 0 and n > 1]
+        if shared:
+            raise ValueError(f"{fn}: {name} has stride 0 on dim {shared[0]} (an expanded "
+                             f"tensor, strides {list(t.stride())}): its slots share memory; "
+                             f"pass a cache with memory of its own, e.g. {name}.contiguous()")
+
+
+def _extent(t):
+    """The byte range ``[start, end)`` a non-empty tensor's elements lie in."""
+    span = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (span + 1) * t.element_size()
+
+
+def _overlap(a, b):
+    """Whether the byte ranges of ``a`` and ``b`` meet (conservative for strided views)."""
+    if not a.numel() or not b.numel():
+        return False
+    (a0, a1), (b0, b1) = _extent(a), _extent(b)
+    return a0 < b1 and b0 < a1
+
+
+@torch.library.custom_op("sarkernels::kv_cache_append_checks", mutates_args=())
+def _checked_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor, slots: torch.Tensor, check_slots: bool) -> torch.Tensor:
+    """A copy of ``slots`` for the write to read, after kv_cache_append's checks of what only
+    the real tensors tell (memory, inference mode and, with ``check_slots``, the slot values).
+    An op that torch.compile does not trace into: the checks run whenever the write runs,
+    eagerly or in a compiled graph, where tracing has none of that to read; the write reading
+    its result keeps the op in the graph."""
+    fn = "kv_cache_append"
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError(f"{fn}: {name} is an inference tensor (made under "
+                             f"torch.inference_mode()), which PyTorch allows to be written only "
+                             f"in inference mode; write it there or pass {name}.clone()")
+    if _overlap(k_cache, v_cache):
         raise ValueError(f"{fn}: k_cache and v_cache overlap in memory (the same tensor or "
                          f"views of one buffer); each cache needs its own memory")
+    for name, t in (("k", k), ("v", v)):
+        for cache_name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if _overlap(t, cache):
+                raise ValueError(f"{fn}: {name} overlaps {cache_name} in memory (a view of "
+                                 f"its buffer): the write could overwrite values it has still "
+                                 f"to read; pass {name}.clone()")
+    if check_slots:
+        reference.check_slots(slots, k_cache.shape[2])
+    return slots.clone()
+
+
+@_checked_slots.register_fake
+def _(k_cache, v_cache, k, v, slots, check_slots):
+    return torch.empty_like(slots)
 
 
 # ---------------------------------------------------------------- set attention
@@ -257,16 +283,18 @@ def set_attention(q, k, v, q_sets, k_sets, *, strict=False, scale=None, return_l
     (``strict=True``: ``<``).
 
     q ``[B, Hq, Lq, D]``, k and v ``[B, Hkv, Lk, D]`` (``Hq % Hkv == 0``: GQA/MQA), set ids
-    ``[B, Lq]`` and ``[B, Lk]`` of any integer dtype, in any order. ``scale`` defaults to
-    ``1/sqrt(D)``. A query with no visible key, or whose visible logits are all ``-inf``,
-    outputs zeros (lse ``-inf``, zero gradient for its q). Otherwise a NaN or ``+inf``
+    ``[B, Lq]`` and ``[B, Lk]`` of any integer dtype but uint64, in any order. ``scale``
+    defaults to ``1/sqrt(D)``. A query with no visible key, or whose visible logits are all
+    ``-inf``, outputs zeros (lse ``-inf``, zero gradient for its q). Otherwise a NaN or ``+inf``
     visible logit, or a NaN/inf in the value of a key it sees, makes its whole output row
     and its lse NaN; keys a query does not see never change its row.
     Returns ``out [B, Hq, Lq, D]`` in q's dtype, or ``(out, lse)`` with ``lse [B, Hq, Lq]``
     in float32 (float64 for float64 inputs). Differentiable in q, k, v (and through lse).
     """
-    _check_attention(q, k, v, q_sets, k_sets)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q_sets, k_sets = _check_attention(q, k, v, q_sets, k_sets)
+    flag("set_attention", "strict", strict)
+    flag("set_attention", "return_lse", return_lse)
+    scale = q.shape[-1] ** -0.5 if scale is None else real("set_attention", "scale", scale)
     ops = _ops_for(q.device)
     if ops is not None:
         out, lse = ops.set_attention(q, k, v, q_sets, k_sets, strict, scale)
@@ -280,12 +308,15 @@ def set_attention(q, k, v, q_sets, k_sets, *, strict=False, scale=None, return_l
 def kv_cache_append(k_cache, v_cache, k, v, slots, *, check=True):
     """Writes ``k_cache[b, :, slots[b, i]] = k[b, :, i]`` and the same for v, in place.
 
-    Caches ``[B, Hkv, S, D]``, k and v ``[B, Hkv, n, D]``, slots ``[B, n]`` integer. A slot
-    outside ``[0, S)`` or repeated within a row raises ValueError and nothing is written.
-    Overwriting slots written by earlier calls is allowed. The caches must not be leaves
-    that require grad and must not overlap in memory (not one tensor, nor views of one
-    buffer). Returns None. Where k or v requires grad (and grad mode is on), the write is
-    recorded by autograd: gradients through the caches reach k and v.
+    Caches ``[B, Hkv, S, D]``, k and v ``[B, Hkv, n, D]``, slots ``[B, n]`` of any integer
+    dtype but uint64. A slot outside ``[0, S)`` or repeated within a row raises ValueError
+    and nothing is written. Overwriting slots written by earlier calls is allowed. The
+    caches must not be leaves that require grad, expanded (stride 0), inference tensors
+    outside inference mode, or overlap in memory (not one tensor, nor views of one buffer);
+    k and v must not overlap the caches (pass a copy to move slots within a cache): each
+    raises ValueError, eagerly and under torch.compile alike. Meta tensors are checked for
+    shapes only. Returns None. Where k or v requires grad (and grad mode is on), the
+    write is recorded by autograd: gradients through the caches reach k and v.
 
     ``check``: on CUDA tensors, reading the kernel's error flag costs a device-to-host copy
     (a sync); ``check=False``, and any call while a CUDA graph is being captured, skips it:
@@ -294,10 +325,11 @@ def kv_cache_append(k_cache, v_cache, k, v, slots, *, check=True):
     check reads values on the host).
     """
     fn = "kv_cache_append"
-    _check_float(fn, "k_cache", k_cache)
+    float_tensor(fn, "k_cache", k_cache)
     for name, t in (("v_cache", v_cache), ("k", k), ("v", v)):
-        _check_float(fn, name, t, k_cache.dtype)
-    _check_int(fn, "slots", slots)
+        float_tensor(fn, name, t, k_cache.dtype)
+    slots = integer_tensor(fn, "slots", slots)
+    flag(fn, "check", check)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
         _check_rank(fn, name, t, 4, "[B, H, L, D]")
     _check_rank(fn, "slots", slots, 2, "[B, n]")
@@ -320,10 +352,12 @@ def kv_cache_append(k_cache, v_cache, k, v, slots, *, check=True):
         # The kernels write outside autograd; the reference's in-place indexing records the
         # write, so gradients reach k and v through the caches (checked as the kernels do).
         ops, check = None, True
+    # the kernels check their slots themselves
+    slots = _checked_slots(k_cache, v_cache, k, v, slots, check and ops is None)
     if ops is not None:
         ops.kv_cache_append(k_cache, v_cache, k, v, slots, check)
     else:
-        reference.kv_cache_append(k_cache, v_cache, k, v, slots, check)
+        reference.kv_cache_append(k_cache, v_cache, k, v, slots)
 
 
 # ---------------------------------------------------------------- interleave
@@ -350,9 +384,12 @@ def interleave_position_instructions(tokens, positions, instruction, *, num_head
     instruction ``[P, D]``, so positions must lie in ``[0, P)``.
     """
     fn = "interleave_position_instructions"
-    _check_float(fn, "tokens", tokens)
-    _check_float(fn, "instruction", instruction, tokens.dtype)
-    _check_int(fn, "positions", positions)
+    float_tensor(fn, "tokens", tokens)
+    float_tensor(fn, "instruction", instruction, tokens.dtype)
+    positions = integer_tensor(fn, "positions", positions)
+    rope_base = real(fn, "rope_base", rope_base, above=0, finite=True)
+    flag(fn, "merge", merge)
+    flag(fn, "check", check)
     _check_rank(fn, "tokens", tokens, 3, "[B, N, D]")
     _check_rank(fn, "positions", positions, 2, "[B, N]")
     _check_device(fn, [("tokens", tokens), ("positions", positions),
@@ -361,7 +398,7 @@ def interleave_position_instructions(tokens, positions, instruction, *, num_head
     if positions.shape != (b, n):
         raise ValueError(f"{fn}: positions must be [B, N] = [{b}, {n}], got {_shape(positions)}")
     if prefix is not None:
-        _check_float(fn, "prefix", prefix, tokens.dtype)
+        float_tensor(fn, "prefix", prefix, tokens.dtype)
         _check_rank(fn, "prefix", prefix, 3, "[B, C, D]")
         if (prefix.shape[0], prefix.shape[2]) != (b, d):
             raise ValueError(f"{fn}: prefix must be [B={b}, C, D={d}], got {_shape(prefix)}")
@@ -392,13 +429,13 @@ def interleave_position_instructions(tokens, positions, instruction, *, num_head
     if ops is not None:
         return ops.interleave_position_instructions(
             tokens, positions, instruction, prefix, num_heads, grid[0], grid[1],
-            float(rope_base), merge, check)
+            rope_base, merge, check)
     return reference.interleave_position_instructions(
         tokens, positions, instruction, num_heads, grid_size, rope_base, prefix, merge, check)
 
 
 def _check_heads(fn, d, num_heads):
-    if num_heads < 1 or d % (4 * num_heads):
+    if d % (4 * integer(fn, "num_heads", num_heads, 1)):
         raise ValueError(f"{fn}: D={d} must split into num_heads={num_heads} heads of a "
                          "multiple of 4")
 

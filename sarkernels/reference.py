@@ -71,10 +71,9 @@ def check_slots(slots, cache_len):
                          f"in slots[{b}]")
 
 
-def kv_cache_append(k_cache, v_cache, k, v, slots, check=True):
-    """``k_cache[b, :, slots[b, i]] = k[b, :, i]`` (same for v), in place."""
-    if check:
-        check_slots(slots, k_cache.shape[2])
+def kv_cache_append(k_cache, v_cache, k, v, slots):
+    """``k_cache[b, :, slots[b, i]] = k[b, :, i]`` (same for v), in place; slots int64,
+    checked (:func:`check_slots`)."""
     rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
     k_cache[rows, :, slots] = k.transpose(1, 2)  # advanced indices first: [B, n, H, D]
     v_cache[rows, :, slots] = v.transpose(1, 2)

@@ -10,6 +10,8 @@ import numbers
 
 import torch
 
+from .checks import flag, float_tensor, integer, integer_tensor, real
+
 __all__ = ["rope_2d", "rope_angles", "rope_cos_sin", "rotate_instruction", "CLASS_TOKEN"]
 
 #: Position value that marks a token for RandAR's class-token rotation (cos = sin = 0):
@@ -18,10 +20,11 @@ CLASS_TOKEN = -1
 
 
 def grid_shape(fn, grid_size):
-    """``(H, W)`` from an int (a square grid) or a pair of positive ints."""
+    """``(H, W)`` from an int (a square grid) or a pair of positive ints (not bools)."""
     square = isinstance(grid_size, numbers.Number)
     grid = (grid_size, grid_size) if square else tuple(grid_size)
-    if len(grid) != 2 or not all(isinstance(g, numbers.Integral) and g >= 1 for g in grid):
+    if len(grid) != 2 or not all(isinstance(g, numbers.Integral) and not isinstance(g, bool)
+                                 and g >= 1 for g in grid):
         raise ValueError(f"{fn}: grid_size must be an int or (H, W) of positive ints, got "
                          f"{grid_size}")
     return grid
@@ -32,9 +35,10 @@ def check_positions(fn, positions, limit, class_token=False):
     rows or a grid's H * W cells), plus :data:`CLASS_TOKEN` where ``class_token``.
 
     Checked eagerly; skipped while torch.compile traces, where inspecting values would
-    break the graph (the compiled kernels check their own positions).
+    break the graph (the compiled kernels check their own positions), and on the meta
+    device, which has no values.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or positions.device.type == "meta":
         return
     bad = (positions < 0) | (positions >= limit)
     if class_token:
@@ -58,11 +62,13 @@ def rope_angles(grid_size, head_dim, base=10000.0, *, scale=1, ntk_boundary=0, d
     table as ``angles`` to :func:`rope_2d` and ``rope_angles`` to
     :func:`~sarkernels.interleave_position_instructions`. Built on ``device``.
     """
-    grid_h, grid_w = grid_shape("rope_angles", grid_size)
-    if not isinstance(scale, numbers.Integral) or scale < 1:
-        raise ValueError(f"rope_angles: scale must be an int >= 1, got {scale!r}")
-    if head_dim % 4:
-        raise ValueError(f"rope_angles: head_dim must be a multiple of 4, got {head_dim}")
+    fn = "rope_angles"
+    grid_h, grid_w = grid_shape(fn, grid_size)
+    scale = integer(fn, "scale", scale, 1)
+    if integer(fn, "head_dim", head_dim, 1) % 4:
+        raise ValueError(f"{fn}: head_dim must be a multiple of 4, got {head_dim}")
+    base = real(fn, "base", base, above=0, finite=True)
+    ntk_boundary = integer(fn, "ntk_boundary", ntk_boundary, 0)
     f64 = dict(dtype=torch.float64, device=device)
     k = torch.arange(head_dim // 4, **f64)
     freqs = base ** (-4.0 * k / head_dim)
@@ -115,12 +121,12 @@ def rope_2d(x, positions, grid_size=None, base=10000.0, *, check=True, angles=No
     """
     if (grid_size is None) == (angles is None):
         raise ValueError("rope_2d: pass exactly one of grid_size and angles")
+    float_tensor("rope_2d", "x", x)
+    real("rope_2d", "base", base, above=0, finite=True)
+    flag("rope_2d", "check", check)
     if x.dim() != 4:
         raise ValueError(f"rope_2d: x must be [B, H, L, D], got shape {tuple(x.shape)}")
-    if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point or \
-            positions.dtype.is_complex or positions.dtype == torch.bool:
-        raise TypeError(f"rope_2d: positions must be an integer tensor, got "
-                        f"{getattr(positions, 'dtype', type(positions).__name__)}")
+    positions = integer_tensor("rope_2d", "positions", positions)
     if positions.shape != (x.shape[0], x.shape[2]):
         raise ValueError(f"rope_2d: positions must be [B, L] = [{x.shape[0]}, {x.shape[2]}], "
                          f"got {tuple(positions.shape)}")

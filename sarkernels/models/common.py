@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import orders
+from ..checks import integer, integer_tensor, real
 
 
 class ClassEmbedding(nn.Module):
@@ -41,11 +42,11 @@ def init_weights(module, std=0.02):
 
 
 def check_labels(labels, num_classes, values=True):
-    """``labels`` as a 1-D integer tensor; ``values``: also in ``[0, num_classes)`` (a host
-    sync on CUDA)."""
-    labels = torch.as_tensor(labels)
-    if labels.dim() != 1 or labels.dtype.is_floating_point:
-        raise ValueError(f"labels must be a 1-D integer tensor, got {labels.dtype} {list(labels.shape)}")
+    """``labels`` (a 1-D integer tensor) as int64; ``values``: also in ``[0, num_classes)``
+    (a host sync on CUDA)."""
+    labels = integer_tensor(None, "labels", torch.as_tensor(labels))
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be 1-D [B], got shape {list(labels.shape)}")
     if values and labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must be in [0, {num_classes}), got min {labels.min().item()} "
                          f"max {labels.max().item()}")
@@ -96,15 +97,16 @@ def make_plan(batch, n, vocab_size, *, order, schedule, steps, known, generator,
     return Plan(order.to(device), tokens.to(device), num_known, sizes)
 
 
-def check_sampling(temperature, top_k, top_p, cfg_scale):
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0 < top_p <= 1:
+def check_sampling(temperature, top_k, top_p, cfg_scale, spatial_cfg=None):
+    """generate's sampling settings (a guidance weight None: off). The messages name the
+    argument alone: the CLI reports them as they are."""
+    real(None, "temperature", temperature, above=0)
+    integer(None, "top_k", top_k, 0)
+    if not 0 < real(None, "top_p", top_p) <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if cfg_scale is not None and cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
+    for name, weight in (("cfg_scale", cfg_scale), ("spatial_cfg", spatial_cfg)):
+        if weight is not None:  # NaN or inf would make every guided logit NaN
+            real(None, name, weight, 0, finite=True)
 
 
 def sample(logits, noise, temperature=1.0, top_k=0, top_p=1.0):

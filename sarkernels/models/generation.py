@@ -68,7 +68,8 @@ class Sampling:
     spatial_cfg: float = None
 
     def __post_init__(self):
-        common.check_sampling(self.temperature, self.top_k, self.top_p, self.cfg_scale)
+        common.check_sampling(self.temperature, self.top_k, self.top_p, self.cfg_scale,
+                              self.spatial_cfg)
 
     @property
     def reps(self):

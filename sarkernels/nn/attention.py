@@ -1,10 +1,12 @@
 """SetAttention, the drop-in attention module, and KVCache, its in-place cache."""
+import numbers
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .. import ops
+from ..checks import integer_tensor
 from ..rope import grid_shape, rope_angles, rope_cos_sin, rotate, work_dtype
 
 #: Set id of a cache slot nothing has written: no query's set id reaches it.
@@ -34,19 +36,21 @@ class KVCache:
         self.sets.fill_(UNWRITTEN)
 
     def write(self, k, v, sets, slots):
-        """Writes ``n = k.shape[2]`` tokens with set ids ``sets [B, n]`` at ``slots``: an int
-        (the first of n consecutive slots, bounds-checked here) or an integer tensor ``[n]``
-        or ``[B, n]``."""
+        """Writes ``n = k.shape[2]`` tokens with set ids ``sets`` (``[n]`` or ``[B, n]``) at
+        ``slots``: an int (the first of n consecutive slots, bounds-checked here) or a tensor
+        ``[n]`` or ``[B, n]``. Set ids and slots may have any integer dtype but uint64; all
+        is checked before anything is written."""
+        fn = "KVCache.write"
         b, _, n, _ = k.shape
-        if isinstance(slots, int):
+        if isinstance(slots, numbers.Integral) and not isinstance(slots, bool):
             if slots < 0 or slots + n > self.k.shape[2]:
-                raise ValueError(f"KVCache.write: slots [{slots}, {slots + n}) exceed the cache's "
+                raise ValueError(f"{fn}: slots [{slots}, {slots + n}) exceed the cache's "
                                  f"{self.k.shape[2]} slots")
             slots = torch.arange(slots, slots + n, device=k.device)
-        slots = slots.expand(b, n)
+        slots, sets = self._rows(fn, "slots", slots, b, n), self._rows(fn, "sets", sets, b, n)
         ops.kv_cache_append(self.k, self.v, k.to(self.k.dtype), v.to(self.v.dtype), slots,
                             check=self.check)
-        self.sets.scatter_(1, slots, sets.expand(b, n))
+        self.sets.scatter_(1, slots, sets)
 
     def contents(self):
         """``(k, v, sets)`` of every slot, for attention over the whole cache. Once values
@@ -56,7 +60,16 @@ class KVCache:
             return self.k.clone(), self.v.clone(), self.sets.clone()
         return self.k, self.v, self.sets
 
-
+    def _rows(self, fn, name, t, b, n):
+        """``t`` (``[n]`` or ``[B, n]`` integers on the cache's device) as int64 ``[B, n]``."""
+        t = integer_tensor(fn, name, t)
+        if t.shape not in ((n,), (1, n), (b, n)):
+            raise ValueError(f"{fn}: {name} must be [n] or [B, n] = [{b}, {n}], got "
+                             f"{list(t.shape)}")
+        if t.device != self.sets.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but the cache is on "
+                             f"{self.sets.device}")
+        return t.expand(b, n)
 
 
 @dataclass

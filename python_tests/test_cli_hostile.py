@@ -72,6 +72,23 @@ def test_hostile_invocations_are_one_line_before_any_work(tmp_path, capsys, run,
         (["digit", "--label", "3", "--index", "999", "--out", tmp_path / "d.png"], "--index must be in"),
         (["digit", "--label", "3", "--out", tmp_path], "is a folder"),
         (["fly"], "invalid choice: 'fly'"),
+        (["sample"], "the following arguments are required: --ckpt"),
+        (["digit", "--label", "three"], "argument --label: invalid int value: 'three'"),
+        (train_ + ["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+        # inf and nan parse as floats; every float option refuses them
+        (train_ + ["--lr", "inf"], "argument --lr: must be a finite number, got 'inf'"),
+        (train_ + ["--lr", "fast"], "argument --lr: must be a finite number, got 'fast'"),
+        (train_ + ["--weight-decay", "nan"], "argument --weight-decay: must be a finite number"),
+        (train_ + ["--dropout=-inf"], "argument --dropout: must be a finite number, got '-inf'"),
+        (train_ + ["--seed", "-1"], "argument --seed: must be an integer in [0, 2**64), got '-1'"),
+        (train_ + ["--seed", str(2 ** 64)], "argument --seed: must be an integer in [0, 2**64)"),
+        (sample + ["--cfg", "nan"], "argument --cfg: must be a finite number, got 'nan'"),
+        (sample + ["--cfg", "inf"], "argument --cfg: must be a finite number, got 'inf'"),
+        (sample + ["--resolution", "2x", "--spatial-cfg", "nan"], "argument --spatial-cfg: must be a finite"),
+        (sample + ["--temperature", "inf"], "argument --temperature: must be a finite number"),
+        (sample + ["--top-p", "nan"], "argument --top-p: must be a finite number"),
+        (sample + ["--seed", "-1"], "argument --seed: must be an integer in [0, 2**64)"),
+        (["demo", "--cfg", "inf", "--out", tmp_path / "demo"], "argument --cfg: must be a finite"),
     ]
     for args, message in cases:
         before = tree(tmp_path, run)

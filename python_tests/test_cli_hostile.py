@@ -7,12 +7,24 @@ import torch
 from PIL import Image
 
 from cli_harness import TINY, no_work, one_line_error, run, unwritable  # noqa: F401 (fixtures)
+from sarkernels.app import data
+from sarkernels.tokenizers import DigitsTokenizer
 
 
 def tree(*roots):
     """Every path under ``roots`` with its bytes (a folder's: None)."""
     return {p: p.read_bytes() if p.is_file() else None
             for root in roots for p in sorted(Path(root).rglob("*"))}
+
+
+def token_folder(path, tokens, labels, num_classes):
+    """A token folder of digit tokens, one part, as tokenize writes it."""
+    path.mkdir()
+    meta = {"num_classes": num_classes, "images": len(labels), "batch": len(labels),
+            "tokenizer": DigitsTokenizer(8).config()}
+    data.start_token_folder(str(path), meta)
+    data.write_part(data.part_path(str(path), 0), tokens, labels, [])
+    return path
 
 
 def test_hostile_invocations_are_one_line_before_any_work(tmp_path, capsys, run, no_work):
@@ -26,6 +38,16 @@ def test_hostile_invocations_are_one_line_before_any_work(tmp_path, capsys, run,
         (["train", *TINY, "--device", "cuda", "--out", tmp_path / "c"], "CUDA is not available"),
         (["tokenize", "--images", tmp_path / "images", "--vq", "vq.pt", "--out", tmp_path / "t",
           "--device", "cuda"], "CUDA is not available")]
+    digits = data.digits(8)
+    tokens, labels = digits.tokens[:4], digits.labels[:4] % 2
+    assert len(data.load_token_folder(str(token_folder(tmp_path / "ok", tokens, labels, 2)))) == 4
+    beyond = tokens.clone()
+    beyond[2, 5] = digits.tokenizer.vocab_size
+    beyond = token_folder(tmp_path / "beyond", beyond, labels, 2)
+    one_class = token_folder(tmp_path / "one_class", tokens, labels, 1)  # labels 0 and 1
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "meta.json").write_text("{")
     train_ = ["train", *TINY, "--out", tmp_path / "fresh"]
     sample = ["sample", "--ckpt", run]
     tokenize = ["tokenize", "--images", tmp_path / "images", "--vq", "vq.pt"]
@@ -89,6 +111,10 @@ def test_hostile_invocations_are_one_line_before_any_work(tmp_path, capsys, run,
         (sample + ["--top-p", "nan"], "argument --top-p: must be a finite number"),
         (sample + ["--seed", "-1"], "argument --seed: must be an integer in [0, 2**64)"),
         (["demo", "--cfg", "inf", "--out", tmp_path / "demo"], "argument --cfg: must be a finite"),
+        (train_ + ["--data", beyond], "token 17 is outside [0, 17) (17 from the vocabulary of"),
+        (train_ + ["--data", one_class], "label 1 is outside [0, 1) (1 from num_classes in its meta"),
+        (train_ + ["--data", corrupt], "meta.json is corrupt"),
+        (train_ + ["--data", a_file], "unknown dataset"),
     ]
     for args, message in cases:
         before = tree(tmp_path, run)

@@ -115,6 +115,17 @@ def test_hostile_invocations_are_one_line_before_any_work(tmp_path, capsys, run,
         (train_ + ["--data", one_class], "label 1 is outside [0, 1) (1 from num_classes in its meta"),
         (train_ + ["--data", corrupt], "meta.json is corrupt"),
         (train_ + ["--data", a_file], "unknown dataset"),
+        (sample + ["--n", str(10 ** 12)], "--n 1000000000000 rows of 10 columns are "
+                                          "10000000000000 pictures; a grid holds at most 1024"),
+        (sample + ["--n", "103"], "are 1030 pictures; a grid holds at most 1024"),
+        (sample + ["--n", "-3"], "argument --n: must be an integer >= 1, got '-3'"),
+        (sample + ["--resolution", "1000x"], "tokens 8000x8000; at most 64x64, so at most 8x"),
+        (sample + ["--resolution", "9x"], "tokens 72x72; at most 64x64"),
+        (sample + ["--resolution", "x"], "--resolution must be an integer scale of 2 or more"),
+        (sample + ["--resolution", "2x", "--ntk-boundary", str(10 ** 30)],
+         "--ntk-boundary must be in [0, 4] for"),  # head dim 32 / 2 heads: 4 per axis
+        (sample + ["--resolution", "2x", "--ntk-boundary", "5"], "got 5"),
+        (sample + ["--resolution", "2x", "--ntk-boundary=-1"], "--ntk-boundary must be >= 0"),
     ]
     for args, message in cases:
         before = tree(tmp_path, run)

@@ -151,7 +151,8 @@ def _sample_parser(sub):
                    help="a checkpoint trained with --condition prompts: comma-separated text "
                         "prompts, one grid column each, instead of --labels (needs the [text] "
                         "extra) (default: none)")
-    p.add_argument("--n", type=_positive, default=1, help="samples per label (grid rows)")
+    p.add_argument("--n", type=_positive, default=1,
+                   help="samples per label (grid rows); at most 1024 pictures in all, one batch")
     p.add_argument("--cfg", type=_number,
                    help="classifier-free guidance scale, >= 0 (default: none, no guidance)")
     p.add_argument("--temperature", type=_number, default=1.0, help="softmax temperature, > 0")
@@ -167,8 +168,9 @@ def _sample_parser(sub):
                    help="with --image: the image has dark ink on light paper")
     p.add_argument("--resolution",
                    help="RandAR only: resolution extrapolation by this factor of the grid side, "
-                        "such as 2x (8x8 digits -> 16x16 tokens); each sample row is followed by "
-                        "its extrapolation (default: none, the trained grid)")
+                        "such as 2x (8x8 digits -> 16x16 tokens), up to a 64x64 token grid (one "
+                        "decoding step per token); each sample row is followed by its "
+                        "extrapolation (default: none, the trained grid)")
     p.add_argument("--spatial-cfg", type=_number, default=2.5,
                    help="--resolution only: spatial guidance scale, >= 0 (--cfg, default 3 "
                         "there, is the class guidance)")

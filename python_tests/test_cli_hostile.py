@@ -1,13 +1,23 @@
 """Hostile and careless command lines: each is refused with exit status 2 and exactly one
 ``sarkernels: error:`` line naming the option, what it expects and what it got (so no
-traceback), before any work and without writing anything."""
+traceback), before any work and without writing anything. Then what the run folder
+survives: a full disk, a second run, a diverging loss, SIGTERM, links out of the run."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import torch
 from PIL import Image
 
 from cli_harness import TINY, no_work, one_line_error, run, unwritable  # noqa: F401 (fixtures)
-from sarkernels.app import data
+from sarkernels.__main__ import main
+from sarkernels.app import checkpoint, data, train
 from sarkernels.tokenizers import DigitsTokenizer
 
 
@@ -24,6 +34,15 @@ def token_folder(path, tokens, labels, num_classes):
             "tokenizer": DigitsTokenizer(8).config()}
     data.start_token_folder(str(path), meta)
     data.write_part(data.part_path(str(path), 0), tokens, labels, [])
+    return path
+
+
+def edited(run, path, change):
+    """A copy of the run's newest step folder with ``change(config)`` in its config.json."""
+    shutil.copytree(checkpoint.resolve(run), path)
+    config = json.loads((path / "config.json").read_text())
+    change(config)
+    (path / "config.json").write_text(json.dumps(config))
     return path
 
 
@@ -45,6 +64,15 @@ def test_hostile_invocations_are_one_line_before_any_work(tmp_path, capsys, run,
     beyond[2, 5] = digits.tokenizer.vocab_size
     beyond = token_folder(tmp_path / "beyond", beyond, labels, 2)
     one_class = token_folder(tmp_path / "one_class", tokens, labels, 1)  # labels 0 and 1
+    negative = edited(run, tmp_path / "negative", lambda c: c["model_config"].update(dim=-32))
+    huge = edited(run, tmp_path / "huge", lambda c: c["model_config"].update(dim=200000))
+    grid = edited(run, tmp_path / "grid", lambda c: c["model_config"].update(grid_size=16))
+    escape = tmp_path / "escape"
+    shutil.copytree(run, escape)
+    (escape / "latest").write_text("../elsewhere")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    held = checkpoint.lock(str(busy))  # as a second run would find it
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "meta.json").write_text("{")
@@ -126,8 +154,130 @@ def test_hostile_invocations_are_one_line_before_any_work(tmp_path, capsys, run,
          "--ntk-boundary must be in [0, 4] for"),  # head dim 32 / 2 heads: 4 per axis
         (sample + ["--resolution", "2x", "--ntk-boundary", "5"], "got 5"),
         (sample + ["--resolution", "2x", "--ntk-boundary=-1"], "--ntk-boundary must be >= 0"),
+        (["sample", "--ckpt", negative], "config.json is corrupt or unknown: Trying to create "
+                                         "tensor with negative dimension -32"),
+        (["sample", "--ckpt", huge], "weights do not match its config: 12 of another shape"),
+        (["sample", "--ckpt", grid], "the model's grid side is 16 but its tokenizer says 8"),
+        (["sample", "--ckpt", escape], "latest names '../elsewhere', not a step-N folder"),
+        (["train", "--out", escape, "--resume", "--steps", "9"], "not a step-N folder"),
+        (["train", *TINY, "--out", busy], f"--out {busy} is in use by another train (pid "
+                                          f"{os.getpid()})"),
     ]
     for args, message in cases:
         before = tree(tmp_path, run)
         one_line_error(capsys, args, message)
         assert tree(tmp_path, run) == before, args  # no --out created, nothing changed
+    held.close()
+
+
+def finished(out, step):
+    """The run in ``out`` ends at ``step``: no temporary files, ``latest`` names it, and
+    its weights load and are finite."""
+    assert not [p for p in os.listdir(out) if checkpoint.TMP in p], os.listdir(out)
+    assert (Path(out) / "latest").read_text() == f"step-{step:06d}"
+    model, _, _ = checkpoint.load(str(out))
+    assert all(p.isfinite().all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("writer", ["save_file", "torch.save"])
+def test_a_full_disk_during_a_checkpoint_keeps_the_last_one(tmp_path, capsys, monkeypatch, writer):
+    module, name = (checkpoint, "save_file") if writer == "save_file" else (checkpoint.torch, "save")
+    real, calls = getattr(module, name), []
+
+    def second_fills_the_disk(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 1:
+            return real(*args, **kwargs)
+        with open(args[1], "wb") as f:
+            f.write(b"partial")  # what fitted
+        if writer == "save_file":
+            raise OSError(28, "No space left on device")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 68928")
+    monkeypatch.setattr(module, name, second_fills_the_disk)
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "4", "--ckpt-every", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    why = "No space left on device" if writer == "save_file" else "a write failed"
+    assert err.startswith(f"sarkernels: error: cannot write checkpoint {out / 'step-000004'} "
+                          f"({why}): ") and err.count("\n") == 1, err
+    assert err.endswith(f" MiB free there; the newest checkpoint is still {out / 'step-000002'}\n")
+    finished(out, 2)
+
+
+def test_a_run_folder_takes_one_train_at_a_time_until_the_holder_dies(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from sarkernels.app import checkpoint; "
+         "f = checkpoint.lock(sys.argv[1]); print(flush=True); time.sleep(300)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()  # it holds the lock now
+        one_line_error(capsys, ["train", *TINY, "--steps", "2", "--out", out],
+                       f"--out {out} is in use by another train (pid {holder.pid})")
+        assert os.listdir(out) == [".lock"]
+    finally:
+        holder.kill()  # a crash: nothing of the holder's own runs
+        holder.wait()
+    assert main(["train", *TINY, "--steps", "2", "--out", str(out)]) == 0
+    finished(out, 2)
+
+
+def test_a_diverging_loss_stops_before_the_weights_turn_nan(tmp_path, capsys, monkeypatch):
+    forward = train._Loss.forward
+    steps = []
+
+    def nan_from_step_3(self, *args):
+        steps.append(None)
+        loss = forward(self, *args)
+        return loss * float("nan") if len(steps) >= 3 else loss
+    monkeypatch.setattr(train._Loss, "forward", nan_from_step_3)
+    out = tmp_path / "run"
+    one_line_error(capsys, ["train", *TINY, "--steps", "4", "--ckpt-every", "2", "--out", out],
+                   "training diverged at step 3: the loss is nan and the gradient norm nan, so "
+                   f"the weights were neither updated nor saved; the newest checkpoint is "
+                   f"{out / 'step-000002'}")
+    finished(out, 2)
+
+
+def test_sigterm_during_a_checkpoint_is_an_interrupt(tmp_path, capsys, monkeypatch):
+    save_file = checkpoint.save_file
+    calls = []
+
+    def terminated_in_the_second(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler raises at the next bytecode
+        save_file(*args, **kwargs)
+    monkeypatch.setattr(checkpoint, "save_file", terminated_in_the_second)
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "6", "--ckpt-every", "2", "--out", str(out)]) == 143
+    assert capsys.readouterr().err == (
+        f"sarkernels: terminated (SIGTERM); the newest checkpoint is {out / 'step-000002'}: "
+        f"continue with python -m sarkernels train --out {out} --resume\n")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() put it back
+    finished(out, 2)
+
+
+def test_temporary_files_of_dead_processes_go_at_the_next_start(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "2", "--out", str(out)]) == 0
+    (out / "step-000004.tmp-999999").mkdir()  # a kill -9 in the middle of a checkpoint
+    (out / "step-000004.tmp-999999" / "model.safetensors").write_bytes(b"partial")
+    (out / "latest.tmp-999999").write_text("step-000004")
+    assert main(["train", "--out", str(out), "--resume", "--steps", "3", "--no-progress"]) == 0
+    finished(out, 3)
+
+
+def test_links_never_lead_out_of_the_run(tmp_path, capsys):
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    assert main(["train", *TINY, "--steps", "2", "--out", str(out)]) == 0
+    shutil.copytree(out / "step-000002", elsewhere)
+    (out / "step-000009").symlink_to(elsewhere)
+    (out / "latest").write_text("step-000009")
+    assert checkpoint.resolve(str(out)) == str(out / "step-000002")  # not the link
+    capsys.readouterr()
+    assert main(["train", *TINY, "--steps", "2", "--out", str(out), "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == [".lock", "latest", "step-000002"]  # the link is gone,
+    assert sorted(os.listdir(elsewhere)) == ["config.json", "model.safetensors",  # its target not
+                                             "train_state.pt"]

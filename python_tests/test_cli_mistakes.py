@@ -1,125 +1,13 @@
-"""Careless use of the command line: each mistake is one ``sarkernels: error:`` line and exit
-status 2, found before any work. The cases run ``main()`` in this process (the same code
-``python -m sarkernels`` runs, without a second of interpreter start each);
-test_cli.py runs the real ``python -m sarkernels`` for the flows and a few of these."""
+"""Careless use of a run folder and of checkpoints, and errors and interrupts while training:
+one ``sarkernels: error:`` line and exit status 2 (test_cli_hostile.py has the table of
+mistakes found before any work). test_cli.py runs the real ``python -m sarkernels``."""
 import os
 import shutil
-from pathlib import Path
 
-import pytest
-import torch
-from PIL import Image
-
-import sarkernels.app.demo
-import sarkernels.app.train
-import sarkernels.tokenizers
-from sarkernels.app import checkpoint
+from cli_harness import TINY, one_line_error, run  # noqa: F401 (run: a fixture)
 from sarkernels.__main__ import main
+from sarkernels.app import checkpoint
 from sarkernels.app.train import TrainConfig, train
-
-TINY = ["--dim", "32", "--heads", "2", "--layers", "1", "--batch", "8", "--warmup", "2",
-        "--no-progress"]
-
-
-def unwritable(tmp_path):
-    """A folder this process cannot write into (root writes through permission bits, but
-    not into sysfs)."""
-    if os.geteuid() == 0:
-        return Path("/sys")
-    path = tmp_path / "read-only"
-    path.mkdir()
-    path.chmod(0o555)
-    return path
-
-
-def one_line_error(capsys, args, message):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    assert rc == 2, (args, out, err)
-    assert err.startswith("sarkernels: error:") and err.count("\n") == 1, (args, err)
-    assert message in err and out == "", (args, err)
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny finished randar run: checkpoints at steps 5 and 6."""
-    out = str(tmp_path_factory.mktemp("run") / "randar")
-    train(TrainConfig(model="randar", steps=6, ckpt_every=5, out=out, dim=32, heads=2, layers=1,
-                      batch=8, warmup=2), progress=False)
-    return out
-
-
-@pytest.fixture
-def no_work(monkeypatch):
-    """Training, the demo's training and VQ loading fail the test if a mistake reaches them."""
-    def work(*args, **kwargs):
-        raise AssertionError("work started before the mistake was found")
-    monkeypatch.setattr(sarkernels.app.train, "build_model", work)
-    monkeypatch.setattr(sarkernels.app.demo, "train", work)
-    monkeypatch.setattr(sarkernels.tokenizers.VQTokenizer, "from_checkpoint", work)
-
-
-def test_mistakes_are_one_line_before_any_work(tmp_path, capsys, run, no_work):
-    a_file = tmp_path / "a_file"
-    a_file.write_text("x")
-    images = tmp_path / "images" / "cats"
-    images.mkdir(parents=True)
-    Image.new("RGB", (8, 8)).save(images / "0.png")
-    ro = unwritable(tmp_path)
-    no_cuda = [] if torch.cuda.is_available() else [
-        (["train", *TINY, "--device", "cuda", "--out", tmp_path / "c"], "CUDA is not available"),
-        (["tokenize", "--images", tmp_path / "images", "--vq", "vq.pt", "--out", tmp_path / "t",
-          "--device", "cuda"], "CUDA is not available")]
-    train_ = ["train", *TINY, "--out", tmp_path / "fresh"]
-    sample = ["sample", "--ckpt", run]
-    tokenize = ["tokenize", "--images", tmp_path / "images", "--vq", "vq.pt"]
-    cases = no_cuda + [
-        (train_ + ["--batch", "0"], "--batch must be >= 1, got 0"),
-        (train_ + ["--ckpt-every", "0"], "--ckpt-every must be >= 1, got 0"),
-        (train_ + ["--ckpt-every", "-1"], "--ckpt-every must be >= 1, got -1"),
-        (train_ + ["--steps", "0"], "--steps must be >= 1, got 0"),
-        (train_ + ["--steps", "-5"], "--steps must be >= 1, got -5"),
-        (train_ + ["--layers", "0"], "--layers must be >= 1, got 0"),
-        (train_ + ["--class-dropout", "2"], "--class-dropout is a probability in [0, 1), got 2.0"),
-        (train_ + ["--lr", "0"], "--lr must be > 0"),
-        (train_ + ["--dim", "48", "--heads", "4"], "head dim D must be a multiple of 8"),
-        (train_ + ["--dim", "30", "--heads", "4"], "--dim 30 must split evenly into --heads 4"),
-        (train_ + ["--device", "tpu"], "--device 'tpu' is not a device"),
-        (train_ + ["--model", "gpt"], "argument --model: invalid choice"),
-        (train_ + ["--steps", "ten"], "argument --steps: invalid int value"),
-        (["train", *TINY, "--out", ro / "run"], "--out"),
-        (["train", *TINY, "--out", a_file], "is a file; give a folder"),
-        (["train", "--out", tmp_path / "none", "--resume"], "does not exist"),
-        (["train", "--out", run, "--resume", "--overwrite"], "pass one"),
-        (sample + ["--labels", ""], "--labels is empty"),
-        (sample + ["--labels", "1,2,"], "--labels '1,2,' has an empty item"),
-        (sample + ["--labels", "3,12"], "--labels must be in [0, 10)"),
-        (sample + ["--mask", "top"], "pass --image too"),
-        (sample + ["--image", images / "0.png", "--mask", "middle"], "'middle' is neither"),
-        (sample + ["--image", tmp_path / "none.png"], "(--image): no such file"),
-        (sample + ["--out", tmp_path], "is a folder; give a file name such as"),
-        (sample + ["--out", tmp_path / "grid.foo"], "picture extension"),
-        (sample + ["--out", ro / "grid.png"], "cannot write there"),
-        (sample + ["--cfg", "-1"], "cfg_scale must be >= 0"),
-        (sample + ["--n", "0"], "argument --n: must be an integer >= 1"),
-        (sample + ["--device", "tpu"], "--device 'tpu' is not a device"),
-        (tokenize + ["--out", a_file], "is a file; give a folder"),
-        (tokenize + ["--out", ro / "tokens"], "--out"),
-        (tokenize + ["--out", tmp_path / "t", "--batch", "0"], "argument --batch: must be an integer >= 1"),
-        (["tokenize", "--images", tmp_path / "none", "--vq", "vq.pt", "--out", tmp_path / "t"],
-         "is not a folder"),
-        (["demo", "--cfg", "-1", "--out", tmp_path / "demo"], "cfg_scale must be >= 0"),
-        (["demo", "--out", a_file], "is a file; give a folder"),
-        (["demo", "--out", ro / "demo"], "--out"),
-        (["demo", "--device", "tpu", "--out", tmp_path / "demo"], "is not a device"),
-        (["digit", "--label", "11"], "--label is a digit 0 to 9"),
-        (["digit", "--label", "3", "--index", "999", "--out", tmp_path / "d.png"], "--index must be in"),
-        (["digit", "--label", "3", "--out", tmp_path], "is a folder"),
-        (["fly"], "invalid choice: 'fly'"),
-    ]
-    for args, message in cases:
-        one_line_error(capsys, args, message)
-    assert not any((tmp_path / name).exists() for name in ("fresh", "c", "t", "demo"))
 
 
 def test_run_folder_is_never_overwritten_or_reconfigured_silently(tmp_path, capsys, run):

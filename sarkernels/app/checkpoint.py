@@ -2,9 +2,12 @@
 ``train_state.pt`` (optimizer, scheduler, RNG, step); ``RUN/latest`` names the newest.
 Each step directory is written under a temporary name and renamed into place, and
 ``latest`` is replaced atomically, so an interrupted run never leaves a truncated
-checkpoint behind a name."""
+checkpoint behind a name; a write that fails (a full disk, Ctrl-C, SIGTERM) removes its
+temporary files. ``RUN/.lock`` is held while a process trains into the run."""
+import fcntl
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -16,6 +19,8 @@ from ..models import MODELS
 from .prompts import ENCODER
 
 KEEP = 2
+STEP = re.compile(r"step-\d+")
+TMP = ".tmp-"
 
 
 class CheckpointError(ValueError):
@@ -24,44 +29,95 @@ class CheckpointError(ValueError):
 
 def save(run_dir, step, model, config, train_state=None):
     final = os.path.join(run_dir, f"step-{step:06d}")
-    tmp = f"{final}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, os.path.join(tmp, "model.safetensors"))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump({**config, "step": step}, f, indent=2)
-    if train_state is not None:
-        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    latest_tmp = os.path.join(run_dir, f"latest.tmp-{os.getpid()}")
-    with open(latest_tmp, "w") as f:
-        f.write(os.path.basename(final))
-    os.replace(latest_tmp, os.path.join(run_dir, "latest"))
+    tmp = f"{final}{TMP}{os.getpid()}"
+    latest_tmp = os.path.join(run_dir, f"latest{TMP}{os.getpid()}")
+    remove(tmp)  # a dead process's, when this pid is a reused one
+    try:
+        os.makedirs(tmp)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({**config, "step": step}, f, indent=2)
+        if train_state is not None:
+            torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+        with open(latest_tmp, "w") as f:
+            f.write(os.path.basename(final))
+        remove(final)
+        os.replace(tmp, final)
+        os.replace(latest_tmp, os.path.join(run_dir, "latest"))
+    except BaseException as exc:  # a half-written checkpoint would keep a full disk full
+        remove(tmp)
+        remove(latest_tmp)
+        # torch.save reports a failed write as a RuntimeError, safetensors as its own error
+        if isinstance(exc, (OSError, RuntimeError, SafetensorError)):
+            raise CheckpointError(_unwritable(run_dir, final, exc)) from None
+        raise
     for old in step_folders(run_dir)[:-KEEP]:
-        shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
+        remove(os.path.join(run_dir, old))
     return final
+
+
+def _unwritable(run_dir, final, exc):
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "a write failed"
+    free = shutil.disk_usage(run_dir).free
+    kept = newest(run_dir)
+    kept = f"the newest checkpoint is still {kept}" if kept else "no earlier checkpoint was written"
+    return f"cannot write checkpoint {final} ({why}): {free / 2**20:.1f} MiB free there; {kept}"
+
+
+def remove(path):
+    """Removes a file, a folder tree, or a link (never what it points to)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 def step_folders(run_dir):
     """Names of the run's ``step-N`` folders, oldest first (none for a missing folder)."""
     if not os.path.isdir(run_dir):
         return []
-    return sorted(d for d in os.listdir(run_dir) if d.startswith("step-") and ".tmp-" not in d
-                  and os.path.isdir(os.path.join(run_dir, d)))
+    # a link is not the run's own checkpoint: resolve() must never follow one out of the run
+    return sorted(d for d in os.listdir(run_dir) if STEP.fullmatch(d)
+                  and os.path.isdir(os.path.join(run_dir, d))
+                  and not os.path.islink(os.path.join(run_dir, d)))
 
 
 def new_run(run_dir):
-    """An empty run folder: removes an earlier run's checkpoints, half-written ones and
-    ``latest``; other files stay."""
+    """An empty run folder: removes an earlier run's checkpoints (a link: the link),
+    half-written ones and ``latest``; other files stay."""
     os.makedirs(run_dir, exist_ok=True)
+    remove_stale(run_dir)
     for name in os.listdir(run_dir):
-        path = os.path.join(run_dir, name)
-        if name.startswith("step-"):
-            shutil.rmtree(path, ignore_errors=True)
-        elif name == "latest" or name.startswith("latest.tmp-"):
-            os.remove(path)
+        if STEP.fullmatch(name) or name == "latest":
+            remove(os.path.join(run_dir, name))
+
+
+def remove_stale(run_dir):
+    """Removes the temporary files of checkpoints whose writer died (a kill -9, a power
+    cut). Call it holding :func:`lock`: then no live process is writing them."""
+    for name in os.listdir(run_dir):
+        if TMP in name and (name.startswith("step-") or name.startswith("latest")):
+            remove(os.path.join(run_dir, name))
+
+
+def lock(run_dir, option="--out"):
+    """Holds ``RUN/.lock`` until the returned file is closed, or raises CheckpointError
+    naming the process that holds it: two runs into one folder would replace each other's
+    checkpoints. The kernel drops the lock when the process ends, a crash included."""
+    f = open(os.path.join(run_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise CheckpointError(f"{option} {run_dir} is in use by another train (pid {holder}): "
+                              f"wait for it to finish, or pass another {option}") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def _complete(path):
@@ -80,14 +136,25 @@ def resolve(path):
     latest = os.path.join(path, "latest")
     if os.path.isfile(latest):
         with open(latest) as f:
-            named = os.path.join(path, f.read().strip())
-        if _complete(named):
-            return named
+            name = f.read().strip()
+        if not STEP.fullmatch(name):
+            raise CheckpointError(f"{latest} names {name!r}, not a step-N folder of the run: "
+                                  "delete it to use the newest step folder")
+        if name in step_folders(path) and _complete(os.path.join(path, name)):
+            return os.path.join(path, name)
     complete = [d for d in step_folders(path) if _complete(os.path.join(path, d))]
     if complete:
         return os.path.join(path, complete[-1])
     raise CheckpointError(f"{path!r} is not a sarkernels checkpoint: no model.safetensors and "
                           "config.json in it or in a step-N folder")
+
+
+def newest(run_dir):
+    """The checkpoint a ``--resume`` of ``run_dir`` continues from, or None."""
+    try:
+        return resolve(run_dir)
+    except CheckpointError:
+        return None
 
 
 def read_config(step_dir):
@@ -118,36 +185,54 @@ def condition_kind(config):
     return config.get("condition", {"kind": "labels"})["kind"]
 
 
-def load_weights(model, state, what, against="its config"):
-    """``model.load_state_dict(state, strict=True)``, with a short message naming a few of
-    the missing, unexpected and mis-shaped keys (torch lists them all on one line)."""
+def check_weights(model, shapes, what, against="its config"):
+    """Raises CheckpointError unless ``shapes`` (name -> shape of each tensor of a state
+    dict) are ``model``'s, naming a few of the missing, unexpected and mis-shaped keys
+    (torch's load_state_dict lists them all on one line)."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
-              if k in state and state[k].shape != v.shape]
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    mismatched = [f"{k} {list(shapes[k])} vs {list(v.shape)}" for k, v in expected.items()
+                  if k in shapes and list(shapes[k]) != list(v.shape)]
     problems = [f"{len(keys)} {kind} (e.g. {', '.join(keys[:2])})"
                 for kind, keys in (("missing", missing), ("unexpected", unexpected),
-                                   ("of another shape", shapes)) if keys]
+                                   ("of another shape", mismatched)) if keys]
     if problems:
         raise CheckpointError(f"{what}: weights do not match {against}: {'; '.join(problems)}")
-    model.load_state_dict(state, strict=True)
+
+
+def _check_config(model, tokenizer, config, path):
+    """The model a config.json describes against its own tokenizer and class count."""
+    pairs = [("grid side", model.grid_size, "tokenizer", tokenizer.grid_size),
+             ("vocabulary", model.vocab_size, "tokenizer", tokenizer.vocab_size),
+             ("class count", model.num_classes, "num_classes", config["num_classes"])]
+    for what, ours, where, theirs in pairs:
+        if ours != theirs:
+            raise CheckpointError(f"{path}/config.json is inconsistent: the model's {what} is "
+                                  f"{ours} but its {where} says {theirs}")
 
 
 def load(path, device="cpu"):
     """Returns ``(model, config, step_dir)``, the model in eval mode on ``device``."""
     path = resolve(path)
     config = read_config(path)
+    build = lambda: MODELS[config["model"]](**config["model_config"])
     try:
-        model = MODELS[config["model"]](**config["model_config"])
-        tokenizers.from_config(config["tokenizer"])
-    except (KeyError, TypeError, ValueError) as exc:
+        # shapes only: a config edited to an absurd size fails here or against the weights,
+        # before anything of that size is allocated
+        with torch.device("meta"):
+            shape_only = build()
+        tokenizer = tokenizers.from_config(config["tokenizer"])
+    except (KeyError, TypeError, ValueError, RuntimeError, ArithmeticError) as exc:
         raise CheckpointError(f"{path}/config.json is corrupt or unknown: {exc}") from None
+    _check_config(shape_only, tokenizer, config, path)
     try:
         state = load_file(os.path.join(path, "model.safetensors"))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}/model.safetensors is corrupt: {exc}") from None
-    load_weights(model, state, path)
+    check_weights(shape_only, {k: v.shape for k, v in state.items()}, path)
+    model = build()
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval(), config, path
 
 
@@ -174,7 +259,9 @@ def load_official(path, kind="randar", n_head=16, grid_size=16, device="cpu"):
                               f"{n_head} heads of a LlamaGen block")
     model = MODELS[kind](vocab_size=vocab, num_classes=classes, grid_size=grid_size, dim=dim,
                          n_layer=n_layer, n_head=n_head, multiple_of=multiple)
-    load_weights(model, state, repr(path), "the architecture its tensors imply")
+    check_weights(model, {k: v.shape for k, v in state.items()}, repr(path),
+                  "the architecture its tensors imply")
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval()
 
 

@@ -7,6 +7,7 @@ each option with its default and unit, and example commands (see cli_args.py).
 """
 import importlib.util
 import json
+import signal
 import sys
 from dataclasses import fields
 
@@ -116,29 +117,41 @@ def _interrupted(args):
         return ""
     if args.command == "tokenize":
         return f"; finished chunks in {args.out} are kept: the same command continues"
-    from .checkpoint import CheckpointError, resolve
+    from .checkpoint import newest
     from .train import TrainConfig
 
     out = getattr(args, "out", TrainConfig.out)
-    try:
-        newest = resolve(out)
-    except CheckpointError:
+    step = newest(out)
+    if step is None:
         return "; no checkpoint was written yet"
-    return (f"; the newest checkpoint is {newest}: continue with "
+    return (f"; the newest checkpoint is {step}: continue with "
             f"python -m sarkernels train --out {out} --resume")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a batch system's time limit, torchrun stopping its workers), raised
+    where Ctrl-C would be: the same cleanup of half-written files and the same message."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 def main(argv=None):
     args = None
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         args = parser().parse_args(argv)
         COMMANDS[args.command](args)
     except (ValueError, OSError) as exc:  # the user's input or environment, never a bug's trace
         print(f"sarkernels: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"sarkernels: interrupted{_interrupted(args)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"sarkernels: {what}{_interrupted(args)}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: set outside Python
     return 0
 
 

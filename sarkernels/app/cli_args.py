@@ -2,6 +2,7 @@
 and unit), descriptions and example commands. Parsing mistakes raise :class:`UsageError`,
 which the command line prints as one ``sarkernels: error:`` line."""
 import argparse
+import math
 import textwrap
 from dataclasses import fields
 
@@ -75,6 +76,29 @@ def _positive(text):
     return value
 
 
+def _number(text):
+    """A float option's value: Python reads 'inf' and 'nan' as floats, but no scale, rate
+    or probability means them, and one would silently turn every weight or pixel into NaN."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _seed(text):
+    """A seed torch's generators take: 64 bits, unsigned."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {text!r}")
+    return value
+
+
 def _command(sub, name, help, description=None):
     return sub.add_parser(name, help=help, description=textwrap.fill(description or help, 88),
                           epilog=EXAMPLES.get(name))
@@ -94,8 +118,9 @@ def _train_parser(sub):
     for f in fields(TrainConfig):
         if "help" not in f.metadata:
             continue  # not a command-line setting
+        kind = _number if isinstance(f.default, float) else type(f.default)
         # SUPPRESS: only the options given appear, so --resume can tell them from defaults
-        p.add_argument(option(f.name), type=type(f.default),
+        p.add_argument(option(f.name), type=_seed if f.name == "seed" else kind,
                        default=argparse.SUPPRESS, choices=choices.get(f.name),
                        help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
     resumable = ", ".join(map(option, RESUMABLE))
@@ -126,14 +151,15 @@ def _sample_parser(sub):
                    help="a checkpoint trained with --condition prompts: comma-separated text "
                         "prompts, one grid column each, instead of --labels (needs the [text] "
                         "extra) (default: none)")
-    p.add_argument("--n", type=_positive, default=1, help="samples per label (grid rows)")
-    p.add_argument("--cfg", type=float,
+    p.add_argument("--n", type=_positive, default=1,
+                   help="samples per label (grid rows); at most 1024 pictures in all, one batch")
+    p.add_argument("--cfg", type=_number,
                    help="classifier-free guidance scale, >= 0 (default: none, no guidance)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, > 0")
+    p.add_argument("--temperature", type=_number, default=1.0, help="softmax temperature, > 0")
     p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0,
+    p.add_argument("--top-p", type=_number, default=1.0,
                    help="keep the likeliest tokens up to this probability mass, in (0, 1]")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed of the sampling")
     p.add_argument("--image", help="inpaint/outpaint this image: keep its --mask cells, generate "
                                    "the rest (digits: bright ink on black) (default: none)")
     p.add_argument("--mask", help=f"with --image: {', '.join(HALVES)} or a mask image "
@@ -142,9 +168,10 @@ def _sample_parser(sub):
                    help="with --image: the image has dark ink on light paper")
     p.add_argument("--resolution",
                    help="RandAR only: resolution extrapolation by this factor of the grid side, "
-                        "such as 2x (8x8 digits -> 16x16 tokens); each sample row is followed by "
-                        "its extrapolation (default: none, the trained grid)")
-    p.add_argument("--spatial-cfg", type=float, default=2.5,
+                        "such as 2x (8x8 digits -> 16x16 tokens), up to a 64x64 token grid (one "
+                        "decoding step per token); each sample row is followed by its "
+                        "extrapolation (default: none, the trained grid)")
+    p.add_argument("--spatial-cfg", type=_number, default=2.5,
                    help="--resolution only: spatial guidance scale, >= 0 (--cfg, default 3 "
                         "there, is the class guidance)")
     p.add_argument("--ntk-boundary", type=int, default=2,
@@ -189,7 +216,7 @@ def _demo_parser(sub):
     p.add_argument("--out", default="demo_out", help="folder for pictures, reports and runs/")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--quick", action="store_true", help="a few training steps per model: a smoke test, not a result")
-    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale, >= 0")
+    p.add_argument("--cfg", type=_number, default=2.0, help="classifier-free guidance scale, >= 0")
     p.add_argument("--prompts", action="store_true",
                    help="train both on text prompts instead of labels and report how often the "
                         "judge reads the digit the prompt names (needs the [text] extra); writes "

@@ -95,17 +95,37 @@ def skipped_images(folder):
 
 
 def load_token_folder(path):
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        num_classes, images, batch = meta["num_classes"], meta["images"], meta["batch"]
+        tokenizer = tokenizers.from_config(meta["tokenizer"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"token folder {path!r}: meta.json is corrupt ({exc})") from None
     parts = _parts(path)
-    expected = -(-meta["images"] // meta["batch"])
+    expected = -(-images // batch)
     if len(parts) != expected:
         raise ValueError(f"token folder {path!r} is incomplete ({len(parts)}/{expected} parts): "
                          "run tokenize again to finish it")
     chunks = [load_file(os.path.join(path, p)) for p in parts]
     if not sum(len(c["labels"]) for c in chunks):
         raise ValueError(f"token folder {path!r} holds no images: none of its "
-                         f"{meta['images']} could be read")
-    return TokenDataset(torch.cat([c["tokens"] for c in chunks]).long(),
-                        torch.cat([c["labels"] for c in chunks]).long(), meta["num_classes"],
-                        tokenizers.from_config(meta["tokenizer"]))
+                         f"{images} could be read")
+    tokens = torch.cat([c["tokens"] for c in chunks]).long()
+    labels = torch.cat([c["labels"] for c in chunks]).long()
+    if tokens.dim() != 2 or tokens.shape[1] != tokenizer.grid_size ** 2:
+        raise ValueError(f"token folder {path!r}: its tokens are {list(tokens.shape)}, not "
+                         f"[images, {tokenizer.grid_size ** 2}] for its tokenizer's "
+                         f"{tokenizer.grid_size}x{tokenizer.grid_size} grid")
+    # out of range, a token fails deep in an embedding; a label == num_classes would
+    # silently train as the null class that classifier-free guidance drops labels to
+    _check_range(path, "token", tokens, tokenizer.vocab_size, "the vocabulary of its tokenizer")
+    _check_range(path, "label", labels, num_classes, "num_classes in its meta.json")
+    return TokenDataset(tokens, labels, num_classes, tokenizer)
+
+
+def _check_range(path, what, values, count, source):
+    bad = values[(values < 0) | (values >= count)]
+    if len(bad):
+        raise ValueError(f"token folder {path!r}: {what} {bad[0].item()} is outside [0, {count}) "
+                         f"({count} from {source})")

@@ -8,6 +8,14 @@ from ..tokenizers.digits import grey
 from . import prompts
 from .cli_args import UsageError
 
+# Every picture of a grid is generated in one batch, so a typo in --n must not reach the
+# allocator: 1024 pictures of 256x256 VQ output are 0.8 GB of float pixels alone.
+MAX_PICTURES = 1024
+# Extrapolation decodes one token per step, each attending to all before it: a 64x64 grid
+# (4096 tokens: 8x the digits, 4x ImageNet's 16x16) took 3 minutes for one picture of a
+# tiny digits RandAR on two CPU cores, and the time grows faster than the token count.
+MAX_SIDE = 64
+
 # name -> (models it applies to, generate() keywords, description)
 RECIPES = {
     "ar": (("sar", "randar", "rar"), dict(order="raster", schedule="ar"),
@@ -167,13 +175,17 @@ def check(args):
     from ..models.common import check_sampling
     from .train import check_device
 
-    parse_labels(args.labels)
+    columns = len(parse_labels(args.labels))
     if args.prompts is not None:
-        prompts.parse(args.prompts)
+        columns = len(prompts.parse(args.prompts))
         if args.resolution is not None or official(args):
             raise UsageError("--prompts samples a checkpoint trained with --condition prompts "
                              "on its own grid: it does not combine with --resolution or "
                              "official weights")
+    if args.n * columns > MAX_PICTURES:
+        raise UsageError(f"--n {args.n} rows of {columns} columns are {args.n * columns} "
+                         f"pictures; a grid holds at most {MAX_PICTURES}, generated as one "
+                         "batch: lower --n, or sample again with another --seed")
     if args.recipe is not None:
         recipe(args.recipe)
     if args.resolution is not None:
@@ -281,12 +293,21 @@ def extrapolate(args, model, config, path, tok, labels):
         raise UsageError(f"--resolution needs a RandAR model (resolution extrapolation is "
                          f"RandAR's), but {path} holds a {config['model']} model")
     scale = parse_resolution(args.resolution)
+    side = scale * model.grid_size
+    if side > MAX_SIDE:
+        raise UsageError(f"--resolution {args.resolution} makes {path}'s {model.grid_size}x"
+                         f"{model.grid_size} tokens {side}x{side}; at most {MAX_SIDE}x{MAX_SIDE}, "
+                         f"so at most {MAX_SIDE // model.grid_size}x for this model")
+    quarter = model.config.dim // model.config.n_head // 4
+    if args.ntk_boundary > quarter:
+        raise UsageError(f"--ntk-boundary must be in [0, {quarter}] for {path}: its heads have "
+                         f"{quarter} RoPE frequencies per axis ({quarter}: all extrapolated), "
+                         f"got {args.ntk_boundary}")
     tokens = model.generate_extrapolated(
         labels.repeat(args.n).to(args.device), scale, cfg=3.0 if args.cfg is None else args.cfg,
         spatial_cfg=args.spatial_cfg, ntk_boundary=args.ntk_boundary,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         generator=torch.Generator().manual_seed(args.seed))
-    side = scale * model.grid_size
     low = tokens.view(-1, side, side)[:, ::scale, ::scale].flatten(1)  # stage 1's samples
     small = tok.decode(low).cpu()
     large = tok.decode(tokens, (side, side)).cpu()

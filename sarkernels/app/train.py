@@ -6,6 +6,7 @@ Every random draw of a step (batch indices, orders, partitions, label drops) com
 generator for the *global* batch, and each process takes its slice: N processes on a global
 batch follow the same trajectory as one process (up to floating-point reduction order).
 """
+import contextlib
 import json
 import math
 import os
@@ -224,10 +225,37 @@ def train(cfg, resume=False, overwrite=False, progress=True, log=print, bar_row=
     rank, world = _distributed(cfg.device)
     if cfg.batch % world:
         raise ValueError(f"--batch {cfg.batch} must split evenly over {world} processes")
-    if rank == 0:  # the last check, and the first change to the run folder
-        outputs.folder(cfg.out)
-        if not resume:
-            checkpoint.new_run(cfg.out)
+    with _run_folder(cfg.out, resume) if rank == 0 else contextlib.nullcontext():
+        return _fit(cfg, dataset, step_dir, state, rank, world, progress, log, bar_row)
+
+
+@contextlib.contextmanager
+def _run_folder(out, resume):
+    """The run folder, locked for the block: the last check, and the first change to it."""
+    outputs.folder(out)
+    held = checkpoint.lock(out)
+    try:
+        if resume:
+            checkpoint.remove_stale(out)
+        else:
+            checkpoint.new_run(out)
+        yield
+    finally:
+        held.close()
+
+
+def _diverged(cfg, step, loss, norm):
+    newest = checkpoint.newest(cfg.out)
+    kept = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written"
+    return (f"training diverged at step {step}: the loss is {loss:g} and the gradient norm "
+            f"{norm:g}, so the weights were neither updated nor saved; {kept}. --resume "
+            f"would repeat the same steps: start over (--overwrite) with a --lr below {cfg.lr:g}")
+
+
+def _fit(cfg, dataset, step_dir, state, rank, world, progress, log, bar_row):
+    """The training loop of :func:`train`, from ``step_dir`` and its ``state`` (None: a
+    fresh run)."""
+    resume = step_dir is not None
     device = cfg.device
     if device.startswith("cuda") and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
@@ -295,7 +323,11 @@ def train(cfg, resume=False, overwrite=False, progress=True, log=print, bar_row=
                 loss = step_model(tokens, labels, layout)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            # Before the step, so the weights stay finite; the norm is of the gradients every
+            # process shares, so all stop together. The check costs a host sync per step.
+            if not torch.isfinite(norm):
+                raise ValueError(_diverged(cfg, step + 1, loss.item(), norm.item()))
             optimizer.step()
             scheduler.step()
             if bar is not None:

@@ -16,7 +16,16 @@ at::Tensor unit_stride_last(const at::Tensor& t, at::ScalarType dtype) {
   return r.size(-1) > 1 && r.stride(-1) != 1 ? r.contiguous() : r;
 }
 
-at::Tensor int64_contiguous(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }
+// Set ids, slots and positions of any integer dtype as int64. uint64 is refused: its values
+// from 2^63 on have no int64 value and would wrap to negative ones (the Python layer says
+// the same before dispatch; this covers direct op calls).
+at::Tensor int64_indices(const at::Tensor& t, const char* fn, const char* name) {
+  TORCH_CHECK_TYPE(at::isIntegralType(t.scalar_type(), /*includeBool=*/false) &&
+                       t.scalar_type() != at::kUInt64,
+                   fn, ": ", name, " must be an integer tensor other than uint64, got ",
+                   t.scalar_type());
+  return t.to(at::kLong);
+}
 
 void fill_strides(int64_t* dst, const at::Tensor& t, int n) {
   for (int i = 0; i < n; ++i) dst[i] = t.stride(i);
@@ -37,9 +46,6 @@ void check_attention_shapes(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(k_sets.dim() == 2 && k_sets.size(0) == k.size(0) && k_sets.size(1) == k.size(2),
               "set_attention: k_sets must be [B, Lk] = [", k.size(0), ", ", k.size(2), "], got ",
               k_sets.sizes());
-  TORCH_CHECK(!at::isFloatingType(q_sets.scalar_type()) &&
-                  !at::isFloatingType(k_sets.scalar_type()),
-              "set_attention: set ids must be integers");
 }
 
 // Checks the sizes of one interleave and fills everything but pointers and strides.
@@ -136,8 +142,8 @@ AttentionInputs attention_operands(const at::Tensor& q, const at::Tensor& k, con
   in.q = unit_stride_last(q, compute);
   in.k = unit_stride_last(k, compute);
   in.v = unit_stride_last(v, compute);
-  in.q_sets = int64_contiguous(q_sets);
-  in.k_sets = int64_contiguous(k_sets);
+  in.q_sets = int64_indices(q_sets, "set_attention", "q_sets").contiguous();
+  in.k_sets = int64_indices(k_sets, "set_attention", "k_sets").contiguous();
   return in;
 }
 
@@ -182,7 +188,7 @@ KVCacheInputs kv_cache_inputs(const at::Tensor& k_cache, const at::Tensor& v_cac
   KVCacheInputs in;
   in.k = unit_stride_last(k, k.scalar_type());
   in.v = unit_stride_last(v, v.scalar_type());
-  in.slots = slots.to(at::kLong);
+  in.slots = int64_indices(slots, "kv_cache_append", "slots");
   KVCacheAppendParams& p = in.p;
   p = {};
   p.k_cache = k_cache.data_ptr();
@@ -243,7 +249,7 @@ InterleaveInputs interleave_inputs(const at::Tensor& tokens, const at::Tensor& p
               "interleave_position_instructions: prefix must be [B, C, D] = [", p.batch, ", C, ",
               p.dim, "], got ", prefix ? prefix->sizes() : at::IntArrayRef{});
   in.tokens = unit_stride_last(tokens, dt);
-  in.positions = positions.to(at::kLong);
+  in.positions = int64_indices(positions, "interleave_position_instructions", "positions");
   in.instruction = instruction.contiguous();
   if (prefix) in.prefix = unit_stride_last(*prefix, dt);
   in.out = at::empty({p.batch, layout_of(p).rows(), p.dim}, tokens.options());
@@ -280,7 +286,7 @@ InterleaveBackwardInputs interleave_backward_inputs(const at::Tensor& grad,
               " does not match positions ", positions.sizes(), " and prefix_len ", prefix_len);
   dtype_of(grad, "grad");
   in.grad = grad.contiguous();
-  in.positions = positions.to(at::kLong);
+  in.positions = int64_indices(positions, "interleave_position_instructions", "positions");
   p.positions = in.positions.data_ptr<int64_t>();
   fill_strides(p.positions_strides, in.positions, 2);
   in.grad_tokens = at::empty({b, n, p.dim}, grad.options());

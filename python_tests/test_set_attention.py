@@ -250,6 +250,16 @@ def test_direct_op_call_checks_shapes(ns):
                                              args["k_sets"][:, :2], False, 1.0)
 
 
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_direct_op_call_refuses_uint64_ids(ns):
+    """Past the Python checks too: uint64 ids from 2^63 on would wrap to negative int64."""
+    args = good_args()
+    big = torch.full_like(args["q_sets"], 2**63, dtype=torch.uint64)
+    with pytest.raises(TypeError, match="q_sets must be an integer tensor other than uint64"):
+        getattr(torch.ops, ns).set_attention(args["q"], args["k"], args["v"], big,
+                                             args["k_sets"], False, 1.0)
+
+
 def test_unsorted_sets_are_not_assumed_sorted(backend):
     # Same visibility expressed with shuffled token order must give shuffled outputs.
     gen = torch.Generator().manual_seed(9)

@@ -156,7 +156,13 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   load_rows_async<Lay::kThreads, BN, D>(k_tile, k_row<T>(p, b, hk, k0), p.k_row_stride, nk, dim);
   load_rows_async<Lay::kThreads, BN, D>(v_tile, v_row<T>(p, b, hk, k0), p.v_row_stride, nk, dim);
   cp_async_commit();
+  // Non-finite keys are scrubbed (and their rows' scores made NaN below where seen) for
+  // dS K, which would carry them as 0 * inf into the queries that do not see them. Before
+  // the walk: a register flag for "not yet" would be live across it.
   load_values<Lay::kThreads, BN + 1, int>(k_bad, nullptr, 0, 0);
+  sync_threads();
+  cp_async_wait<0>();
+  scrub_rows<Lay::kThreads, BN, D>(k_tile, k_bad);
 
   const Acc scale = Acc(p.scale) * ExpBase<Acc>::kPerNat;
   Frag<Acc, DC> dk, dv;  // columns c0 .. c0 + DC
@@ -167,7 +173,6 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
     return (b * p.heads_q + hk * group + rep) * p.len_q + t * BM;
   };
   TileList& list = *reinterpret_cast<TileList*>(smem + Lay::kList);
-  bool keys_scrubbed = false;
   const bool whole_rows = dim == D;
   const TileCopy<Lay::kThreads, BM, D, T> q_copy(p.q_row_stride), dout_copy(p.out_row_stride);
   list.set_rows(block_k, warp_k);
@@ -200,12 +205,8 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
         load_values<Lay::kThreads, BM>(lse_tiles + st * BM, lse, nq, Acc(INFINITY));
         load_values<Lay::kThreads, BM>(delta_tiles + st * BM, delta, nq, Acc(0));
       },
-      // Non-finite values are scrubbed (and their rows' scores made NaN below) where a pair
-      // does not see them: dS^T Q and dS K would carry them as 0 * inf into keys and
-      // queries that do not see them. The keys once, the queries of partial tiles.
+      // Likewise the queries of partial tiles, for dS^T Q.
       [&](int64_t, int, int st, unsigned info) {
-        if (!keys_scrubbed) scrub_rows<Lay::kThreads, BN, D>(k_tile, k_bad);
-        keys_scrubbed = true;
         if (block_kind(info) == TileKind::kPartial) {
           scrub_rows<Lay::kThreads, BM, D>(q_tiles + st * BM * kLd, q_bad_tiles + st * (BM + 1));
         }
@@ -231,12 +232,15 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
           const bool bad_queries = block_kind(info) == TileKind::kPartial && q_bad[BM] != 0;
           recompute_probs<T, true>(prob, lse_of, scale);
           if (partial || bad_keys || bad_queries) {
+            const int r0 = 16 * warp + frag_row(0), r1 = r0 + 8;  // this lane's keys
             uint32_t nan = bad_queries ? flagged_bits<BM>(q_bad) : 0;
-            if (bad_keys) nan |= flagged_row_bits<BM>(k_bad + 16 * warp);
-            mask_probs(
-                prob,
-                partial ? hidden_bits<false, BM>(row_set, q_set_tiles + st * BM, nq, p.strict) : 0,
-                nan);
+            if (bad_keys) nan |= row_bits<BM>(k_bad[r0] != 0, k_bad[r1] != 0);
+            uint32_t hidden = 0;
+            if (partial) {  // keys past the block's are hidden from every query
+              hidden = hidden_bits<false, BM>(row_set, q_set_tiles + st * BM, nq, p.strict) |
+                       row_bits<BM>(r0 >= nk, r1 >= nk);
+            }
+            mask_probs(prob, hidden, nan);
           }
           gemm_smem_a<T, BM, D, BFrom::kRowsN>(ds, v_tile + 16 * warp * kLd, kLd, dout_tile, kLd);
           gemm_frag_a<T, DC, BM, BFrom::kRowsK>(dv, prob, scratch, dout_tile + c0, kLd);
@@ -259,8 +263,8 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
               const int r = 16 * slab + frag_row(0);
               Acc* at = dq_rows + r * dim + frag_col(0, 0);  // row r; row r + 8 is 8 dim on
               // kCols columns at a time, so that dK and dV stay in registers (a loop, not
-              // unrolled: unrolled, or 32 columns wide at head dim 128, it spills)
-              constexpr int kCols = D >= 128 ? 16 : 32;
+              // unrolled: unrolled it spills at head dim 128)
+              constexpr int kCols = 32;
               SK_NO_UNROLL for (int c0 = 0; c0 < dim; c0 += kCols, at += kCols) {
                 Frag<Acc, kCols> dq;
                 dq.zero();

@@ -427,12 +427,12 @@ SK_DEVICE uint32_t flagged_bits(const int* flags) {
   return bits;
 }
 
-// The elements whose row is flagged: flags of the warp's 16 rows (scrub_rows' flags).
+// The elements of this lane's first row (frag_row(0)) if `first`, of its second if `second`.
 template <int N>
-SK_DEVICE uint32_t flagged_row_bits(const int* flags) {
+SK_DEVICE uint32_t row_bits(bool first, bool second) {
   static_assert(N <= 64, "a lane's share of the fragment fits 32 bits");
-  constexpr uint32_t kRow0 = uint32_t((uint64_t(1) << (N / 2)) - 1) / 15 * 3;  // e = 0, 1
-  return (flags[frag_row(0)] != 0 ? kRow0 : 0) | (flags[frag_row(2)] != 0 ? kRow0 << 2 : 0);
+  constexpr uint32_t kFirst = uint32_t((uint64_t(1) << (N / 2)) - 1) / 15 * 3;  // e = 0, 1
+  return (first ? kFirst : 0) | (second ? kFirst << 2 : 0);
 }
 
 // s <- s * scale, NaN where `nan` has the element's bit, -inf where `hidden` has it.

@@ -108,9 +108,9 @@ struct DkdvLayout {
   static constexpr size_t kDs = kDelta + 2 * BM * sizeof(Acc);  // dS^T [BN][BM], atomic dQ only
   static constexpr size_t kList = kDs + (kAtomicDq ? tile_bytes<T, BN, BM> : 0);
   static constexpr size_t kScratch = kList + sizeof(TileList);
-  // scrub_rows' flags: the block's keys, then two stages of query rows (BN + 1, BM + 1)
+  // scrub_rows' flags of the block's keys
   static constexpr size_t kBad = kScratch + kWarps * kFragScratch<T, BM> * sizeof(Acc);
-  static constexpr size_t kBytes = kBad + (BN + 1 + 2 * (BM + 1)) * sizeof(int);
+  static constexpr size_t kBytes = kBad + (BN + 1) * sizeof(int);
 };
 
 // Register budget of one block per SM, as in the dQ kernel below. DC: the dK/dV columns of
@@ -134,13 +134,20 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   const int warp = warp_id();
   Acc* const scratch = reinterpret_cast<Acc*>(smem + Lay::kScratch) + warp * kFragScratch<T, BM>;
   int* const k_bad = reinterpret_cast<int*>(smem + Lay::kBad);
-  int* const q_bad_tiles = k_bad + BN + 1;
 
   constexpr int kSplits = D / DC;
-  const int64_t k_tiles = ceil_div(p.len_k, BN);
-  const int64_t bh = blockIdx.x / (k_tiles * kSplits), b = bh / p.heads_kv, hk = bh % p.heads_kv;
-  const int64_t group = p.heads_q / p.heads_kv, k0 = blockIdx.x % k_tiles * BN;
-  const int split = int(blockIdx.x / k_tiles % kSplits), c0 = split * DC;
+  // The block: (key tile, column split) fastest, then (batch, kv head) = bh. Derived again
+  // after the walk, from blockIdx, so that few 64-bit values stay live across it.
+  auto block_of = [&](int64_t& bh, int64_t& k0) {
+    const int64_t k_tiles = ceil_div(p.len_k, BN);
+    bh = blockIdx.x / (k_tiles * kSplits);
+    k0 = blockIdx.x % k_tiles * BN;
+    return int(blockIdx.x / k_tiles % kSplits);
+  };
+  int64_t bh, k0;
+  const int split = block_of(bh, k0), c0 = split * DC;
+  const int64_t b = bh / p.heads_kv, hk = bh % p.heads_kv;
+  const int group = int(p.heads_q / p.heads_kv);
   const int nk = clamp_rows(p.len_k - k0, BN);
   const int64_t* k_sets = p.k_sets + b * p.len_k + k0;
   const int64_t* q_sets = p.q_sets + b * p.len_q;
@@ -162,31 +169,35 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   load_values<Lay::kThreads, BN + 1, int>(k_bad, nullptr, 0, 0);
   sync_threads();
   cp_async_wait<0>();
-  scrub_rows<Lay::kThreads, BN, D>(k_tile, k_bad);
+  scrub_rows<Lay::kThreads, BN, D>(k_tile, flag_rows<BN>(k_bad));
 
   const Acc scale = Acc(p.scale) * ExpBase<Acc>::kPerNat;
   Frag<Acc, DC> dk, dv;  // columns c0 .. c0 + DC
   dk.zero();
   dv.zero();
   auto queries_in = [&](int64_t t) { return clamp_rows(p.len_q - t * BM, BM); };
+  // The group's first q head: its rows of q, dO and the workspace.
+  const T* const q_group = q_row<T>(p, b, hk * group, 0);
+  const T* const dout_group = static_cast<const T*>(g.dout) + out_offset(p, b, hk * group, 0);
+  const int64_t row_group = (b * p.heads_q + hk * group) * p.len_q;
   auto first_row = [&](int64_t t, int rep) {  // workspace row of the tile's first query
-    return (b * p.heads_q + hk * group + rep) * p.len_q + t * BM;
+    return row_group + rep * p.len_q + t * BM;
   };
   TileList& list = *reinterpret_cast<TileList*>(smem + Lay::kList);
   const bool whole_rows = dim == D;
   const TileCopy<Lay::kThreads, BM, D, T> q_copy(p.q_row_stride), dout_copy(p.out_row_stride);
   list.set_rows(block_k, warp_k);
   for_each_needed_tile<Lay::kThreads>(
-      q_sets, p.len_q, BM, int(group), list,
+      q_sets, p.len_q, BM, group, list,
       [&](int64_t t, IdRange queries) {
         return tile_info<false, Lay::kWarps>(list, queries, p.strict, queries_in(t) < BM);
       },
       [&](int64_t t, int rep, int st, unsigned info) {
-        const int64_t h = hk * group + rep, q0 = t * BM, row = first_row(t, rep);
+        const int64_t q0 = t * BM, row = first_row(t, rep);
         T* const q_to = q_tiles + st * BM * kLd;
         T* const dout_to = dout_tiles + st * BM * kLd;
-        const T* const q_from = q_row<T>(p, b, h, q0);
-        const T* const dout_from = static_cast<const T*>(g.dout) + out_offset(p, b, h, q0);
+        const T* const q_from = q_group + rep * p.q_head_stride + q0 * p.q_row_stride;
+        const T* const dout_from = dout_group + rep * p.out_head_stride + q0 * p.out_row_stride;
         const bool partial = block_kind(info) == TileKind::kPartial;  // or ragged
         const int nq = queries_in(t);
         if (!partial && whole_rows) {
@@ -198,17 +209,19 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
         }
         if (partial) {  // the ids only serve hidden_bits, which partial tiles take
           load_values<Lay::kThreads, BM>(q_set_tiles + st * BM, q_sets + q0, nq, int64_t(0));
-          load_values<Lay::kThreads, BM + 1, int>(q_bad_tiles + st * (BM + 1), nullptr, 0, 0);
         }
         const Acc* lse = static_cast<const Acc*>(w.lse) + row;
         const Acc* delta = static_cast<const Acc*>(w.delta) + row;
         load_values<Lay::kThreads, BM>(lse_tiles + st * BM, lse, nq, Acc(INFINITY));
         load_values<Lay::kThreads, BM>(delta_tiles + st * BM, delta, nq, Acc(0));
       },
-      // Likewise the queries of partial tiles, for dS^T Q.
+      // Likewise the queries of partial tiles, for dS^T Q; a NaN lse (issue() stored the
+      // stage's before the barrier this follows) makes a query's probabilities NaN where
+      // it sees and, masked after the exponent, 0 where it does not.
       [&](int64_t, int, int st, unsigned info) {
         if (block_kind(info) == TileKind::kPartial) {
-          scrub_rows<Lay::kThreads, BM, D>(q_tiles + st * BM * kLd, q_bad_tiles + st * (BM + 1));
+          scrub_rows<Lay::kThreads, BM, D>(q_tiles + st * BM * kLd,
+                                           [&](int r) { lse_tiles[st * BM + r] = Acc(NAN); });
         }
       },
       [&](int64_t t, int rep, int st, unsigned info) {
@@ -227,14 +240,11 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
           auto lse_of = [&](int n, int e) { return lse[frag_col(n, e)]; };
           auto delta_of = [&](int n, int e) { return delta[frag_col(n, e)]; };
           const bool partial = kind == TileKind::kPartial;
-          const int* q_bad = q_bad_tiles + st * (BM + 1);
           const bool bad_keys = k_bad[BN] != 0;
-          const bool bad_queries = block_kind(info) == TileKind::kPartial && q_bad[BM] != 0;
           recompute_probs<T, true>(prob, lse_of, scale);
-          if (partial || bad_keys || bad_queries) {
+          if (partial || bad_keys) {
             const int r0 = 16 * warp + frag_row(0), r1 = r0 + 8;  // this lane's keys
-            uint32_t nan = bad_queries ? flagged_bits<BM>(q_bad) : 0;
-            if (bad_keys) nan |= row_bits<BM>(k_bad[r0] != 0, k_bad[r1] != 0);
+            const uint32_t nan = bad_keys ? row_bits<BM>(k_bad[r0] != 0, k_bad[r1] != 0) : 0;
             uint32_t hidden = 0;
             if (partial) {  // keys past the block's are hidden from every query
               hidden = hidden_bits<false, BM>(row_set, q_set_tiles + st * BM, nq, p.strict) |
@@ -252,29 +262,29 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
           gemm_frag_a<T, DC, BM, BFrom::kRowsK>(dk, ds, scratch, q_tile + c0, kLd);
         }
         if (kAtomicDq && split == 0) {
-          // dS^T staged as the warps hold it (keys x queries); each warp then takes 16-query
-          // slabs of dS K, reading dS^T transposed.
+          // dS^T staged as the warps hold it (keys x queries); the warps then take items of
+          // dS K, reading dS^T transposed.
           const Acc one[2] = {1, 1};
           stage_frag<T, BM>(ds_tile + 16 * warp * kDsLd, ds, one);
           sync_threads();
           Acc* const dq_rows = static_cast<Acc*>(w.dq_accum) + first_row(t, rep) * dim;
+          // Items of 16 queries x 32 columns, spread over the warps (32 columns at a time
+          // keep dK and dV in registers; a loop, not unrolled: unrolled it spills).
+          constexpr int kSlabs = BM / 16, kCols = 32;
           auto add_slabs = [&](auto whole) {  // whole: no bounds to check
-            for (int slab = warp; slab < BM / 16 && 16 * slab < nq; slab += Lay::kWarps) {
-              const int r = 16 * slab + frag_row(0);
-              Acc* at = dq_rows + r * dim + frag_col(0, 0);  // row r; row r + 8 is 8 dim on
-              // kCols columns at a time, so that dK and dV stay in registers (a loop, not
-              // unrolled: unrolled it spills at head dim 128)
-              constexpr int kCols = 32;
-              SK_NO_UNROLL for (int c0 = 0; c0 < dim; c0 += kCols, at += kCols) {
-                Frag<Acc, kCols> dq;
-                dq.zero();
-                gemm_smem_a<T, kCols, BN, BFrom::kRowsK, AFrom::kRowsK>(
-                    dq, ds_tile + 16 * slab, kDsLd, k_tile + c0, kLd);
-                SK_UNROLL for (int n = 0; n < kCols / 8; ++n) {
-                  SK_UNROLL for (int h = 0; h < 2; ++h) {  // c even, dim a multiple of 8
-                    if (decltype(whole)::value || (r + 8 * h < nq && c0 + frag_col(n, 0) < dim)) {
-                      atomic_add2(at + 8 * h * dim + 8 * n, dq.x[n][2 * h], dq.x[n][2 * h + 1]);
-                    }
+            for (int item = warp; item < kSlabs * ceil_div(dim, kCols); item += Lay::kWarps) {
+              const int slab = item % kSlabs, c0 = item / kSlabs * kCols;
+              const int r = 16 * slab + frag_row(0);  // this lane's rows r and r + 8
+              if (!decltype(whole)::value && 16 * slab >= nq) continue;
+              Frag<Acc, kCols> dq;
+              dq.zero();
+              gemm_smem_a<T, kCols, BN, BFrom::kRowsK, AFrom::kRowsK>(
+                  dq, ds_tile + 16 * slab, kDsLd, k_tile + c0, kLd);
+              Acc* const at = dq_rows + r * dim + c0 + frag_col(0, 0);
+              SK_UNROLL for (int n = 0; n < kCols / 8; ++n) {
+                SK_UNROLL for (int h = 0; h < 2; ++h) {  // c even, dim a multiple of 8
+                  if (decltype(whole)::value || (r + 8 * h < nq && c0 + frag_col(n, 0) < dim)) {
+                    atomic_add2(at + 8 * h * dim + 8 * n, dq.x[n][2 * h], dq.x[n][2 * h + 1]);
                   }
                 }
               }
@@ -292,7 +302,8 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   stage_frag<T, D>(k_tile + 16 * warp * kLd + c0, dk, dk_factor);
   stage_frag<T, D>(v_tile + 16 * warp * kLd + c0, dv, dv_factor);
   sync_threads();
-  const int64_t at = ((b * p.heads_kv + hk) * p.len_k + k0) * dim + c0;
+  block_of(bh, k0);
+  const int64_t at = (bh * p.len_k + k0) * dim + c0;
   const int cols = clamp_rows(dim - c0, DC);
   store_rows<Lay::kThreads, D>(static_cast<T*>(g.dk) + at, dim, k_tile + c0, nk, cols);
   store_rows<Lay::kThreads, D>(static_cast<T*>(g.dv) + at, dim, v_tile + c0, nk, cols);
@@ -438,20 +449,23 @@ void set_attention_backward(const SetAttentionBwdParams& g, const AttentionBwdWo
   dispatch_head_dim(dtype, p.head_dim, fn, [&](auto tag, auto dim) {
     using T = typename decltype(tag)::type;
     constexpr int D = decltype(dim)::value;
-    constexpr int BN = BwdTiles<T, D>::kKeys, BM = BwdTiles<T, D>::kQueries;
-    constexpr int DC = BwdTiles<T, D>::kCols;
+    auto dkdv = [&](auto atomic_dq) {
+      constexpr bool kAtomicDq = decltype(atomic_dq)::value;
+      using Tiles = BwdTiles<T, D, kAtomicDq>;
+      constexpr int BN = Tiles::kKeys, BM = Tiles::kQueries, DC = Tiles::kCols;
+      launch("set_attention_dkdv", dkdv_plan<T, D, BN, BM, DC, kAtomicDq>(p), stream,
+             set_attention_dkdv_kernel<T, D, BN, BM, DC, kAtomicDq>, g, w);
+    };
     const int64_t rows = p.batch * p.heads_q * p.len_q;
     launch("set_attention_bwd_prep", row_plan(rows), stream, set_attention_bwd_prep_kernel<T>,
            g, w);
     if (deterministic) {
-      launch("set_attention_dkdv", dkdv_plan<T, D, BN, BM, DC, false>(p), stream,
-             set_attention_dkdv_kernel<T, D, BN, BM, DC, false>, g, w);
+      dkdv(std::false_type{});
       constexpr int QM = DqTiles<T, D>::kM, QN = DqTiles<T, D>::kN, QC = DqTiles<T, D>::kCols;
       launch("set_attention_dq", dq_plan<T, D, QM, QN, QC>(p), stream,
              set_attention_dq_kernel<T, D, QM, QN, QC>, g, w);
     } else {
-      launch("set_attention_dkdv", dkdv_plan<T, D, BN, BM, DC, true>(p), stream,
-             set_attention_dkdv_kernel<T, D, BN, BM, DC, true>, g, w);
+      dkdv(std::true_type{});
       launch("set_attention_dq_convert", row_plan(rows * p.head_dim / 8), stream,
              set_attention_dq_convert_kernel<T>, g, w);
     }

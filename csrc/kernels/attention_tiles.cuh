@@ -42,13 +42,15 @@ struct FwdTiles {
 // dV one block owns (kCols < D: several blocks per key tile, each recomputing P and dS,
 // so that dK and dV fit in registers). Smaller query steps at large head dims keep S^T and
 // dP^T in registers (tensor cores) and the Q and dO stages within an sm_80 block's shared
-// memory (float32 at 256); float64 takes small tiles for shared memory.
-template <typename T, int D>
+// memory (float32 at 256); float64 takes small tiles for shared memory. At head dim 128 the
+// atomic dQ (its dS^T staging and dS K) leaves no registers for 32 queries: 16.
+template <typename T, int D, bool kAtomicDq>
 struct BwdTiles {
   static constexpr bool kDouble = sizeof(T) == 8;
   static constexpr int kKeys = kTensorCores<T> ? 64 : 32;
   static constexpr int kQueries =
-      kTensorCores<T> ? (D > 128 ? 16 : D > 64 ? 32 : 64) : kDouble || D > 128 ? 16 : 32;
+      kTensorCores<T> ? (D > 128 || (D > 96 && kAtomicDq) ? 16 : D > 64 ? 32 : 64)
+                      : kDouble || D > 128 ? 16 : 32;
   static constexpr int kCols = D < (kDouble ? 32 : 128) ? D : kDouble ? 32 : 128;
 };
 
@@ -174,22 +176,30 @@ SK_DEVICE bool chunk_finite(uint4 raw) {
 }
 
 // Once this thread's copies of a tile (load_rows_async) have landed, before the barrier
-// that publishes them: zeroes each of its chunks that holds a NaN or inf and flags the
-// chunk's row (flags[r] = 1, and flags[Rows] = 1 for the tile). A value tile scrubbed so
-// carries no NaN into rows whose weight for the key is 0; the flags make the key's score
-// NaN for the rows that see it.
-template <int Threads, int Rows, int Cols, typename T>
-SK_DEVICE void scrub_rows(T* tile, int* flags) {
+// that publishes them: zeroes each of its chunks that holds a NaN or inf and calls mark(r)
+// with the chunk's row. A tile scrubbed so carries no NaN into rows whose weight for the
+// row is 0; the mark makes the row's scores NaN where it is seen (flag_rows, or a NaN lse).
+template <int Threads, int Rows, int Cols, typename T, typename MarkFn>
+SK_DEVICE void scrub_rows(T* tile, MarkFn mark) {
   constexpr int kPer = 16 / int(sizeof(T)), kChunks = Cols / kPer;
   for (int i = thread_rank(); i < Rows * kChunks; i += Threads) {
     const int r = i / kChunks, c = i % kChunks * kPer;
     T* at = tile + r * tile_ld<T, Cols> + c;
     if (!chunk_finite<T>(load16(at))) {
       store16(at, uint4{0, 0, 0, 0});
-      flags[r] = 1;  // other threads may store the same 1: no order dependence
-      flags[Rows] = 1;
+      mark(r);
     }
   }
+}
+
+// scrub_rows' mark as flags: flags[r] = 1, and flags[Rows] = 1 for the tile (other threads
+// may store the same 1: no order dependence).
+template <int Rows>
+SK_DEVICE auto flag_rows(int* flags) {
+  return [flags](int r) {
+    flags[r] = 1;
+    flags[Rows] = 1;
+  };
 }
 
 // Writes the warp's fragment (N columns), times a per-row factor, as T into rows 0..15 of
@@ -578,9 +588,9 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M
       },
       [&](int64_t, int, int st, unsigned info) {
         if (block_partial(info)) {
-          scrub_rows<Threads, BN, D>(ks.v + st * BN * kLd, ks.bad + st * (BN + 1));
+          scrub_rows<Threads, BN, D>(ks.v + st * BN * kLd, flag_rows<BN>(ks.bad + st * (BN + 1)));
           if constexpr (kScrubK) {
-            scrub_rows<Threads, BN, D>(ks.k + st * BN * kLd, ks.bad + st * (BN + 1));
+            scrub_rows<Threads, BN, D>(ks.k + st * BN * kLd, flag_rows<BN>(ks.bad + st * (BN + 1)));
           }
         }
       },

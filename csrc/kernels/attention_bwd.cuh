@@ -90,8 +90,8 @@ struct DkdvLayout {
   static constexpr size_t kV = kK + tile_bytes<T, BN, D>;
   static constexpr size_t kQ = kV + tile_bytes<T, BN, D>;  // two stages of everything below
   static constexpr size_t kDout = kQ + 2 * tile_bytes<T, BM, D>;
-  static constexpr size_t kQSets = kDout + 2 * tile_bytes<T, BM, D>;
-  static constexpr size_t kLse = kQSets + 2 * BM * sizeof(int64_t);
+  static constexpr size_t kQCodes = kDout + 2 * tile_bytes<T, BM, D>;
+  static constexpr size_t kLse = kQCodes + 2 * BM * sizeof(int32_t);
   static constexpr size_t kDelta = kLse + 2 * BM * sizeof(Acc);
   static constexpr size_t kDs = kDelta + 2 * BM * sizeof(Acc);  // dS [BM][BN], atomic dQ only
   static constexpr size_t kList = kDs + (kAtomicDq ? tile_bytes<T, BM, BN> : 0);
@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   T* const v_tile = reinterpret_cast<T*>(smem + Lay::kV);
   T* const q_tiles = reinterpret_cast<T*>(smem + Lay::kQ);
   T* const dout_tiles = reinterpret_cast<T*>(smem + Lay::kDout);
-  int64_t* const q_set_tiles = reinterpret_cast<int64_t*>(smem + Lay::kQSets);
+  int32_t* const q_code_tiles = reinterpret_cast<int32_t*>(smem + Lay::kQCodes);
   Acc* const lse_tiles = reinterpret_cast<Acc*>(smem + Lay::kLse);
   Acc* const delta_tiles = reinterpret_cast<Acc*>(smem + Lay::kDelta);
   T* const ds_tile = reinterpret_cast<T*>(smem + Lay::kDs);
@@ -130,11 +130,6 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   const int64_t* q_sets = p.q_sets + b * p.len_q;
   const IdRange block_k = warp_id_range(k_sets, nk);
   const IdRange warp_k = warp_id_range(k_sets + 16 * warp, clamp_rows(nk - 16 * warp, 16));
-  int64_t row_set[2];
-  SK_UNROLL for (int i = 0; i < 2; ++i) {
-    const int r = 16 * warp + frag_row(2 * i);
-    row_set[i] = r < nk ? k_sets[r] : 0;
-  }
 
   const int dim = int(p.head_dim);
   load_rows_async<Lay::kThreads, BN, D>(k_tile, k_row<T>(p, b, hk, k0), p.k_row_stride, nk, dim);
@@ -152,7 +147,7 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   TileList& list = *reinterpret_cast<TileList*>(smem + Lay::kList);
   const bool whole_rows = dim == D;
   const TileCopy<Lay::kThreads, BM, D, T> q_copy(p.q_row_stride), dout_copy(p.out_row_stride);
-  list.set_rows(block_k, warp_k);
+  list.set_rows<Lay::kThreads, BN, false>(block_k, warp_k, k_sets, nk, p.strict);
   for_each_needed_tile<Lay::kThreads>(
       q_sets, p.len_q, BM, int(group), list,
       [&](int64_t t, IdRange queries) {
@@ -173,8 +168,8 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
           load_rows_async<Lay::kThreads, BM, D>(q_to, q_from, p.q_row_stride, nq, dim);
           load_rows_async<Lay::kThreads, BM, D>(dout_to, dout_from, p.out_row_stride, nq, dim);
         }
-        if (partial) {  // the ids only serve hidden_bits, which partial tiles take
-          load_values<Lay::kThreads, BM>(q_set_tiles + st * BM, q_sets + q0, nq, int64_t(0));
+        if (partial) {  // the codes only serve the mask of partial tiles
+          list.load_codes<Lay::kThreads, BM, false>(q_code_tiles + st * BM, q_sets + q0, nq);
         }
         const Acc* lse = static_cast<const Acc*>(w.lse) + row;
         const Acc* delta = static_cast<const Acc*>(w.delta) + row;
@@ -199,8 +194,7 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
           auto delta_of = [&](int n, int e) { return delta[frag_col(n, e)]; };
           const bool partial = kind == TileKind::kPartial;
           if (partial) {
-            scale_and_mask(prob, scale,
-                           hidden_bits<false, BM>(row_set, q_set_tiles + st * BM, nq, p.strict), 0);
+            scale_and_mask(prob, scale, list.hidden<false>(16 * warp, q_code_tiles + st * BM), 0);
             recompute_probs<T, false>(prob, lse_of, scale);
           } else {
             recompute_probs<T, true>(prob, lse_of, scale);

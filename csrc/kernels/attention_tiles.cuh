@@ -280,16 +280,18 @@ struct SetCodes {
   IdRange rows;        // the block's row ids: their range,
   const int64_t* ids;  // the ids themselves
   int n;               // and how many
+  int32_t top;         // rows.hi's code + 1 with offsets, else -1
   bool strict;
 
-  SK_DEVICE bool offsets() const {
-    return rows.lo <= rows.hi && uint64_t(rows.hi) - uint64_t(rows.lo) < (uint64_t(1) << 30);
+  SK_DEVICE SetCodes(IdRange rows, const int64_t* ids, int n, bool strict)
+      : rows(rows), ids(ids), n(n), strict(strict) {
+    const bool offsets =
+        rows.lo <= rows.hi && uint64_t(rows.hi) - uint64_t(rows.lo) < (uint64_t(1) << 30);
+    top = offsets ? int32_t(rows.hi - rows.lo) + 1 : -1;
   }
   // x <= y iff code(x) <= code(y), and x < y iff code(x) < code(y), where x or y is a row id.
   SK_DEVICE int32_t code(int64_t x) const {
-    if (offsets()) {
-      return x < rows.lo ? -1 : x > rows.hi ? int32_t(rows.hi - rows.lo) + 1 : int32_t(x - rows.lo);
-    }
+    if (top >= 0) return x < rows.lo ? -1 : x > rows.hi ? top : int32_t(x - rows.lo);
     int32_t c = 0;  // (rows below x) + (rows not above x)
     SK_NO_UNROLL for (int r = 0; r < n; ++r) c += int32_t(ids[r] < x) + int32_t(ids[r] <= x);
     return c;
@@ -330,7 +332,7 @@ struct TileList {
   SK_DEVICE void set_rows(IdRange block, IdRange warp, const int64_t* ids, int n, bool strict) {
     static_assert(Rows <= kMaxRows, "row_code has room for kMaxRows rows");
     if (lane_id() == 0) warp_rows[warp_id()] = warp;
-    const SetCodes c{block, ids, n, strict};
+    const SetCodes c(block, ids, n, strict);
     if (thread_rank() == 0) {
       block_rows = block;
       codes = c;

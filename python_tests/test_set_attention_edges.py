@@ -191,7 +191,7 @@ def test_more_key_or_query_tiles_than_one_walk_chunk(backend, lq, lk):
 
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("strict", [False, True])
-@pytest.mark.parametrize("spread", ["near", "far", "extreme"])
+@pytest.mark.parametrize("spread", ["near", "far", pytest.param("extreme", marks=pytest.mark.asan)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_set_ids_near_and_far_apart(backend, dtype, spread, strict, deterministic):
     """The fused kernels test partial tiles on 32-bit codes of the ids relative to the

@@ -337,7 +337,7 @@ struct TileList {
       block_rows = block;
       codes = c;
     }
-    for_thread_shares<Threads, Rows>([&](int r) {
+    for_thread_shares<Threads, Rows>([&](int r) {  // rows past n: any code, never used
       row_code[r] = r >= n ? 0 : RowsAreQueries ? c.query_code(ids[r]) : c.key_code(ids[r]);
     });
   }
@@ -353,6 +353,8 @@ struct TileList {
     });
   }
 
+  // The hidden pairs of this lane's rows row0 + g, row0 + g + 8 against a tile's column
+  // codes (load_codes).
   template <bool RowsAreQueries>
   SK_DEVICE HiddenPairs<RowsAreQueries> hidden(int row0, const int32_t* cols) const {
     return {{row_code[row0 + frag_row(0)], row_code[row0 + frag_row(2)]}, cols};

@@ -128,8 +128,8 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   const int nk = clamp_rows(p.len_k - k0, BN);
   const int64_t* k_sets = p.k_sets + b * p.len_k + k0;
   const int64_t* q_sets = p.q_sets + b * p.len_q;
-  const IdRange block_k = warp_id_range(k_sets, nk);
-  const IdRange warp_k = warp_id_range(k_sets + 16 * warp, clamp_rows(nk - 16 * warp, 16));
+  const IdRange block_k = warp_id_range<BN>(k_sets, nk);
+  const IdRange warp_k = warp_id_range<16>(k_sets + 16 * warp, clamp_rows(nk - 16 * warp, 16));
 
   const int dim = int(p.head_dim);
   load_rows_async<Lay::kThreads, BN, D>(k_tile, k_row<T>(p, b, hk, k0), p.k_row_stride, nk, dim);
@@ -148,8 +148,8 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   const bool whole_rows = dim == D;
   const TileCopy<Lay::kThreads, BM, D, T> q_copy(p.q_row_stride), dout_copy(p.out_row_stride);
   list.set_rows<Lay::kThreads, BN, false>(block_k, warp_k, k_sets, nk, p.strict);
-  for_each_needed_tile<Lay::kThreads>(
-      q_sets, p.len_q, BM, int(group), list,
+  for_each_needed_tile<Lay::kThreads, BM>(
+      q_sets, p.len_q, int(group), list,
       [&](int64_t t, IdRange queries) {
         return tile_info<false, Lay::kWarps>(list, queries, p.strict, queries_in(t) < BM);
       },

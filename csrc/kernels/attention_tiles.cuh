@@ -228,12 +228,17 @@ struct IdRange {
   int64_t lo, hi;
 };
 
-// The range of ids[0, n), reduced over the warp (every lane gets it).
+// The range of ids[0, n), n <= Cap, reduced over the warp (every lane gets it). A lane's
+// Cap / 32 loads are issued at once, and no code is left for counts that never occur (a
+// loop over n compiles to an unrolled body and remainder loops).
+template <int Cap>
 SK_DEVICE IdRange warp_id_range(const int64_t* ids, int n) {
   IdRange r{INT64_MAX, INT64_MIN};
-  for (int j = lane_id(); j < n; j += 32) {
-    r.lo = ids[j] < r.lo ? ids[j] : r.lo;
-    r.hi = ids[j] > r.hi ? ids[j] : r.hi;
+  SK_UNROLL for (int k = 0; k < (Cap + 31) / 32; ++k) {
+    if (const int j = lane_id() + 32 * k; j < n) {
+      r.lo = ids[j] < r.lo ? ids[j] : r.lo;
+      r.hi = ids[j] > r.hi ? ids[j] : r.hi;
+    }
   }
   SK_UNROLL for (int o = 16; o > 0; o >>= 1) {
     const int64_t lo = shfl_xor(r.lo, o), hi = shfl_xor(r.hi, o);
@@ -380,7 +385,7 @@ SK_DEVICE unsigned tile_info(const TileList& list, IdRange tile, bool strict, bo
 SK_DEVICE TileKind block_kind(unsigned info) { return TileKind(info & 3); }
 SK_DEVICE TileKind warp_kind(unsigned info) { return TileKind(info >> (2 + 2 * warp_id()) & 3); }
 
-// Calls body(tile, rep, stage, info) for rep in [0, repeats) of every tile of `tile_len`
+// Calls body(tile, rep, stage, info) for rep in [0, repeats) of every tile of TileLen
 // of the `len` ids whose info = info_of(tile, set-id range) is not 0 (tile_info), in order.
 // The ranges of a chunk of tiles are found once, by the block's warps together, and the
 // needed tiles listed with their info, so a tile the block skips is never visited. The
@@ -391,17 +396,17 @@ SK_DEVICE TileKind warp_kind(unsigned info) { return TileKind(info >> (2 + 2 * w
 // landed(tile, rep, stage, info) runs in every thread once its own copies of the visit
 // have landed, before the barrier that makes everyone's visible; plain shared stores made
 // by issue() are visible to every thread's landed() and body().
-template <int Threads, typename InfoFn, typename IssueFn, typename LandedFn, typename BodyFn>
-SK_DEVICE void for_each_needed_tile(const int64_t* ids, int64_t len, int tile_len, int repeats,
-                                    TileList& list, InfoFn info_of, IssueFn issue,
-                                    LandedFn landed, BodyFn body) {
+template <int Threads, int TileLen, typename InfoFn, typename IssueFn, typename LandedFn,
+          typename BodyFn>
+SK_DEVICE void for_each_needed_tile(const int64_t* ids, int64_t len, int repeats, TileList& list,
+                                    InfoFn info_of, IssueFn issue, LandedFn landed, BodyFn body) {
   constexpr int kWarps = Threads / 32;
-  const int64_t tiles = ceil_div(len, tile_len);
+  const int64_t tiles = ceil_div(len, TileLen);
   for (int64_t t0 = 0; t0 < tiles; t0 += kTileChunk) {
     const int n = clamp_rows(tiles - t0, kTileChunk);
     for (int c = warp_id(); c < n; c += kWarps) {
-      const int64_t at = (t0 + c) * tile_len;
-      const IdRange r = warp_id_range(ids + at, clamp_rows(len - at, tile_len));
+      const int64_t at = (t0 + c) * TileLen;
+      const IdRange r = warp_id_range<TileLen>(ids + at, clamp_rows(len - at, TileLen));
       if (lane_id() == 0) list.range[c] = r;
     }
     sync_threads();
@@ -555,8 +560,8 @@ SK_DEVICE QueryBlock<M> query_block(const SetAttentionParams& p) {
   qb.nq = clamp_rows(p.len_q - qb.q0, BM);
   qb.q_sets = p.q_sets + qb.b * p.len_q + qb.q0;
   const int w = 16 * M * warp_id();
-  qb.block_q = warp_id_range(qb.q_sets, qb.nq);
-  qb.warp_q = warp_id_range(qb.q_sets + w, clamp_rows(qb.nq - w, 16 * M));
+  qb.block_q = warp_id_range<BM>(qb.q_sets, qb.nq);
+  qb.warp_q = warp_id_range<16 * M>(qb.q_sets + w, clamp_rows(qb.nq - w, 16 * M));
   return qb;
 }
 
@@ -613,8 +618,8 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M
   const TileCopy<Threads, BN, D, T> k_copy(p.k_row_stride), v_copy(p.v_row_stride);
   list.set_rows<Threads, 16 * M * (Threads / 32), true>(qb.block_q, qb.warp_q, qb.q_sets, qb.nq,
                                                        p.strict);
-  for_each_needed_tile<Threads>(
-      k_sets, p.len_k, BN, 1, list,
+  for_each_needed_tile<Threads, BN>(
+      k_sets, p.len_k, 1, list,
       [&](int64_t t, IdRange keys) {
         return tile_info<true, Threads / 32>(list, keys, p.strict, keys_in(t) < BN);
       },

@@ -601,12 +601,12 @@ def _tile(rows, cols, elem=2, pad=16):
 
 
 def _key_stages(d, bn):  # KeyStages<T, D, BN>::kBytes, 16-bit T
-    return 4 * _tile(bn, d) + 2 * bn * 8 + 2 * (bn + 1) * 4
+    return 4 * _tile(bn, d) + 2 * bn * 4 + 2 * (bn + 1) * 4
 
 
 # sizeof(TileList) in attention_tiles.cuh: 64 ranges (16 B), 64 infos and tile indices, a
-# count, the block's and 8 warps' ranges.
-TILE_LIST = 64 * 16 + 64 * 4 + 64 * 4 + 8 + 16 + 8 * 16
+# count, the block's and 8 warps' ranges, the SetCodes (32 B) and 128 row codes.
+TILE_LIST = 64 * 16 + 64 * 4 + 64 * 4 + 8 + 16 + 8 * 16 + 32 + 128 * 4
 
 
 def _chunks(rows, d, warps, elem=2):
@@ -672,7 +672,7 @@ FAMILIES = (
            inner=lambda p, w: dict(hmma=p["BM"] / 16 / w * p["D"] * p["BN"] / 128
                                    if p["atomic"] else 0),
            smem=lambda p: 2 * _tile(p["BN"], p["D"]) + 4 * _tile(p["BM"], p["D"])
-           + 2 * p["BM"] * 16 + (_tile(p["BM"], p["BN"]) if p["atomic"] else 0) + TILE_LIST
+           + 2 * p["BM"] * 12 + (_tile(p["BM"], p["BN"]) if p["atomic"] else 0) + TILE_LIST
            if p["T"] in ("bf16", "fp16") else None,
            visits="ours dkdv"),
     Family("set_attention_dq_kernel", _named("T D BM BN DC".split()),

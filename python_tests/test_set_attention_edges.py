@@ -11,6 +11,7 @@ import sarkernels
 from conftest import attention_inputs
 
 NAN, INF = float("nan"), float("inf")
+I64 = torch.iinfo(torch.int64)
 
 
 def rule_oracle(q, k, v, q_sets, k_sets, strict, scale=None):
@@ -261,6 +262,45 @@ def test_more_key_or_query_tiles_than_one_walk_chunk(backend, lq, lk):
     torch.testing.assert_close(lse.double(), r_lse, atol=1e-5, rtol=1e-5)
     for g, r in zip(grads, r_grads):
         torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("spread", ["near", "far", pytest.param("extreme", marks=pytest.mark.asan)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_set_ids_near_and_far_apart(backend, dtype, spread, strict, deterministic):
+    """The fused kernels test partial tiles on 32-bit codes of the ids relative to the
+    block's rows: offsets where a block's ids span less than 2^30 ("near", keys of other
+    blocks clamped), counts over the block's rows otherwise ("far": 2^40 apart; "extreme":
+    the int64 ends among them). Sorted queries, unsorted keys, ragged tiles; forward and
+    both backward paths against the reference."""
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = attention_inputs(1, 2, 1, 150, 140, 64, gen, dtype)
+    step = {"near": 1, "far": 1 << 40, "extreme": 1 << 40}[spread]
+    q_sets = torch.randint(0, 7, (1, 150), generator=gen).sort(-1).values * step
+    k_sets = torch.randint(-1, 8, (1, 140), generator=gen) * step
+    if spread == "extreme":
+        q_sets[0, 60:64] = torch.tensor([I64.min, I64.min + 1, I64.max - 1, I64.max])
+        k_sets[0, ::9] = torch.tensor([I64.min, I64.max])[torch.arange(16) % 2]
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        out, lse = sarkernels.set_attention(*leaves, q_sets, k_sets, strict=strict,
+                                            return_lse=True)
+        grads = torch.autograd.grad(out.float().sum() + lse.nan_to_num(0, 0, 0).sum(), leaves)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    with sarkernels.use_backend("reference"):
+        ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        r_out, r_lse = sarkernels.set_attention(*ref, q_sets, k_sets, strict=strict,
+                                                return_lse=True)
+        r_grads = torch.autograd.grad(r_out.sum() + r_lse.nan_to_num(0, 0, 0).sum(), ref)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert torch.equal(lse.isneginf(), r_lse.isneginf())
+    torch.testing.assert_close(out.double(), r_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), r_lse, atol=tol, rtol=tol)
+    for g, r in zip(grads, r_grads):
+        torch.testing.assert_close(g.double(), r, atol=5 * tol, rtol=5 * tol)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])

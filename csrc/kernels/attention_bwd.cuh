@@ -33,14 +33,15 @@ SK_DEVICE void recompute_probs(Frag<Acc, N>& s, LseFn lse, Acc scale) {
   }
 }
 
-// prob <- 0 where `hidden` has the element's bit, else NaN where `nan` has it. After the
-// exponent, so that the hidden pairs of a row whose lse is NaN still weigh 0.
-template <typename Acc, int N>
-SK_DEVICE void mask_probs(Frag<Acc, N>& prob, uint32_t hidden, uint32_t nan) {
+// prob <- 0 where hidden(n, e) (HiddenPairs, or NoPairs), else NaN where `nan` has the
+// element's bit. After the exponent, so that the hidden pairs of a row whose lse is NaN
+// still weigh 0.
+template <typename Acc, int N, typename Hidden>
+SK_DEVICE void mask_probs(Frag<Acc, N>& prob, Hidden hidden, uint32_t nan) {
   SK_UNROLL for (int n = 0; n < N / 8; ++n) {
     SK_UNROLL for (int e = 0; e < 4; ++e) {
-      const int bit = 4 * n + e;
-      prob.x[n][e] = hidden >> bit & 1 ? Acc(0) : nan >> bit & 1 ? Acc(NAN) : prob.x[n][e];
+      const Acc x = nan >> (4 * n + e) & 1 ? Acc(NAN) : prob.x[n][e];
+      prob.x[n][e] = hidden(n, e) ? Acc(0) : x;
     }
   }
 }
@@ -102,8 +103,8 @@ struct DkdvLayout {
   static constexpr size_t kV = kK + tile_bytes<T, BN, D>;
   static constexpr size_t kQ = kV + tile_bytes<T, BN, D>;  // two stages of everything below
   static constexpr size_t kDout = kQ + 2 * tile_bytes<T, BM, D>;
-  static constexpr size_t kQSets = kDout + 2 * tile_bytes<T, BM, D>;
-  static constexpr size_t kLse = kQSets + 2 * BM * sizeof(int64_t);
+  static constexpr size_t kQCodes = kDout + 2 * tile_bytes<T, BM, D>;
+  static constexpr size_t kLse = kQCodes + 2 * BM * sizeof(int32_t);
   static constexpr size_t kDelta = kLse + 2 * BM * sizeof(Acc);
   static constexpr size_t kDs = kDelta + 2 * BM * sizeof(Acc);  // dS^T [BN][BM], atomic dQ only
   static constexpr size_t kList = kDs + (kAtomicDq ? tile_bytes<T, BN, BM> : 0);
@@ -127,7 +128,7 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   T* const v_tile = reinterpret_cast<T*>(smem + Lay::kV);
   T* const q_tiles = reinterpret_cast<T*>(smem + Lay::kQ);
   T* const dout_tiles = reinterpret_cast<T*>(smem + Lay::kDout);
-  int64_t* const q_set_tiles = reinterpret_cast<int64_t*>(smem + Lay::kQSets);
+  int32_t* const q_code_tiles = reinterpret_cast<int32_t*>(smem + Lay::kQCodes);
   Acc* const lse_tiles = reinterpret_cast<Acc*>(smem + Lay::kLse);
   Acc* const delta_tiles = reinterpret_cast<Acc*>(smem + Lay::kDelta);
   T* const ds_tile = reinterpret_cast<T*>(smem + Lay::kDs);
@@ -151,13 +152,8 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   const int nk = clamp_rows(p.len_k - k0, BN);
   const int64_t* k_sets = p.k_sets + b * p.len_k + k0;
   const int64_t* q_sets = p.q_sets + b * p.len_q;
-  const IdRange block_k = warp_id_range(k_sets, nk);
-  const IdRange warp_k = warp_id_range(k_sets + 16 * warp, clamp_rows(nk - 16 * warp, 16));
-  int64_t row_set[2];
-  SK_UNROLL for (int i = 0; i < 2; ++i) {
-    const int r = 16 * warp + frag_row(2 * i);
-    row_set[i] = r < nk ? k_sets[r] : 0;
-  }
+  const IdRange block_k = warp_id_range<BN>(k_sets, nk);
+  const IdRange warp_k = warp_id_range<16>(k_sets + 16 * warp, clamp_rows(nk - 16 * warp, 16));
 
   const int dim = int(p.head_dim);
   load_rows_async<Lay::kThreads, BN, D>(k_tile, k_row<T>(p, b, hk, k0), p.k_row_stride, nk, dim);
@@ -186,9 +182,9 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   TileList& list = *reinterpret_cast<TileList*>(smem + Lay::kList);
   const bool whole_rows = dim == D;
   const TileCopy<Lay::kThreads, BM, D, T> q_copy(p.q_row_stride), dout_copy(p.out_row_stride);
-  list.set_rows(block_k, warp_k);
-  for_each_needed_tile<Lay::kThreads>(
-      q_sets, p.len_q, BM, group, list,
+  list.set_rows<Lay::kThreads, BN, false>(block_k, warp_k, k_sets, nk, p.strict);
+  for_each_needed_tile<Lay::kThreads, BM>(
+      q_sets, p.len_q, int(group), list,
       [&](int64_t t, IdRange queries) {
         return tile_info<false, Lay::kWarps>(list, queries, p.strict, queries_in(t) < BM);
       },
@@ -207,8 +203,8 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
           load_rows_async<Lay::kThreads, BM, D>(q_to, q_from, p.q_row_stride, nq, dim);
           load_rows_async<Lay::kThreads, BM, D>(dout_to, dout_from, p.out_row_stride, nq, dim);
         }
-        if (partial) {  // the ids only serve hidden_bits, which partial tiles take
-          load_values<Lay::kThreads, BM>(q_set_tiles + st * BM, q_sets + q0, nq, int64_t(0));
+        if (partial) {  // the codes only serve the mask of partial tiles
+          list.load_codes<Lay::kThreads, BM, false>(q_code_tiles + st * BM, q_sets + q0, nq);
         }
         const Acc* lse = static_cast<const Acc*>(w.lse) + row;
         const Acc* delta = static_cast<const Acc*>(w.delta) + row;
@@ -243,14 +239,13 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
           const bool bad_keys = k_bad[BN] != 0;
           recompute_probs<T, true>(prob, lse_of, scale);
           if (partial || bad_keys) {
-            const int r0 = 16 * warp + frag_row(0), r1 = r0 + 8;  // this lane's keys
-            const uint32_t nan = bad_keys ? row_bits<BM>(k_bad[r0] != 0, k_bad[r1] != 0) : 0;
-            uint32_t hidden = 0;
-            if (partial) {  // keys past the block's are hidden from every query
-              hidden = hidden_bits<false, BM>(row_set, q_set_tiles + st * BM, nq, p.strict) |
-                       row_bits<BM>(r0 >= nk, r1 >= nk);
+            const int r0 = 16 * warp + frag_row(0);  // this lane's keys: r0, r0 + 8
+            const uint32_t nan = bad_keys ? row_bits<BM>(k_bad[r0] != 0, k_bad[r0 + 8] != 0) : 0;
+            if (partial) {
+              mask_probs(prob, list.hidden<false>(16 * warp, q_code_tiles + st * BM), nan);
+            } else {
+              mask_probs(prob, NoPairs{}, nan);
             }
-            mask_probs(prob, hidden, nan);
           }
           gemm_smem_a<T, BM, D, BFrom::kRowsN>(ds, v_tile + 16 * warp * kLd, kLd, dout_tile, kLd);
           gemm_frag_a<T, DC, BM, BFrom::kRowsK>(dv, prob, scratch, dout_tile + c0, kLd);
@@ -451,7 +446,7 @@ void set_attention_backward(const SetAttentionBwdParams& g, const AttentionBwdWo
     constexpr int D = decltype(dim)::value;
     auto dkdv = [&](auto atomic_dq) {
       constexpr bool kAtomicDq = decltype(atomic_dq)::value;
-      using Tiles = BwdTiles<T, D, kAtomicDq>;
+      using Tiles = BwdTiles<T, D>;
       constexpr int BN = Tiles::kKeys, BM = Tiles::kQueries, DC = Tiles::kCols;
       launch("set_attention_dkdv", dkdv_plan<T, D, BN, BM, DC, kAtomicDq>(p), stream,
              set_attention_dkdv_kernel<T, D, BN, BM, DC, kAtomicDq>, g, w);

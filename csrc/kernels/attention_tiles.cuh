@@ -1,6 +1,7 @@
 // What the fused set-attention kernels (attention_fwd.cuh, attention_bwd.cuh) share: the
 // tile sizes of every kernel, shared-memory tiles and their cp.async loaders, set-id
-// ranges and tile classes from mask.h, the double-buffered walk over visible tiles, score
+// ranges and tile classes from mask.h, 32-bit set-id codes for the per-element mask of
+// partial tiles, the double-buffered walk over visible tiles, score
 // scaling and masking, the exponent base, and the host-side dispatch and argument checks.
 #pragma once
 #include <cstdint>
@@ -42,15 +43,15 @@ struct FwdTiles {
 // dV one block owns (kCols < D: several blocks per key tile, each recomputing P and dS,
 // so that dK and dV fit in registers). Smaller query steps at large head dims keep S^T and
 // dP^T in registers (tensor cores) and the Q and dO stages within an sm_80 block's shared
-// memory (float32 at 256); float64 takes small tiles for shared memory. At head dim 128 the
-// atomic dQ (its dS^T staging and dS K) leaves no registers for 32 queries: 16.
-template <typename T, int D, bool kAtomicDq>
+// memory (float32 at 256); float64 takes small tiles for shared memory. At head dim 128,
+// 32 queries leave dK, dV, S^T and dP^T one or two registers short of 255 (nvcc 13.0 spills
+// there, on one arch or the other, with any change): 16.
+template <typename T, int D>
 struct BwdTiles {
   static constexpr bool kDouble = sizeof(T) == 8;
   static constexpr int kKeys = kTensorCores<T> ? 64 : 32;
   static constexpr int kQueries =
-      kTensorCores<T> ? (D > 128 || (D > 96 && kAtomicDq) ? 16 : D > 64 ? 32 : 64)
-                      : kDouble || D > 128 ? 16 : 32;
+      kTensorCores<T> ? (D > 96 ? 16 : D > 64 ? 32 : 64) : kDouble || D > 128 ? 16 : 32;
   static constexpr int kCols = D < (kDouble ? 32 : 128) ? D : kDouble ? 32 : 128;
 };
 
@@ -214,10 +215,20 @@ SK_DEVICE void stage_frag(T* rows, const Frag<acc_t<T>, N>& f, const acc_t<T> (&
   }
 }
 
+// Calls f(i) for each of this thread's shares i = thread_rank() + j * Threads of N items:
+// unrolled, as thread_rank() < Threads bounds the count (a loop over i would not be).
+template <int Threads, int N, typename F>
+SK_DEVICE void for_thread_shares(F f) {
+  SK_UNROLL for (int j = 0; j < (N + Threads - 1) / Threads; ++j) {
+    const int i = thread_rank() + j * Threads;
+    if (N % Threads == 0 || i < N) f(i);
+  }
+}
+
 // Plain (not cp.async) copy of the per-row values of a tile, `fill` past n up to Cap.
 template <int Threads, int Cap, typename V>
 SK_DEVICE void load_values(V* dst, const V* src, int n, V fill) {
-  for (int i = thread_rank(); i < Cap; i += Threads) dst[i] = i < n ? src[i] : fill;
+  for_thread_shares<Threads, Cap>([&](int i) { dst[i] = i < n ? src[i] : fill; });
 }
 
 // ---------------------------------------------------------------- set ids and tile kinds
@@ -227,12 +238,17 @@ struct IdRange {
   int64_t lo, hi;
 };
 
-// The range of ids[0, n), reduced over the warp (every lane gets it).
+// The range of ids[0, n), n <= Cap, reduced over the warp (every lane gets it). A lane's
+// Cap / 32 loads are issued at once, and no code is left for counts that never occur (a
+// loop over n compiles to an unrolled body and remainder loops).
+template <int Cap>
 SK_DEVICE IdRange warp_id_range(const int64_t* ids, int n) {
   IdRange r{INT64_MAX, INT64_MIN};
-  for (int j = lane_id(); j < n; j += 32) {
-    r.lo = ids[j] < r.lo ? ids[j] : r.lo;
-    r.hi = ids[j] > r.hi ? ids[j] : r.hi;
+  SK_UNROLL for (int k = 0; k < (Cap + 31) / 32; ++k) {
+    if (const int j = lane_id() + 32 * k; j < n) {
+      r.lo = ids[j] < r.lo ? ids[j] : r.lo;
+      r.hi = ids[j] > r.hi ? ids[j] : r.hi;
+    }
   }
   SK_UNROLL for (int o = 16; o > 0; o >>= 1) {
     const int64_t lo = shfl_xor(r.lo, o), hi = shfl_xor(r.hi, o);
@@ -264,22 +280,101 @@ SK_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; 
 // sequence is walked in chunks of this many tiles.
 inline constexpr int kTileChunk = 64;
 
-// Most warps of a block that walks tiles.
+// Most warps of a block that walks tiles, and most rows of its block.
 inline constexpr int kMaxWarps = 8;
+inline constexpr int kMaxRows = 128;
+
+// 32-bit stand-ins ("codes") for set ids, relative to a block's row ids, so that a partial
+// tile's per-element test is one 32-bit compare. code() is an order-preserving map that
+// keeps every order between a row id and any id: where the block's row ids span less than
+// 2^30, the offset from their minimum, clamped to one past either end; otherwise (ids far
+// apart: rare) counts over the block's row ids, exact for any ids but a loop over the rows
+// per code. Codes do not wrap, so a key's code takes the strict rule's one step and the
+// test is visible(query_code(q), key_code(k), false) == visible(q, k, strict).
+struct SetCodes {
+  IdRange rows;        // the block's row ids: their range,
+  const int64_t* ids;  // the ids themselves
+  int n;               // and how many
+  int32_t top;         // rows.hi's code + 1 with offsets, else -1
+  bool strict;
+
+  SK_DEVICE SetCodes(IdRange rows, const int64_t* ids, int n, bool strict)
+      : rows(rows), ids(ids), n(n), strict(strict) {
+    const bool offsets =
+        rows.lo <= rows.hi && uint64_t(rows.hi) - uint64_t(rows.lo) < (uint64_t(1) << 30);
+    top = offsets ? int32_t(rows.hi - rows.lo) + 1 : -1;
+  }
+  // x <= y iff code(x) <= code(y), and x < y iff code(x) < code(y), where x or y is a row id.
+  SK_DEVICE int32_t code(int64_t x) const {
+    if (top >= 0) return x < rows.lo ? -1 : x > rows.hi ? top : int32_t(x - rows.lo);
+    int32_t c = 0;  // (rows below x) + (rows not above x)
+    SK_NO_UNROLL for (int r = 0; r < n; ++r) c += int32_t(ids[r] < x) + int32_t(ids[r] <= x);
+    return c;
+  }
+  SK_DEVICE int32_t query_code(int64_t q) const { return code(q); }
+  SK_DEVICE int32_t key_code(int64_t k) const { return code(k) + int32_t(strict); }
+};
+
+// Whether element (n, e) of a lane's share of a 16 x N fragment is hidden, from the codes
+// of the lane's two rows (g, g + 8) and of the tile's columns (shared): rows are queries
+// (RowsAreQueries) or keys.
+template <bool RowsAreQueries>
+struct HiddenPairs {
+  int32_t row[2];
+  const int32_t* cols;
+
+  SK_DEVICE bool operator()(int n, int e) const {
+    const int32_t r = row[e >> 1], c = cols[frag_col(n, e)];
+    return !(RowsAreQueries ? visible(r, c, false) : visible(c, r, false));
+  }
+};
 
 // A chunk's tile ranges and the list of the tiles the block needs with their tile_info, in
-// shared memory; and the set-id ranges of the block's and of each warp's rows, which the
-// block stores before walking (set_rows), so that they take no registers during the walk.
+// shared memory; the set-id ranges of the block's and of each warp's rows, and the codes of
+// the block's rows, which the block stores before walking (set_rows), so that they take no
+// registers during the walk.
 struct TileList {
   IdRange range[kTileChunk];
   unsigned info[kTileChunk];
   int tile[kTileChunk];  // indices into range and info, in order
   int count;
   IdRange block_rows, warp_rows[kMaxWarps];
+  SetCodes codes;
+  int32_t row_code[kMaxRows];
 
-  SK_DEVICE void set_rows(IdRange block, IdRange warp) {
+  // ids: the block's n row ids, queries (RowsAreQueries) or keys, of at most Rows rows.
+  template <int Threads, int Rows, bool RowsAreQueries>
+  SK_DEVICE void set_rows(IdRange block, IdRange warp, const int64_t* ids, int n, bool strict) {
+    static_assert(Rows <= kMaxRows, "row_code has room for kMaxRows rows");
     if (lane_id() == 0) warp_rows[warp_id()] = warp;
-    if (thread_rank() == 0) block_rows = block;
+    const SetCodes c(block, ids, n, strict);
+    if (thread_rank() == 0) {
+      block_rows = block;
+      codes = c;
+    }
+    // Rows past n see nothing (the dK/dV kernel's dS K reads its ragged key rows' dS).
+    for_thread_shares<Threads, Rows>([&](int r) {
+      row_code[r] = r >= n ? (RowsAreQueries ? INT32_MIN : INT32_MAX)
+                  : RowsAreQueries ? c.query_code(ids[r]) : c.key_code(ids[r]);
+    });
+  }
+
+  // The codes of the tile's n_cols columns ids[0, n_cols) (keys: RowsAreQueries, or queries)
+  // into codes[0, Cols), the columns past n_cols hidden from every row.
+  template <int Threads, int Cols, bool RowsAreQueries>
+  SK_DEVICE void load_codes(int32_t* dst, const int64_t* ids, int n_cols) const {
+    const SetCodes c = codes;
+    for_thread_shares<Threads, Cols>([&](int i) {
+      dst[i] = RowsAreQueries ? (i < n_cols ? c.key_code(ids[i]) : INT32_MAX)
+                              : (i < n_cols ? c.query_code(ids[i]) : INT32_MIN);
+    });
+  }
+
+  // The hidden pairs of this lane's rows row0 + g, row0 + g + 8 against a tile's column
+  // codes (load_codes).
+  template <bool RowsAreQueries>
+  SK_DEVICE HiddenPairs<RowsAreQueries> hidden(int row0, const int32_t* cols) const {
+    return {{row_code[row0 + frag_row(0)], row_code[row0 + frag_row(2)]}, cols};
   }
 };
 
@@ -302,7 +397,7 @@ SK_DEVICE unsigned tile_info(const TileList& list, IdRange tile, bool strict, bo
 SK_DEVICE TileKind block_kind(unsigned info) { return TileKind(info & 3); }
 SK_DEVICE TileKind warp_kind(unsigned info) { return TileKind(info >> (2 + 2 * warp_id()) & 3); }
 
-// Calls body(tile, rep, stage, info) for rep in [0, repeats) of every tile of `tile_len`
+// Calls body(tile, rep, stage, info) for rep in [0, repeats) of every tile of TileLen
 // of the `len` ids whose info = info_of(tile, set-id range) is not 0 (tile_info), in order.
 // The ranges of a chunk of tiles are found once, by the block's warps together, and the
 // needed tiles listed with their info, so a tile the block skips is never visited. The
@@ -313,17 +408,17 @@ SK_DEVICE TileKind warp_kind(unsigned info) { return TileKind(info >> (2 + 2 * w
 // landed(tile, rep, stage, info) runs in every thread once its own copies of the visit
 // have landed, before the barrier that makes everyone's visible; plain shared stores made
 // by issue() are visible to every thread's landed() and body().
-template <int Threads, typename InfoFn, typename IssueFn, typename LandedFn, typename BodyFn>
-SK_DEVICE void for_each_needed_tile(const int64_t* ids, int64_t len, int tile_len, int repeats,
-                                    TileList& list, InfoFn info_of, IssueFn issue,
-                                    LandedFn landed, BodyFn body) {
+template <int Threads, int TileLen, typename InfoFn, typename IssueFn, typename LandedFn,
+          typename BodyFn>
+SK_DEVICE void for_each_needed_tile(const int64_t* ids, int64_t len, int repeats, TileList& list,
+                                    InfoFn info_of, IssueFn issue, LandedFn landed, BodyFn body) {
   constexpr int kWarps = Threads / 32;
-  const int64_t tiles = ceil_div(len, tile_len);
+  const int64_t tiles = ceil_div(len, TileLen);
   for (int64_t t0 = 0; t0 < tiles; t0 += kTileChunk) {
     const int n = clamp_rows(tiles - t0, kTileChunk);
     for (int c = warp_id(); c < n; c += kWarps) {
-      const int64_t at = (t0 + c) * tile_len;
-      const IdRange r = warp_id_range(ids + at, clamp_rows(len - at, tile_len));
+      const int64_t at = (t0 + c) * TileLen;
+      const IdRange r = warp_id_range<TileLen>(ids + at, clamp_rows(len - at, TileLen));
       if (lane_id() == 0) list.range[c] = r;
     }
     sync_threads();
@@ -403,28 +498,7 @@ SK_DEVICE acc_t<T> exp_for(acc_t<T> x) {
 }
 
 // Masks of a lane's share of a warp's 16 x N fragment (N <= 64): bit 4n + e stands for
-// element (n, e). They are found before the scores are, so that the ids they come from take
-// no registers beside the accumulators.
-
-// The elements the set rule hides, or whose column lies past n_cols. Rows are queries
-// (RowsAreQueries) or keys: row_set holds the ids of this lane's two rows, col_sets
-// (shared) those of the tile's columns.
-template <bool RowsAreQueries, int N>
-SK_DEVICE uint32_t hidden_bits(const int64_t (&row_set)[2], const int64_t* col_sets, int n_cols,
-                               bool strict) {
-  static_assert(N <= 64, "a lane's share of the fragment fits 32 bits");
-  uint32_t bits = 0;
-  SK_UNROLL for (int n = 0; n < N / 8; ++n) {
-    SK_UNROLL for (int e = 0; e < 4; ++e) {
-      const int c = frag_col(n, e);
-      const int64_t row = row_set[e >> 1];
-      const bool seen = c < n_cols && (RowsAreQueries ? visible(row, col_sets[c], strict)
-                                                      : visible(col_sets[c], row, strict));
-      bits |= uint32_t(!seen) << (4 * n + e);
-    }
-  }
-  return bits;
-}
+// element (n, e).
 
 // The elements whose column is flagged (scrub_rows' flags).
 template <int N>
@@ -445,24 +519,36 @@ SK_DEVICE uint32_t row_bits(bool first, bool second) {
   return (first ? kFirst : 0) | (second ? kFirst << 2 : 0);
 }
 
-// s <- s * scale, NaN where `nan` has the element's bit, -inf where `hidden` has it.
-// Masking last keeps every hidden pair at -inf, whatever the scale's sign or the flag.
-template <typename Acc, int N>
-SK_DEVICE void scale_and_mask(Frag<Acc, N>& s, Acc scale, uint32_t hidden, uint32_t nan) {
-  SK_UNROLL for (int n = 0; n < N / 8; ++n) {
-    SK_UNROLL for (int e = 0; e < 4; ++e) {
-      s.x[n][e] = hidden >> (4 * n + e) & 1 ? Acc(-INFINITY) : s.x[n][e] * scale;
-    }
-  }
-  nan &= ~hidden;
-  if (nan != 0) {  // rare: a seen key whose value is not finite
+// s <- s * scale, NaN where `nan` has the element's bit, -inf where hidden(n, e) (a
+// HiddenPairs, or NoPairs). Masking last keeps every hidden pair at -inf, whatever the
+// scale's sign or the flag.
+template <typename Acc, int N, typename Hidden>
+SK_DEVICE void scale_and_mask(Frag<Acc, N>& s, Acc scale, Hidden hidden, uint32_t nan) {
+  if (nan != 0) {  // rare: a key whose value is not finite
     SK_UNROLL for (int n = 0; n < N / 8; ++n) {
       SK_UNROLL for (int e = 0; e < 4; ++e) {
         if (nan >> (4 * n + e) & 1) s.x[n][e] = Acc(NAN);
       }
     }
   }
+  SK_UNROLL for (int n = 0; n < N / 8; ++n) {
+    SK_UNROLL for (int e = 0; e < 4; ++e) {
+      s.x[n][e] = hidden(n, e) ? Acc(-INFINITY) : s.x[n][e] * scale;
+    }
+  }
 }
+
+// scale_and_mask with the hidden pairs as bits (bit 4n + e for element (n, e)).
+template <typename Acc, int N>
+SK_DEVICE void scale_and_mask(Frag<Acc, N>& s, Acc scale, uint32_t hidden, uint32_t nan) {
+  scale_and_mask(s, scale, [hidden](int n, int e) { return (hidden >> (4 * n + e) & 1) != 0; },
+                 nan);
+}
+
+// The hidden pairs of a tile every row of the warp sees: none.
+struct NoPairs {
+  SK_DEVICE bool operator()(int, int) const { return false; }
+};
 
 // ---------------------------------------------------------------- query-tile kernels
 // The forward and the dQ kernel: one block per (query tile of BM rows, column split,
@@ -479,15 +565,6 @@ struct QueryBlock {
   int nq;                   // valid rows of the tile
   IdRange block_q, warp_q;  // set ids of the block's and of this warp's rows
   const int64_t* q_sets;    // the set ids of the block's rows
-
-  // The ids of this lane's rows g and g + 8 of slab m (0 past the end), read only where a
-  // tile needs them, so that they take no registers across the walk.
-  SK_DEVICE void row_sets(int m, int64_t (&ids)[2]) const {
-    SK_UNROLL for (int i = 0; i < 2; ++i) {
-      const int r = 16 * (M * warp_id() + m) + frag_row(2 * i);
-      ids[i] = r < nq ? q_sets[r] : 0;
-    }
-  }
 };
 
 template <int BM, int D, int DC, int M>
@@ -503,27 +580,27 @@ SK_DEVICE QueryBlock<M> query_block(const SetAttentionParams& p) {
   qb.nq = clamp_rows(p.len_q - qb.q0, BM);
   qb.q_sets = p.q_sets + qb.b * p.len_q + qb.q0;
   const int w = 16 * M * warp_id();
-  qb.block_q = warp_id_range(qb.q_sets, qb.nq);
-  qb.warp_q = warp_id_range(qb.q_sets + w, clamp_rows(qb.nq - w, 16 * M));
+  qb.block_q = warp_id_range<BM>(qb.q_sets, qb.nq);
+  qb.warp_q = warp_id_range<16 * M>(qb.q_sets + w, clamp_rows(qb.nq - w, 16 * M));
   return qb;
 }
 
-// Two stages each of K and V tiles (BN x D), of the key tiles' set ids and of the flags
-// of keys whose value holds a NaN or inf (scrub_rows; BN + 1 per stage).
+// Two stages each of K and V tiles (BN x D), of the key tiles' set-id codes (SetCodes)
+// and of the flags of keys whose value holds a NaN or inf (scrub_rows; BN + 1 per stage).
 template <typename T, int D, int BN>
 struct KeyStages {
   static constexpr size_t kBytes =
-      4 * tile_bytes<T, BN, D> + 2 * BN * sizeof(int64_t) + 2 * (BN + 1) * sizeof(int);
+      4 * tile_bytes<T, BN, D> + 2 * BN * sizeof(int32_t) + 2 * (BN + 1) * sizeof(int);
   T* k;
   T* v;
-  int64_t* sets;
+  int32_t* codes;
   int* bad;
 
   SK_DEVICE explicit KeyStages(unsigned char* at)
       : k(reinterpret_cast<T*>(at)),
         v(reinterpret_cast<T*>(at + 2 * tile_bytes<T, BN, D>)),
-        sets(reinterpret_cast<int64_t*>(at + 4 * tile_bytes<T, BN, D>)),
-        bad(reinterpret_cast<int*>(at + 4 * tile_bytes<T, BN, D> + 2 * BN * sizeof(int64_t))) {}
+        codes(reinterpret_cast<int32_t*>(at + 4 * tile_bytes<T, BN, D>)),
+        bad(reinterpret_cast<int*>(at + 4 * tile_bytes<T, BN, D> + 2 * BN * sizeof(int32_t))) {}
 };
 
 // For each key tile this warp's rows see: s = the warp's scores (M slabs of Q K^T) and
@@ -562,9 +639,10 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M
   };
   const bool whole_rows = p.head_dim == D;
   const TileCopy<Threads, BN, D, T> k_copy(p.k_row_stride), v_copy(p.v_row_stride);
-  list.set_rows(qb.block_q, qb.warp_q);
-  for_each_needed_tile<Threads>(
-      k_sets, p.len_k, BN, 1, list,
+  list.set_rows<Threads, 16 * M * (Threads / 32), true>(qb.block_q, qb.warp_q, qb.q_sets, qb.nq,
+                                                       p.strict);
+  for_each_needed_tile<Threads, BN>(
+      k_sets, p.len_k, 1, list,
       [&](int64_t t, IdRange keys) {
         return tile_info<true, Threads / 32>(list, keys, p.strict, keys_in(t) < BN);
       },
@@ -582,7 +660,7 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M
         load_rows_async<Threads, BN, D>(k_to, k_from, p.k_row_stride, nk, int(p.head_dim));
         load_rows_async<Threads, BN, D>(v_to, v_from, p.v_row_stride, nk, int(p.head_dim));
         if (block_partial(info)) {
-          load_values<Threads, BN>(ks.sets + st * BN, k_sets + t * BN, nk, int64_t(0));
+          list.load_codes<Threads, BN, true>(ks.codes + st * BN, k_sets + t * BN, nk);
           load_values<Threads, BN + 1, int>(ks.bad + st * (BN + 1), nullptr, 0, 0);
         }
       },
@@ -600,17 +678,10 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M
         const T* k_tile = ks.k + st * BN * kLd;
         const T* v_tile = ks.v + st * BN * kLd;
         const bool partial = block_partial(info), fold = !partial && foldable;
-        uint32_t hidden[M] = {}, nan = 0;
+        uint32_t nan = 0;
         if (!fold) {
           const int* bad = ks.bad + st * (BN + 1);
           if (partial && bad[BN]) nan = flagged_bits<BN>(bad);
-          if (kind == TileKind::kPartial) {
-            SK_UNROLL for (int m = 0; m < M; ++m) {
-              int64_t row_set[2];
-              qb.row_sets(m, row_set);
-              hidden[m] = hidden_bits<true, BN>(row_set, ks.sets + st * BN, keys_in(t), p.strict);
-            }
-          }
         }
         Frag<Acc, BN> s[M];
         SK_UNROLL for (int m = 0; m < M; ++m) s[m].zero();
@@ -618,7 +689,14 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M
         if (fold) {
           body(s, k_tile, v_tile, scale, std::true_type{});
         } else {
-          SK_UNROLL for (int m = 0; m < M; ++m) scale_and_mask(s[m], scale, hidden[m], nan);
+          if (kind == TileKind::kPartial) {
+            SK_UNROLL for (int m = 0; m < M; ++m) {
+              scale_and_mask(s[m], scale,
+                             list.hidden<true>(16 * (M * warp_id() + m), ks.codes + st * BN), nan);
+            }
+          } else {
+            SK_UNROLL for (int m = 0; m < M; ++m) scale_and_mask(s[m], scale, NoPairs{}, nan);
+          }
           body(s, k_tile, v_tile, scale, std::false_type{});
         }
       });

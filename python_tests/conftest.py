@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import sarkernels
-from sarkernels import ops
+from sarkernels import ops, reference
 
 # The backend fixture only selects a backend for the whole test: safe to share across examples.
 _shared = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -88,3 +88,17 @@ def assert_within(ours, baseline, exact, dtype, what):
     e_ours, e_base = max_err(ours, exact), max_err(baseline, exact)
     assert e_ours <= 2 * e_base + ERR_FLOOR[dtype], (
         f"{what}: error {e_ours:.3g} vs PyTorch same-precision {e_base:.3g} ({dtype})")
+
+
+def non_finite_reach(q, k, v, q_sets, k_sets, strict):
+    """Where set_attention's rule lets a NaN/inf input show, forward and backward: the rows
+    whose q is not finite and that see a key, or that see a key whose k or v is not finite;
+    then the keys those rows see. Returns (rows [B, Hq, Lq], keys [B, Hkv, Lk], and the rows
+    that see no key [B, Hq, Lq])."""
+    sees = reference.visible(q_sets.long(), k_sets.long(), strict)  # [B, Lq, Lk]
+    group = q.shape[1] // k.shape[1]
+    bad_q = ~q.isfinite().all(-1)
+    bad_kv = (~k.isfinite().all(-1) | ~v.isfinite().all(-1)).repeat_interleave(group, 1)
+    rows = (bad_q & sees.any(-1)[:, None]) | (sees[:, None] & bad_kv[:, :, None]).any(-1)
+    keys = (rows[..., None] & sees[:, None]).unflatten(1, (-1, group)).any(2).any(2)
+    return rows, keys, ~sees.any(-1)[:, None].expand_as(rows)

@@ -9,14 +9,12 @@ an example takes milliseconds: 300 per test in CI, ``SARKERNELS_AGREE_EXAMPLES``
 """
 import os
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sarkernels
-from sarkernels import reference
-from conftest import BACKENDS, bits
+from conftest import BACKENDS, bits, non_finite_reach
 
 examples = settings(max_examples=int(os.environ.get("SARKERNELS_AGREE_EXAMPLES", "300")))
 
@@ -85,19 +83,6 @@ def attention_inputs(c):
     return q, k, v, q_sets.to(c["ids"]), k_sets.to(c["ids"])
 
 
-def reach(q, k, v, q_sets, k_sets, strict):
-    """(rows [B, Hq, Lq], keys [B, Hkv, Lk]) a non-finite input may reach (see the module
-    docstring)."""
-    qs, ks = q_sets.long()[:, :, None], k_sets.long()[:, None, :]
-    sees = ks < qs if strict else ks <= qs
-    group = q.shape[1] // k.shape[1]
-    bad_q = ~q.isfinite().all(-1)
-    bad_kv = (~k.isfinite().all(-1) | ~v.isfinite().all(-1)).repeat_interleave(group, 1)
-    rows = (bad_q & sees.any(-1)[:, None]) | (sees[:, None] & bad_kv[:, :, None]).any(-1)
-    keys = (rows[..., None] & sees[:, None]).unflatten(1, (-1, group)).any(2).any(2)
-    return rows, keys
-
-
 def attention(q, k, v, q_sets, k_sets, c, g_out, g_lse):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out, lse = sarkernels.set_attention(*leaves, q_sets, k_sets, strict=c["strict"],
@@ -117,9 +102,7 @@ def test_set_attention(c):
     with sarkernels.use_backend("reference"):
         want = attention(*(t.double() for t in (q, k, v)), q_sets.long(), k_sets.long(), c,
                          g_out.double(), g_lse.double())
-    rows, keys = reach(q, k, v, q_sets, k_sets, c["strict"])
-    qs, ks = q_sets.long()[:, :, None], k_sets.long()[:, None, :]
-    empty = ~(ks < qs if c["strict"] else ks <= qs).any(-1)[:, None].expand_as(rows)
+    rows, keys, empty = non_finite_reach(q, k, v, q_sets, k_sets, c["strict"])
     for name, got in run_all(lambda: attention(q, k, v, q_sets, k_sets, c, g_out, g_lse)).items():
         out, lse, dq, dk, dv = got
         w_out, w_lse, w_dq, w_dk, w_dv = want

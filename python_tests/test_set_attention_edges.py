@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sarkernels
-from conftest import attention_inputs
+from conftest import attention_inputs, non_finite_reach
 
 NAN, INF = float("nan"), float("inf")
 I64 = torch.iinfo(torch.int64)
@@ -96,20 +96,6 @@ def test_all_minus_inf_logits_make_an_empty_row(backend):
     assert lse[0, :, 0].isneginf().all()
 
 
-def reached(q, k, v, q_sets, k_sets, strict):
-    """Where a NaN/inf may show, forward and backward: the rows whose q is not finite and
-    that see a key, or that see a key whose k or v is not finite; then the keys those rows
-    see. Returns (rows [B, Hq, Lq], keys [B, Hkv, Lk])."""
-    sees = k_sets[:, None, :] < q_sets[:, :, None] if strict else \
-        k_sets[:, None, :] <= q_sets[:, :, None]  # [B, Lq, Lk]
-    group = q.shape[1] // k.shape[1]
-    bad_q = ~q.isfinite().all(-1)
-    bad_kv = (~k.isfinite().all(-1) | ~v.isfinite().all(-1)).repeat_interleave(group, 1)
-    rows = (bad_q & sees.any(-1)[:, None]) | (sees[:, None] & bad_kv[:, :, None]).any(-1)
-    keys = (rows[..., None] & sees[:, None]).unflatten(1, (-1, group)).any(2).any(2)
-    return rows, keys
-
-
 def cleaned(case, q, k, v):
     """q, k, v with the case's non-finite values replaced by finite random ones."""
     dirty = [t.clone() for t in (q, k, v)]
@@ -125,7 +111,7 @@ def test_a_non_finite_value_reaches_only_rows_and_keys_that_see_it(backend, case
     every key's dk, NaN)."""
     q, k, v, q_sets, k_sets = inputs(torch.float64)
     (clean, dirty) = cleaned(case, q, k, v)
-    rows, keys = reached(*dirty, q_sets, k_sets, strict)
+    rows, keys, empty = non_finite_reach(*dirty, q_sets, k_sets, strict)
     # (The rows that see a key see every lower one: a poisoned key leaves unreached only keys
     # that no row reached sees; a NaN query of a row leaves the keys above that row's set.)
     assert rows.any() and (~rows).any() and (case != "nan_q" or (~keys).any())
@@ -137,9 +123,6 @@ def test_a_non_finite_value_reaches_only_rows_and_keys_that_see_it(backend, case
         grads = torch.autograd.grad((out.sum(-1) + lse.nan_to_num(neginf=0.0)).sum(), leaves)
         results.append((out, lse, *grads))
     (out, lse, dq, dk, dv), (out_, lse_, dq_, dk_, dv_) = results
-    sees = k_sets[:, None, :] < q_sets[:, :, None] if strict else \
-        k_sets[:, None, :] <= q_sets[:, :, None]
-    empty = ~sees.any(-1)[:, None].expand_as(rows)  # lse -inf
     for a, b, where in ((out, out_, rows), (lse, lse_, rows | empty), (dq, dq_, rows),
                         (dk, dk_, keys), (dv, dv_, keys)):
         assert b[~where].isfinite().all()

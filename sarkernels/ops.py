@@ -287,7 +287,9 @@ def set_attention(q, k, v, q_sets, k_sets, *, strict=False, scale=None, return_l
     defaults to ``1/sqrt(D)``. A query with no visible key, or whose visible logits are all
     ``-inf``, outputs zeros (lse ``-inf``, zero gradient for its q). Otherwise a NaN or ``+inf``
     visible logit, or a NaN/inf in the value of a key it sees, makes its whole output row
-    and its lse NaN; keys a query does not see never change its row.
+    and its lse NaN; keys a query does not see never change its row. Likewise backward: a
+    NaN/inf in a query's q, or in the k or v of a key it sees, reaches only that query's dq
+    and those keys' dk/dv.
     Returns ``out [B, Hq, Lq, D]`` in q's dtype, or ``(out, lse)`` with ``lse [B, Hq, Lq]``
     in float32 (float64 for float64 inputs). Differentiable in q, k, v (and through lse).
     """

@@ -403,6 +403,7 @@ class Loop:
     parent: "Loop" = None
     children: list = field(default_factory=list)
     paths: dict = None  # 'full' / 'partial' / 'skip' -> counts
+    routes: dict = None  # the same -> its nodes in order (blocks, or ("loop", id) children)
     notes: list = field(default_factory=list)
 
     @property
@@ -460,29 +461,47 @@ def loop_paths(loop, cfg, work, inner=None, must=None):
     latch, back edges removed) that issue at least must = (counter, amount) (the most of
     it any path reaches, if less), each child loop collapsed into one node: its own full
     path, counted once, or, for a counter of `inner` ({counter: amount per iteration}), the
-    children that issue that counter scaled so that together they issue that amount."""
+    children that issue that counter scaled so that those on the path together issue that
+    amount (children on other paths, e.g. a bounds-checked copy of the same loop, do not
+    count: the path is chosen with them all scaled alike, then rescaled)."""
     rep = {n: n for n in loop.body}
     for ch in loop.children:
         for n in ch.body:
             rep[n] = ("loop", id(ch))
     kids = {("loop", id(ch)): ch for ch in loop.children}
-    scale, left = {}, list(loop.children)
+    scale, group, targets, left = {}, {}, [], list(loop.children)
     for counter, amount in (inner or {}).items():
         busy = [ch for ch in left if ch.paths["full"].get(counter, 0) > 0]
         if busy and amount:
             f = amount / sum(ch.paths["full"][counter] for ch in busy)
             scale.update({id(ch): f for ch in busy})
+            group.update({id(ch): len(targets) for ch in busy})
+            targets.append((counter, amount, f))
             left = [ch for ch in left if ch not in busy]
-            loop.notes.append(f"{len(busy)} inner loop(s) scaled x{f:.3g} to {amount:g} "
-                              f"{counter} per iteration")
+            loop.notes.append(f"{len(busy)} inner loop(s) scaled to {amount:g} {counter} "
+                              f"per iteration")
     if left:
         loop.notes.append(f"{len(left)} inner loop(s) counted once")
 
     def cost(node):
         if node in kids:
-            f = scale.get(id(kids[node]), 1.0)
-            return {k: v * f for k, v in kids[node].paths["full"].items()}
+            ch = kids[node]
+            full = ch.paths["full"]
+            c = {k: v * scale.get(id(ch), 1.0) for k, v in full.items()}
+            if id(ch) in group:  # its unscaled counts, for the rescale
+                c.update({(group[id(ch)], k): v for k, v in full.items()})
+            return c
         return cfg.counts[node]
+
+    def rescaled(c):
+        out = {k: v for k, v in c.items() if isinstance(k, str)}
+        for g, (counter, amount, f) in enumerate(targets):
+            on = c.get((g, counter), 0)
+            if on:
+                for k, v in c.items():
+                    if isinstance(k, tuple) and k[0] == g:
+                        out[k[1]] += (amount / on - f) * v
+        return out
 
     edges, indeg = {r: set() for r in set(rep.values())}, {}
     for u in loop.body:
@@ -506,11 +525,12 @@ def loop_paths(loop, cfg, work, inner=None, must=None):
     ends = {rep[u] for u in loop.latches}
     what, need = must or ("ldgsts", 0)
     need = max(0, round(need))
-    paths = {}
+    paths, routes = {}, {}
     for name, key in OBJECTIVES.items():
         # state: (node, `what` issued so far, capped at need); best counts per state
         c0 = cost(loop.header)
-        best = {(loop.header, min(need, round(c0.get(what, 0)))): c0}
+        s0 = (loop.header, min(need, round(c0.get(what, 0))))
+        best, via = {s0: c0}, {s0: None}
         for r in order:
             for k in range(need + 1):
                 if (r, k) not in best:
@@ -519,14 +539,18 @@ def loop_paths(loop, cfg, work, inner=None, must=None):
                     cand = add(best[r, k], cost(v))
                     sv = (v, min(need, round(cand.get(what, 0))))
                     if sv not in best or key(cand, work) > key(best[sv], work):
-                        best[sv] = cand
-        reach = [(k, c) for (e, k), c in best.items() if e in ends]
+                        best[sv], via[sv] = cand, (r, k)
+        reach = [s for s in best if s[0] in ends]
         if reach:  # the most prefetch reached (need, where possible), then the objective
-            top = max(k for k, _ in reach)
-            paths[name] = max((c for k, c in reach if k == top), key=lambda c: key(c, work))
+            top = max(k for _, k in reach)
+            end = max((s for s in reach if s[1] == top), key=lambda s: key(best[s], work))
+            paths[name], routes[name] = rescaled(best[end]), []
+            while end is not None:
+                routes[name].insert(0, end[0])
+                end = via[end]
         else:
-            paths[name] = {}
-    loop.paths = paths
+            paths[name], routes[name] = {}, []
+    loop.paths, loop.routes = paths, routes
     return paths
 
 
@@ -764,7 +788,23 @@ def blocks_per_sm(regs, threads, smem):
     return n, [k for k, v in limits.items() if v == n]
 
 
-def census_function(fn, demangled, arch, spills=None):
+def route_listing(fn, cfg, loop, path):
+    """The SASS of one path of `loop`: its blocks in order, each child loop once."""
+    kids = {("loop", id(ch)): ch for ch in loop.children}
+    out = []
+    for node in loop.routes[path]:
+        blocks = [node]
+        if node in kids:
+            ch = kids[node]
+            out.append(f"  -- inner loop at {cfg.addr[ch.header]:#x} ({ch.notes or 'full path'})")
+            blocks = sorted(ch.body)
+        for b in blocks:
+            for ins in fn.instrs[cfg.starts[b]:cfg.ends[b]]:
+                out.append(f"  {ins.addr:#06x} {ins.guard:6} {ins.op} {ins.args}")
+    return "\n".join(out)
+
+
+def census_function(fn, demangled, arch, spills=None, listing=None):
     fam, p = family_of(demangled)
     cfg = build_cfg(fn.instrs, fn.labels)
     loops, reachable = natural_loops(cfg)
@@ -809,12 +849,14 @@ def census_function(fn, demangled, arch, spills=None):
         out["non_mma"] = round(1 - full.get("hmma", 0) / full["total"], 4)
         return out
     row["main"] = summary(main) if main else None
+    if listing and main:
+        row["listing"] = route_listing(fn, cfg, main, listing)
     row["loops"] = [summary(lp) for lp in busy]
     row["overhead"] = {c: round(v, 2) for c, v in sorted(overhead.items())}
     return row
 
 
-def census(objects, arch="sm_90a", pattern=None, everything=False):
+def census(objects, arch="sm_90a", pattern=None, everything=False, listing=None):
     """Rows (dicts) of the kernels in `objects` whose key or demangled name matches pattern
     (a regex; None: the families' defaults), sorted by key."""
     rows = []
@@ -841,7 +883,7 @@ def census(objects, arch="sm_90a", pattern=None, everything=False):
                     if log and fn.regs is None:
                         fn.regs = log[0]
                     rows.append(census_function(fn, pretty[n], arch,
-                                                list(log[1:]) if log else None))
+                                                list(log[1:]) if log else None, listing))
     return sorted(rows, key=lambda r: r["key"])
 
 
@@ -1227,6 +1269,8 @@ def main(argv=None):
                     "demangled name (default: the bf16 D=64/128 kernels)")
     ap.add_argument("--all", action="store_true", help="every loop that does work, not only "
                     "the main loop")
+    ap.add_argument("--listing", choices=tuple(OBJECTIVES), help="print the SASS of each "
+                    "kernel's main loop along this path")
     ap.add_argument("--json", help="write the census (and model) as JSON here ('-': stdout)")
     ap.add_argument("--model", action="store_true", help="issue-slot estimates at the "
                     "benchmark shapes (needs torch and the built sarkernels)")
@@ -1255,7 +1299,8 @@ def main(argv=None):
     if a.budget_check and pattern is None:
         pattern = "^(" + "|".join(re.escape(k) for k in
                                   json.load(open(a.budget_check))["kernels"]) + ")$"
-    rows = census(objects, a.arch, pattern, everything=a.all and pattern is None)
+    rows = census(objects, a.arch, pattern, everything=a.all and pattern is None,
+                  listing=a.listing)
     result = {"arch": a.arch, "tool": rows[0]["tool"] if rows else None,
               "date": time.strftime("%Y-%m-%d"),
               "objects": [os.path.relpath(o, ROOT) for o in objects], "kernels": rows}
@@ -1291,6 +1336,9 @@ def main(argv=None):
           "the loads of one steady-state iteration. NOPs are not in instr (NOP column). "
           "blk/SM: H100 limits.\n")
     print(notes(rows + shown))
+    for r in rows:
+        if "listing" in r:
+            print(f"\n### {r['key']}: main loop, {a.listing} path\n{r.pop('listing')}")
     if a.model:
         result["model"] = dict(machine=machine, training=training_model(rows + fa2, machine),
                                decode=decode_model(rows + fa2, machine))

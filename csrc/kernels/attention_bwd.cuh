@@ -200,8 +200,8 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
           q_copy(q_to, q_from, p.q_row_stride);
           dout_copy(dout_to, dout_from, p.out_row_stride);
         } else {
-          load_rows_async<Lay::kThreads, BM, D>(q_to, q_from, p.q_row_stride, nq, dim);
-          load_rows_async<Lay::kThreads, BM, D>(dout_to, dout_from, p.out_row_stride, nq, dim);
+          q_copy.bounded(q_to, q_from, p.q_row_stride, nq, dim);
+          dout_copy.bounded(dout_to, dout_from, p.out_row_stride, nq, dim);
         }
         if (partial) {  // the codes only serve the mask of partial tiles
           list.load_codes<Lay::kThreads, BM, false>(q_code_tiles + st * BM, q_sets + q0, nq);

@@ -102,12 +102,33 @@ inline constexpr int tile_ld = Cols + 16 / int(sizeof(T));
 template <typename T, int Rows, int Cols>
 inline constexpr size_t tile_bytes = size_t(Rows) * tile_ld<T, Cols> * sizeof(T);
 
+// Calls f(i) for each of this thread's shares i = thread_rank() + j * Threads of N items:
+// unrolled, as thread_rank() < Threads bounds the count (a loop over i would not be), or,
+// kUnroll false, a loop.
+template <int Threads, int N, bool kUnroll = true, typename F>
+SK_DEVICE void for_thread_shares(F f) {
+  if constexpr (kUnroll) {
+    SK_UNROLL for (int j = 0; j < (N + Threads - 1) / Threads; ++j) {
+      const int i = thread_rank() + j * Threads;
+      if (N % Threads == 0 || i < N) f(i);
+    }
+  } else {
+    for (int i = thread_rank(); i < N; i += Threads) f(i);
+  }
+}
+
+// Whether the tile copies and scrubs of a kernel are unrolled: the 16-bit kernels' up to
+// head dim 128 (at 256, and in the float32 kernels, nvcc 13.0 spills with them unrolled).
+template <typename T, int Cols>
+inline constexpr bool kUnrolledTiles = sizeof(T) == 2 && Cols <= 128;
+
 // Issues (all Threads threads) cp.async copies of a Rows x Cols tile from src (row stride
 // `stride`); rows from `rows` on and columns from `cols` on are zero-filled, so no read of
 // the tile ever sees unwritten shared memory. Each thread copies the 16-byte chunks
-// i = thread_rank() + k * Threads (scrub_rows relies on it).
+// i = thread_rank() + k * Threads (scrub_rows relies on it). A loop: TileCopy's forms
+// below are the fast ones.
 template <int Threads, int Rows, int Cols, typename T>
-SK_DEVICE void load_rows_async(T* dst, const T* src, int64_t stride, int rows, int cols) {
+SK_DEVICE void load_rows_loop(T* dst, const T* src, int64_t stride, int rows, int cols) {
   constexpr int kPer = 16 / int(sizeof(T)), kChunks = Cols / kPer;
   static_assert(Cols % kPer == 0, "tile rows are whole 16-byte chunks");
   for (int i = thread_rank(); i < Rows * kChunks; i += Threads) {
@@ -117,11 +138,12 @@ SK_DEVICE void load_rows_async(T* dst, const T* src, int64_t stride, int rows, i
   }
 }
 
-// load_rows_async of a whole tile (rows == Rows, cols == Cols) from rows `stride` apart,
-// the thread's offset found once (construct outside the loop that copies tiles): where the
-// block's threads cover whole rows per pass, the copy is a fixed run of cp.async with no
-// bounds and no index arithmetic. The stride is passed per copy (a kernel parameter costs
-// no register).
+// load_rows_loop's copies with the thread's offsets found once (construct outside the
+// loop that copies tiles). Where the block's threads cover whole rows per pass, a copy is
+// an unrolled run of cp.async with no index arithmetic (each thread keeps its column of
+// chunks and steps a pointer): operator() copies a whole tile, bounded() the same with one
+// bound test a copy where registers allow (kUnrolledTiles), the loop otherwise. The stride
+// is passed per copy (a kernel parameter costs no register).
 template <int Threads, int Rows, int Cols, typename T>
 class TileCopy {
   static constexpr int kPer = 16 / int(sizeof(T)), kChunks = Cols / kPer;
@@ -130,6 +152,19 @@ class TileCopy {
   int64_t from_;
   int to_;
 
+  template <bool kBounded>
+  SK_DEVICE void copy(T* dst, const T* src, int64_t stride, int rows, int cols) const {
+    const int r0 = thread_rank() / kChunks;
+    const bool col_in = !kBounded || thread_rank() % kChunks * kPer < cols;
+    const T* from = src + from_;
+    SK_UNROLL for (int i = 0; i < Rows / kStep; ++i) {
+      // (past the rows the pointer is never read: cp_async16 reads nothing when invalid)
+      cp_async16(dst + to_ + i * kStep * tile_ld<T, Cols>, from,
+                 !kBounded || (col_in && r0 + i * kStep < rows));
+      from += kStep * stride;
+    }
+  }
+
  public:
   SK_DEVICE explicit TileCopy(int64_t stride)
       : from_(thread_rank() / kChunks * stride + thread_rank() % kChunks * kPer),
@@ -137,16 +172,27 @@ class TileCopy {
 
   SK_DEVICE void operator()(T* dst, const T* src, int64_t stride) const {
     if constexpr (kRegular) {
-      const T* from = src + from_;
-      SK_UNROLL for (int i = 0; i < Rows / kStep; ++i) {
-        cp_async16(dst + to_ + i * kStep * tile_ld<T, Cols>, from);
-        from += kStep * stride;
-      }
+      copy<false>(dst, src, stride, Rows, Cols);
     } else {
-      load_rows_async<Threads, Rows, Cols>(dst, src, stride, Rows, Cols);
+      load_rows_loop<Threads, Rows, Cols>(dst, src, stride, Rows, Cols);
+    }
+  }
+
+  // Rows from `rows` on and columns from `cols` on zero-filled.
+  SK_DEVICE void bounded(T* dst, const T* src, int64_t stride, int rows, int cols) const {
+    if constexpr (kRegular && kUnrolledTiles<T, Cols>) {
+      copy<true>(dst, src, stride, rows, cols);
+    } else {
+      load_rows_loop<Threads, Rows, Cols>(dst, src, stride, rows, cols);
     }
   }
 };
+
+// load_rows_loop's copies in TileCopy's bounded form, for a tile copied once.
+template <int Threads, int Rows, int Cols, typename T>
+SK_DEVICE void load_rows_async(T* dst, const T* src, int64_t stride, int rows, int cols) {
+  TileCopy<Threads, Rows, Cols, T>(stride).bounded(dst, src, stride, rows, cols);
+}
 
 // Copies the first `rows` rows and `cols` columns of a shared tile to dst (row stride
 // `stride`).
@@ -169,11 +215,22 @@ SK_DEVICE bool chunk_finite(uint4 raw) {
                         : sizeof(T) == 4 ? Bits(0x7f800000u)
                         : std::is_same_v<T, __half> ? Bits(0x7c00)
                                                     : Bits(0x7f80);
-  Bits x[16 / sizeof(T)];
-  memcpy(x, &raw, 16);
-  bool finite = true;
-  SK_UNROLL for (int j = 0; j < int(16 / sizeof(T)); ++j) finite = finite && (x[j] & kExp) != kExp;
-  return finite;
+  if constexpr (sizeof(T) == 2) {
+    // Two elements a word: m has a zero half where an element's exponent bits are all
+    // ones, and m - 0x10001 then sets that half's top bit (m's are clear); any zero is
+    // found even where a borrow crosses into the upper half.
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+    constexpr uint32_t kExp2 = uint32_t(kExp) * 0x10001u;
+    uint32_t any = 0;
+    SK_UNROLL for (int j = 0; j < 4; ++j) any |= (~w[j] & kExp2) - 0x10001u;
+    return (any & 0x80008000u) == 0;
+  } else {
+    Bits x[16 / sizeof(T)];
+    memcpy(x, &raw, 16);
+    bool finite = true;
+    SK_UNROLL for (int j = 0; j < int(16 / sizeof(T)); ++j) finite = finite && (x[j] & kExp) != kExp;
+    return finite;
+  }
 }
 
 // Once this thread's copies of a tile (load_rows_async) have landed, before the barrier
@@ -183,14 +240,14 @@ SK_DEVICE bool chunk_finite(uint4 raw) {
 template <int Threads, int Rows, int Cols, typename T, typename MarkFn>
 SK_DEVICE void scrub_rows(T* tile, MarkFn mark) {
   constexpr int kPer = 16 / int(sizeof(T)), kChunks = Cols / kPer;
-  for (int i = thread_rank(); i < Rows * kChunks; i += Threads) {
+  for_thread_shares<Threads, Rows * kChunks, kUnrolledTiles<T, Cols>>([&](int i) {
     const int r = i / kChunks, c = i % kChunks * kPer;
     T* at = tile + r * tile_ld<T, Cols> + c;
     if (!chunk_finite<T>(load16(at))) {
       store16(at, uint4{0, 0, 0, 0});
       mark(r);
     }
-  }
+  });
 }
 
 // scrub_rows' mark as flags: flags[r] = 1, and flags[Rows] = 1 for the tile (other threads
@@ -212,16 +269,6 @@ SK_DEVICE void stage_frag(T* rows, const Frag<acc_t<T>, N>& f, const acc_t<T> (&
       rows[frag_row(e) * tile_ld<T, Cols> + frag_col(n, e)] =
           from_float<T>(f.x[n][e] * factor[e >> 1]);
     }
-  }
-}
-
-// Calls f(i) for each of this thread's shares i = thread_rank() + j * Threads of N items:
-// unrolled, as thread_rank() < Threads bounds the count (a loop over i would not be).
-template <int Threads, int N, typename F>
-SK_DEVICE void for_thread_shares(F f) {
-  SK_UNROLL for (int j = 0; j < (N + Threads - 1) / Threads; ++j) {
-    const int i = thread_rank() + j * Threads;
-    if (N % Threads == 0 || i < N) f(i);
   }
 }
 
@@ -657,8 +704,8 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M
           return;
         }
         const int nk = keys_in(t);
-        load_rows_async<Threads, BN, D>(k_to, k_from, p.k_row_stride, nk, int(p.head_dim));
-        load_rows_async<Threads, BN, D>(v_to, v_from, p.v_row_stride, nk, int(p.head_dim));
+        k_copy.bounded(k_to, k_from, p.k_row_stride, nk, int(p.head_dim));
+        v_copy.bounded(v_to, v_from, p.v_row_stride, nk, int(p.head_dim));
         if (block_partial(info)) {
           list.load_codes<Threads, BN, true>(ks.codes + st * BN, k_sets + t * BN, nk);
           load_values<Threads, BN + 1, int>(ks.bad + st * (BN + 1), nullptr, 0, 0);

@@ -136,6 +136,40 @@ def test_nested_loops():
     assert outer.paths["full"]["hmma"] == 5 and outer.paths["full"]["total"] == 1 + 16 + 3
 
 
+# An outer loop that runs one of two copies of an inner loop (a bounds-checked and a plain
+# one, as the atomic dQ's items): the inner work asked per iteration is done by the copy
+# on the path alone, not shared between the two.
+ALTERNATIVES = """
+.L_x_0:
+    HMMA.16816.F32.BF16 R4, R8, R12, R4
+    @P0 BRA `(.L_x_2)
+.L_x_1:                                  # plain copy
+    HMMA.16816.F32.BF16 R4, R8, R12, R4
+    @P1 BRA `(.L_x_1)
+    BRA `(.L_x_4)
+.L_x_2:                                  # checked copy
+    ISETP.LT.AND P3, PT, R1, R5, PT
+    HMMA.16816.F32.BF16 R4, R8, R12, R4
+    @P2 BRA `(.L_x_2)
+.L_x_4:
+    @P4 BRA `(.L_x_0)
+    EXIT
+"""
+
+
+def test_alternative_inner_loops_each_do_the_inner_work():
+    fn, cfg, loops, _ = analyse(ALTERNATIVES, inner={"hmma": 4})
+    outer = loops[-1]
+    assert len(outer.children) == 2
+    for path in ("full", "partial"):
+        assert outer.paths[path]["hmma"] == 1 + 4, path  # was 1 + 2: 4 split over both
+    # header 2, then the plain copy (2 a trip, x4) and a BRA, or the checked one (3 x4); latch 1
+    assert outer.paths["full"]["total"] == 2 + 2 * 4 + 1 + 1
+    assert outer.paths["partial"]["total"] == 2 + 3 * 4 + 1
+    text = sc.route_listing(fn, cfg, outer, "full")
+    assert "inner loop at 0x20" in text and "ISETP" not in text, text
+
+
 def test_main_loop_is_the_most_work_then_fewest_instructions():
     # two loops with 2 HMMA each: a peeled, masked one (more instructions), then the steady one
     code = """

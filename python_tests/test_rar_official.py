@@ -69,7 +69,8 @@ def test_teacher_forced_logits_equal_the_official_forward(pair, random_order):
     assert expected.abs().amax() > 1 and (expected[:, 1:] - expected[:, :-1]).abs().amax() > 0.1
 
 
-# Powers whose ramp differs from the linear one within 16 tokens (0: the constant scale).
+# Powers whose ramp decodes other tokens than half a power more within 16 tokens (0: the
+# constant scale).
 @pytest.mark.parametrize("scale,power,temperature", [(3.0, 0.5, 1.02), (4.0, 0.0, 1.0),
                                                      (0.0, 1.5, 1.0)])
 @pytest.mark.parametrize("cache", [True, False])
@@ -81,10 +82,11 @@ def test_greedy_generation_equals_the_official_made_greedy(pair, scale, power, t
     tokens = ours.generate(labels, cfg_scale=scale or None, cfg_power=power,
                            temperature=temperature, top_k=1, use_kv_cache=cache)
     assert torch.equal(tokens, expected)
-    if scale:  # the schedule matters: the linear ramp decodes other tokens
-        linear = ours.double().generate(labels, cfg_scale=scale, cfg_power=None, top_k=1)
+    if scale:  # the schedule matters: another power decodes other tokens
+        other = ours.double().generate(labels, cfg_scale=scale, cfg_power=power + 0.5,
+                                       temperature=temperature, top_k=1)
         ours.float()
-        assert not torch.equal(linear, ref.generate(labels, scale, 1.0, power))
+        assert not torch.equal(other, expected)
 
 
 def test_default_power_and_order_are_the_official_ones(pair):
@@ -130,3 +132,37 @@ def test_bad_official_files_give_clear_errors(pair, tmp_path):
         checkpoint.official_model(state, "sar")
     with pytest.raises(ValueError, match="cond_dim must be None, got 8"):
         OfficialRAR(cond_dim=8)
+
+
+def test_sample_command_draws_official_weights_with_their_tokenizer(tmp_path, capsys):
+    from PIL import Image
+
+    from sarkernels.app.cli import main
+    from test_maskgit_vqgan import SMALL as VQ
+
+    torch.save(official(codebook_size=64).state_dict(), tmp_path / "rar_tiny.bin")
+    torch.save(official_rar.PretrainedTokenizer(**VQ).state_dict(), tmp_path / "vq.bin")
+    common = ["sample", "--model", "rar", "--ckpt", str(tmp_path / "rar_tiny.bin"), "--vq",
+              str(tmp_path / "vq.bin"), "--image-size", "16", "--labels", "0,4"]
+    assert main(common + ["--cfg", "2", "--cfg-power", "1.5", "--out", str(tmp_path / "g.png")]) == 0
+    assert Image.open(tmp_path / "g.png").mode == "RGB" and "wrote" in capsys.readouterr().out
+    torch.save(official().state_dict(), tmp_path / "rar_17.bin")  # 17 codes, the VQ has 64
+    assert main([*common[:4], str(tmp_path / "rar_17.bin"), *common[5:]]) == 2
+    assert "makes codes of 17 but --vq" in capsys.readouterr().err
+    assert main(common + ["--cfg-power", "-1"]) == 2
+    assert "cfg_power must be >= 0" in capsys.readouterr().err
+    assert main([*common[:2], "randar", *common[3:]]) == 2
+    assert "RandAR's official key pattern" in capsys.readouterr().err
+
+
+def test_our_trainer_trains_the_official_architecture_and_sample_draws_it(tmp_path, capsys):
+    from sarkernels.app.cli import main
+
+    run = str(tmp_path / "run")
+    assert main(["train", "--model", "rar-official", "--steps", "3", "--dim", "32", "--heads",
+                 "2", "--layers", "1", "--batch", "8", "--out", run, "--no-progress"]) == 0
+    model, config, _ = checkpoint.load(run)
+    assert isinstance(model, OfficialRAR) and config["model"] == "rar-official"
+    assert main(["sample", "--ckpt", run, "--labels", "0,1", "--cfg", "2",
+                 "--out", str(tmp_path / "g.png")]) == 0
+    assert "ar from" in capsys.readouterr().out

@@ -250,13 +250,9 @@ def read_weights(path):
     """The state_dict (name -> tensor) in ``path``: safetensors, or torch's format read
     with ``weights_only=True``."""
     try:
-        if path.endswith(".safetensors"):
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load reports a bad file in many ways, none of them a bug here
-        raise CheckpointError(f"{path!r} is not a readable weights file (.safetensors, or a "
-                              f"torch .bin/.pt): {str(exc).splitlines()[0]}") from None
+        state = tokenizers.read_state(path, "weights file (.safetensors, or a torch .bin/.pt)")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path!r} does not hold a state_dict (names -> tensors)")
     return state

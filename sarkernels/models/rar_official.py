@@ -39,16 +39,14 @@ class OfficialRARConfig(Config):
     fractions of training over which the random-order probability falls from 1 to 0 (the
     official 200 -> 300 of 400 epochs), and ``cfg_power``, the power of the guidance ramp
     ``generate`` uses by default (None: linear). Presets: the official sizes with the
-    power of the official README's sampling settings."""
+    power of the official README's sampling settings (its scale and temperature: B 16.0 /
+    1.0, L 15.5 / 1.02, XL 6.9 / 1.02, XXL 8.0 / 1.02)."""
     PRESETS: ClassVar[dict] = {
         "B": dict(dim=768, n_layer=24, cfg_power=2.75),
         "L": dict(dim=1024, n_layer=24, cfg_power=2.5),
         "XL": dict(dim=1280, n_layer=32, cfg_power=1.5),
         "XXL": dict(dim=1408, n_layer=40, cfg_power=1.2),
     }
-    #: The official README's guidance scale and temperature per size (with the power above).
-    SAMPLING: ClassVar[dict] = {"B": (16.0, 1.0), "L": (15.5, 1.02), "XL": (6.9, 1.02),
-                                "XXL": (8.0, 1.02)}
     vocab_size: int = 1024
     n_layer: int = 24
     anneal: tuple = (0.5, 0.75)

@@ -28,4 +28,4 @@ def from_config(config) -> Tokenizer:
 
 
 __all__ = ["Tokenizer", "DigitsTokenizer", "VQTokenizer", "MaskGITVQGAN", "VQHandle", "PRESETS",
-           "from_config", "load_vq"]
+           "from_config", "load_vq", "read_state"]

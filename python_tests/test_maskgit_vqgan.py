@@ -75,9 +75,9 @@ def test_the_official_size_has_the_official_keys():
 
 def test_bad_files_give_clear_errors(tmp_path):
     (tmp_path / "junk.bin").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="is not a readable MaskGIT VQGAN checkpoint"):
+    with pytest.raises(ValueError, match="is not a readable VQ checkpoint"):
         MaskGITVQGAN.from_checkpoint(str(tmp_path / "junk.bin"))
-    with pytest.raises(ValueError, match="MaskGIT VQGAN checkpoint .* does not exist"):
+    with pytest.raises(ValueError, match="VQ checkpoint .* does not exist"):
         MaskGITVQGAN.from_checkpoint(str(tmp_path / "missing.bin"))
     llamagen = VQTokenizer(codebook_size=16, codebook_embed_dim=8, ch=32, ch_mult=(1, 2),
                            z_channels=32, num_res_blocks=1, image_size=16)
@@ -89,5 +89,5 @@ def test_bad_files_give_clear_errors(tmp_path):
                                 z_channels=32)).state_dict()
     del state["decoder.conv_out.bias"]
     torch.save(state, tmp_path / "partial.bin")
-    with pytest.raises(ValueError, match="does not match MaskGIT's VQGAN architecture"):
+    with pytest.raises(ValueError, match="does not match the MaskGIT VQGAN architecture"):
         MaskGITVQGAN.from_checkpoint(str(tmp_path / "partial.bin"), image_size=16)

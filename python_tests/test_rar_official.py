@@ -148,7 +148,7 @@ def test_sample_command_draws_official_weights_with_their_tokenizer(tmp_path, ca
     assert Image.open(tmp_path / "g.png").mode == "RGB" and "wrote" in capsys.readouterr().out
     torch.save(official().state_dict(), tmp_path / "rar_17.bin")  # 17 codes, the VQ has 64
     assert main([*common[:4], str(tmp_path / "rar_17.bin"), *common[5:]]) == 2
-    assert "makes codes of 17 but --vq" in capsys.readouterr().err
+    assert "a 17-code vocabulary but --vq" in capsys.readouterr().err
     assert main(common + ["--cfg-power", "-1"]) == 2
     assert "cfg_power must be >= 0" in capsys.readouterr().err
     assert main([*common[:2], "randar", *common[3:]]) == 2

@@ -230,8 +230,9 @@ def run(args):
             heads = heads or DecoderOnlyConfig.PRESETS[args.preset]["n_head"]
         model = checkpoint.load_official(args.ckpt, args.model, heads, vq.grid_size, args.device)
         if model.vocab_size != vq.vocab_size:
-            raise UsageError(f"{args.ckpt} makes codes of {model.vocab_size} but --vq {args.vq} "
-                             f"has {vq.vocab_size}: pass the tokenizer the weights were trained on")
+            raise UsageError(f"{args.ckpt} makes codes of a {model.vocab_size}-code vocabulary but "
+                             f"--vq {args.vq} has {vq.vocab_size} codes: pass the tokenizer the "
+                             "weights were trained on")
         config, path, tok = {"model": args.model, "num_classes": model.num_classes}, args.ckpt, vq
     else:
         model, config, path = checkpoint.load(args.ckpt, args.device)

@@ -3,7 +3,6 @@ weight-compatible), each a :class:`Tokenizer` (images in [0, 1] on both sides of
 encode/decode)."""
 from .digits import DigitsTokenizer
 from .maskgit_vqgan import MaskGITVQGAN
-from .maskgit_vqgan import KEY as _MASKGIT_KEY
 from .protocol import Tokenizer
 from .vq import PRESETS, VQHandle, VQTokenizer, read_state
 
@@ -12,7 +11,7 @@ def load_vq(path, image_size=256):
     """The VQ tokenizer whose weights ``path`` holds, told by its keys: LlamaGen's
     (:class:`VQTokenizer`) or MaskGIT's (:class:`MaskGITVQGAN`)."""
     state = read_state(path, "VQ checkpoint")
-    cls = MaskGITVQGAN if isinstance(state, dict) and _MASKGIT_KEY in state else VQTokenizer
+    cls = MaskGITVQGAN if isinstance(state, dict) and MaskGITVQGAN.KEY in state else VQTokenizer
     return cls.from_state(state, path, image_size)
 
 

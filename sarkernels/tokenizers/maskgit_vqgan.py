@@ -9,17 +9,11 @@ blocks, average-pool downsampling, no quant convs and an unnormalised codebook; 
 MaskGIT's original code, a block that changes width adds its 1x1 ``nin_shortcut`` of its
 OWN OUTPUT, not of its input, as the residual.
 """
-import os
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .vq import _from_pil, _grid_size, read_state
-
-#: A key only this tokenizer's files have (LlamaGen's encoder has ``conv_blocks``).
-KEY = "encoder.down.0.block.0.conv1.weight"
-
+from .vq import Loaded, _from_pil, _grid_size
 
 def _norm(c):
     return nn.GroupNorm(32, c, eps=1e-6, affine=True)
@@ -119,12 +113,16 @@ class Codebook(nn.Module):
         return dist.argmin(1).view(z.shape[0], -1)
 
 
-class MaskGITVQGAN(nn.Module):
+class MaskGITVQGAN(Loaded, nn.Module):
     """A :class:`~.protocol.Tokenizer`: ``encode(images [B, 3, H, W] in [0, 1]) -> codes
     [B, h*w]``, ``decode(codes) -> images in [0, 1]`` (clamped, as the official decode).
-    The defaults are the official file's sizes."""
+    The defaults are the official file's sizes; ``from_checkpoint`` reads
+    ``maskgit-vqgan-imagenet-f16-256.bin`` (a state_dict, loaded with ``weights_only=True``)
+    or a ``.safetensors`` with its keys, the sizes from the tensors."""
 
     name = "maskgit-vq"
+    kind = "MaskGIT VQGAN"
+    KEY = "encoder.down.0.block.0.conv1.weight"  # LlamaGen's encoder has conv_blocks
 
     def __init__(self, codebook_size=1024, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
                  z_channels=256, image_size=256):
@@ -139,30 +137,18 @@ class MaskGITVQGAN(nn.Module):
         self.grid_size = _grid_size(image_size, ch_mult)
         self.checkpoint_path = None
 
-    @classmethod
-    def from_checkpoint(cls, path, image_size=256):
-        """Reads ``maskgit-vqgan-imagenet-f16-256.bin`` (a state_dict, loaded with
-        ``weights_only=True``) or a ``.safetensors`` with its keys; the sizes come from the
-        tensors."""
-        return cls.from_state(read_state(path, "MaskGIT VQGAN checkpoint"), path, image_size)
-
-    @classmethod
-    def from_state(cls, state, path, image_size=256):
-        """The tokenizer ``state`` (read from ``path``) loads into strictly, in eval mode."""
-        if not isinstance(state, dict) or KEY not in state:
-            raise ValueError(f"{path!r} is not a MaskGIT VQGAN checkpoint (no {KEY})")
-        try:
-            model = cls(**_architecture(state), image_size=image_size)
-            model.load_state_dict(state, strict=True)
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"{path!r} does not match MaskGIT's VQGAN architecture: "
-                             f"{str(exc).splitlines()[0]}") from None
-        model.checkpoint_path = os.path.abspath(path)
-        return model.eval()
-
-    def config(self):
-        return {"name": self.name, "checkpoint": self.checkpoint_path, **self.settings,
-                "ch_mult": list(self.settings["ch_mult"])}
+    @staticmethod
+    def _architecture(state):
+        """The arguments of the tokenizer a state_dict's shapes describe."""
+        ch = state["encoder.conv_in.weight"].shape[0]
+        levels = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.down.")})
+        return dict(
+            codebook_size=state["quantize.embedding.weight"].shape[0], ch=ch,
+            ch_mult=tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch
+                          for i in levels),
+            num_res_blocks=len({k.split(".")[4] for k in state
+                                if k.startswith("encoder.down.0.block.")}),
+            z_channels=state["encoder.conv_out.weight"].shape[0])
 
     @torch.no_grad()
     def encode(self, images):
@@ -182,14 +168,3 @@ class MaskGITVQGAN(nn.Module):
         crop); ``size`` defaults to the tokenizer's image size."""
         return _from_pil(pictures, size or self.settings["image_size"])
 
-
-def _architecture(state):
-    """MaskGITVQGAN arguments read from a state_dict's shapes."""
-    ch = state["encoder.conv_in.weight"].shape[0]
-    levels = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.down.")})
-    return dict(
-        codebook_size=state["quantize.embedding.weight"].shape[0], ch=ch,
-        ch_mult=tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch
-                      for i in levels),
-        num_res_blocks=len({k.split(".")[4] for k in state if k.startswith("encoder.down.0.block.")}),
-        z_channels=state["encoder.conv_out.weight"].shape[0])

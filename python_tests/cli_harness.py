@@ -56,6 +56,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(sarkernels.app.train, "build_model", work)
     monkeypatch.setattr(sarkernels.app.demo, "train", work)
     monkeypatch.setattr(sarkernels.tokenizers.VQTokenizer, "from_checkpoint", work)
+    monkeypatch.setattr(sarkernels.tokenizers, "load_vq", work)
     for model in MODELS.values():
         monkeypatch.setattr(model, "generate", work)
     monkeypatch.setattr(RandARTransformer, "generate_extrapolated", work)

@@ -53,7 +53,7 @@ def busy_sibling():
         sibling.join()
 
 
-@pytest.mark.parametrize("model", ["sar", "randar", "rar"])
+@pytest.mark.parametrize("model", ["sar", "randar", "rar", "rar-official"])
 def test_resume_continues_exactly(tmp_path, model):
     cfg = lambda run: TrainConfig(model=model, steps=10, out=str(tmp_path / run), **TINY)
     straight = train(cfg("a"), progress=False)

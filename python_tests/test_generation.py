@@ -16,7 +16,7 @@ KNOWN = (torch.tensor([3, 9]), torch.tensor([1, 2]))
 SAMPLING = dict(cfg_scale=2.0, temperature=0.9, top_k=6, top_p=0.8)
 # Two known cells, then sets of two: two step shapes per model (the first step, the rest).
 CASES = [("randar", dict(schedule=[2] * 7)), ("rar", dict(order="random")),
-         ("sar", dict(schedule=[2] * 7))]
+         ("rar-official", dict(order="random")), ("sar", dict(schedule=[2] * 7))]
 # Values tensors cannot reach the host from: ops that read them (item, bool) or size their
 # output by them (nonzero and what calls it inside the kernel, multinomial's check).
 SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "multinomial", "unique",

@@ -6,8 +6,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from sarkernels.models import (MODELS, DecoderOnlyConfig, RandARTransformer, RARConfig,
-                               RARTransformer, SARConfig, SARTransformer)
+from sarkernels.models import (MODELS, DecoderOnlyConfig, OfficialRARConfig, RandARTransformer,
+                               RARConfig, RARTransformer, SARConfig, SARTransformer)
 
 SMALL = dict(vocab_size=17, num_classes=10, grid_size=4, dim=32, n_head=4, n_kv_head=2,
              multiple_of=32, class_dropout=0.2, dropout=0.05)
@@ -16,6 +16,8 @@ CONFIGS = {
                      train_schedule="cosine", train_steps="2-4", **SMALL),
     "randar": DecoderOnlyConfig(n_layer=2, token_dropout=0.3, **SMALL),
     "rar": RARConfig(n_layer=2, anneal=[0.1, 0.6], **SMALL),
+    "rar-official": OfficialRARConfig(n_layer=2, anneal=[0.2, 0.7], cfg_power=1.5,
+                                      **{**SMALL, "n_kv_head": None}),
 }
 
 
@@ -47,7 +49,7 @@ def test_fields_override_a_given_config_which_stays_as_it_was(kind):
     model = build(kind, cfg, dim=64, n_head=8)
     assert (model.config.dim, model.config.n_head, cfg.dim) == (64, 8, 32)
     assert model.config.vocab_size == cfg.vocab_size
-    assert model.tok_embeddings.weight.shape == (17, 64)
+    assert model.output.weight.shape == (17, 64)
 
 
 @pytest.mark.parametrize("kind", list(MODELS))

@@ -5,7 +5,7 @@ import torch
 
 import sarkernels
 from sarkernels import orders, reference
-from sarkernels.models import RandARTransformer, RARTransformer, SARTransformer
+from sarkernels.models import OfficialRAR, RandARTransformer, RARTransformer, SARTransformer
 from sarkernels.models.generation import State
 
 SMALL = dict(vocab_size=17, num_classes=10, grid_size=4, dim=64, n_head=4, multiple_of=32)
@@ -16,7 +16,7 @@ def make(kind, **over):
     if kind == "sar":
         m = SARTransformer(encoder_layers=2, decoder_layers=2, **{**SMALL, **over})
     else:
-        cls = RandARTransformer if kind == "randar" else RARTransformer
+        cls = {"randar": RandARTransformer, "rar": RARTransformer, "rar-official": OfficialRAR}[kind]
         m = cls(n_layer=2, **{**SMALL, **over})
     for p in m.parameters():  # untrained weights far from uniform, so sampling is not trivial
         torch.nn.init.normal_(p, std=0.3)
@@ -33,6 +33,7 @@ def generate(m, cache, seed=1, **kw):
 CASES = [("randar", {}), ("randar", dict(schedule="random", steps=5)),
          ("randar", dict(schedule="ar", order="raster")), ("randar", dict(cfg_scale=3.0)),
          ("rar", {}), ("rar", dict(order="random", cfg_scale=2.0)),
+         ("rar-official", {}), ("rar-official", dict(order="random", cfg_scale=2.0)),
          ("sar", {}), ("sar", dict(schedule="cosine", steps=4)), ("sar", dict(schedule="ar")),
          ("sar", dict(schedule=[1, 15])), ("sar", dict(cfg_scale=2.0))]
 
@@ -52,6 +53,7 @@ def test_kv_cache_equals_recompute(kind, kw):
 @pytest.mark.skipif("simt" not in sarkernels.ops.backends() or
                     not sarkernels.ops.backends()["simt"]["usable"], reason="_simt not built")
 @pytest.mark.parametrize("kind,kw", [("randar", dict(cfg_scale=3.0)), ("rar", {}),
+                                     ("rar-official", dict(cfg_scale=3.0)),
                                      ("sar", dict(cfg_scale=2.0))])
 def test_kv_cache_equals_recompute_on_simt(kind, kw):
     """Once per model on the CUDA kernels under the SIMT executor (decode, training
@@ -60,7 +62,7 @@ def test_kv_cache_equals_recompute_on_simt(kind, kw):
         test_kv_cache_equals_recompute(kind, kw)
 
 
-@pytest.mark.parametrize("kind", ["randar", "rar", "sar"])
+@pytest.mark.parametrize("kind", ["randar", "rar", "rar-official", "sar"])
 def test_known_cells_are_kept_and_seeded_runs_repeat(kind):
     m = make(kind)
     positions, values = torch.tensor([[0, 7, 9], [15, 1, 2], [3, 4, 5]]), torch.tensor([[1, 2, 3]] * 3)
@@ -71,7 +73,7 @@ def test_known_cells_are_kept_and_seeded_runs_repeat(kind):
     assert not torch.equal(generate(m, True, seed=1)[0], generate(m, True, seed=2)[0])
 
 
-@pytest.mark.parametrize("kind", ["randar", "rar", "sar"])
+@pytest.mark.parametrize("kind", ["randar", "rar", "rar-official", "sar"])
 def test_cfg_scale_one_equals_no_cfg(kind):
     m = make(kind)
     plain, plain_logits = generate(m, True)
@@ -82,7 +84,7 @@ def test_cfg_scale_one_equals_no_cfg(kind):
     assert not torch.equal(plain, generate(m, True, cfg_scale=4.0)[0])
 
 
-@pytest.mark.parametrize("kind", ["randar", "rar", "sar"])
+@pytest.mark.parametrize("kind", ["randar", "rar", "rar-official", "sar"])
 def test_reference_and_kernel_backends_agree(kind):
     m = make(kind)
     tokens, labels = torch.randint(0, 17, (3, 16)), torch.tensor([0, 4, 9])
@@ -194,7 +196,7 @@ def test_randar_training_layout_matches_generation_embedding():
     torch.testing.assert_close(x, seq)
 
 
-@pytest.mark.parametrize("kind", ["randar", "rar", "sar"])
+@pytest.mark.parametrize("kind", ["randar", "rar", "rar-official", "sar"])
 def test_training_overfits_a_tiny_batch(kind):
     # Four sequences, one per label: a model that learns drives their loss far below the
     # uniform guess ln(17) = 2.83 within a few dozen steps, whatever order each step draws.
@@ -218,7 +220,7 @@ def test_training_overfits_a_tiny_batch(kind):
     assert sum(losses[-5:]) / 5 < 0.2 * losses[0], losses[-5:]
 
 
-@pytest.mark.parametrize("kind", ["randar", "rar", "sar"])
+@pytest.mark.parametrize("kind", ["randar", "rar", "rar-official", "sar"])
 def test_training_step_reaches_every_parameter_and_compiles(kind):
     m = make(kind).train()
     tokens, labels = torch.randint(0, 17, (4, 16)), torch.randint(0, 10, (4,))
@@ -263,7 +265,7 @@ def test_bad_generate_arguments(kind, kw, match):
         m.generate(torch.tensor(kw.pop("labels")), **kw)
 
 
-@pytest.mark.parametrize("kind", ["randar", "sar", "rar"])
+@pytest.mark.parametrize("kind", ["randar", "sar", "rar", "rar-official"])
 @pytest.mark.parametrize("kw,error,match", [
     (dict(cfg_scale=float("nan")), ValueError, "cfg_scale must be >= 0 and finite, got nan"),
     (dict(cfg_scale=float("inf")), ValueError, "cfg_scale must be >= 0 and finite, got inf"),

@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from sarkernels.tokenizers import DigitsTokenizer, Tokenizer, VQHandle, VQTokenizer, from_config
+from sarkernels.tokenizers import (DigitsTokenizer, MaskGITVQGAN, Tokenizer, VQHandle, VQTokenizer,
+                                  from_config)
 from sarkernels.tokenizers.digits import LEVELS
 
 SMALL = dict(codebook_size=64, codebook_embed_dim=8, ch=32, ch_mult=(1, 2), z_channels=32,
@@ -30,9 +31,18 @@ def pictures(n):
     return out
 
 
+def small_maskgit(tmp_path):
+    torch.manual_seed(0)
+    vq = MaskGITVQGAN(codebook_size=64, ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32,
+                      image_size=16)
+    torch.save(vq.state_dict(), tmp_path / "maskgit.bin")
+    return MaskGITVQGAN.from_checkpoint(str(tmp_path / "maskgit.bin"), 16)
+
+
 def tokenizers(tmp_path):
-    vq = small_vq(tmp_path)
-    return [DigitsTokenizer(8), DigitsTokenizer(16), vq, VQHandle(vq.config())]
+    vq, maskgit = small_vq(tmp_path), small_maskgit(tmp_path)
+    return [DigitsTokenizer(8), DigitsTokenizer(16), vq, VQHandle(vq.config()), maskgit,
+            from_config(maskgit.config())]
 
 
 def test_every_tokenizer_has_the_protocol_and_one_image_range(tmp_path):

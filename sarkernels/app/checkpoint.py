@@ -6,6 +6,7 @@ checkpoint behind a name; a write that fails (a full disk, Ctrl-C, SIGTERM) remo
 temporary files. ``RUN/.lock`` is held while a process trains into the run."""
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -236,33 +237,91 @@ def load(path, device="cpu"):
     return model.to(device).eval(), config, path
 
 
-def load_official(path, kind="randar", n_head=16, grid_size=16, device="cpu"):
-    """An official RandAR ``.safetensors`` state_dict (or one with its key pattern): width,
-    depth, vocabulary, classes and FFN size are read from the tensors; ``n_head`` comes from
-    the preset (L: 16, XL: 20, XXL: 24)."""
+def load_official(path, kind="randar", n_head=None, grid_size=None, device="cpu"):
+    """Official weights (a state_dict in a ``.safetensors`` file or a torch ``.bin``/``.pt``,
+    read with ``weights_only=True``) as a model in eval mode on ``device``: ``kind``
+    "randar" (RandAR, :func:`official_model`) or "rar" (RAR's ``rar_b.bin`` ..
+    ``rar_xxl.bin``)."""
+    model = official_model(read_weights(path), kind, n_head, grid_size, repr(path))
+    return model.to(device).eval()
+
+
+def read_weights(path):
+    """The state_dict (name -> tensor) in ``path``: safetensors, or torch's format read
+    with ``weights_only=True``."""
     try:
-        state = load_file(path)
-    except (SafetensorError, OSError, FileNotFoundError) as exc:
-        raise CheckpointError(f"{path!r} is not a readable safetensors file: {exc}") from None
+        state = tokenizers.read_state(path, "weights file (.safetensors, or a torch .bin/.pt)")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path!r} does not hold a state_dict (names -> tensors)")
+    return state
+
+
+def official_model(state, kind="randar", n_head=None, grid_size=None, what="the weights"):
+    """The model ``state`` (official keys) loads into strictly, its architecture read from
+    the tensors; built on the meta device and given ``state``'s tensors, so a state on
+    the meta device gives a shape-only model. RandAR: width, depth, vocabulary, classes and
+    FFN size from the tensors, ``n_head`` (default 16: L; XL 20, XXL 24) and ``grid_size``
+    (default 16) given. RAR: everything from the tensors; ``n_head`` and ``grid_size``, when
+    given, must agree with them."""
+    if kind not in ("randar", "rar"):
+        raise ValueError(f"kind must be 'randar' or 'rar', got {kind!r}")
     try:
-        vocab, dim = state["tok_embeddings.weight"].shape
-        classes = state["cls_embedding.embedding_table.weight"].shape[0] - 1
-        n_layer = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
-        hidden = state["layers.0.feed_forward.w1.weight"].shape[0]
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"{path!r} does not have RandAR's key pattern ({exc})") from None
+        sizes = _rar_sizes(state) if kind == "rar" else _randar_sizes(state, n_head or 16)
+    except (KeyError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"{what} does not have {'RAR' if kind == 'rar' else 'RandAR'}'s "
+                              f"official key pattern ({type(exc).__name__}: {exc})") from None
+    if kind == "rar":
+        for name, given in (("n_head", n_head), ("grid_size", grid_size)):
+            if given is not None and given != sizes[name]:
+                raise CheckpointError(f"{what}: {name} {given} was asked for, but the tensors "
+                                      f"hold a RAR with {name} {sizes[name]}")
+        cls = MODELS["rar-official"]
+        # an official size samples with its README's guidance power; others keep rar.yaml's
+        sizes.update(next((v for v in cls.config_class.PRESETS.values()
+                           if (v["dim"], v["n_layer"]) == (sizes["dim"], sizes["n_layer"])), {}))
+    else:
+        cls, sizes["grid_size"] = MODELS[kind], grid_size or 16
+    with torch.device("meta"):  # the tensors become the parameters: no second copy
+        model = cls(**sizes)
+    check_weights(model, {k: v.shape for k, v in state.items()}, what,
+                  "the architecture its tensors imply")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def _randar_sizes(state, n_head):
     from ..nn import find_multiple
+
+    vocab, dim = state["tok_embeddings.weight"].shape
+    classes = state["cls_embedding.embedding_table.weight"].shape[0] - 1
+    n_layer = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
+    hidden = state["layers.0.feed_forward.w1.weight"].shape[0]
     multiple = next((m for m in (256, 128, 64, 32, 16, 8, 1)
                      if find_multiple(int(2 * 4 * dim / 3), m) == hidden), None)
     if multiple is None or dim % n_head:
-        raise CheckpointError(f"{path!r}: FFN size {hidden} or width {dim} does not fit "
-                              f"{n_head} heads of a LlamaGen block")
-    model = MODELS[kind](vocab_size=vocab, num_classes=classes, grid_size=grid_size, dim=dim,
-                         n_layer=n_layer, n_head=n_head, multiple_of=multiple)
-    check_weights(model, {k: v.shape for k, v in state.items()}, repr(path),
-                  "the architecture its tensors imply")
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
+        raise ValueError(f"FFN size {hidden} or width {dim} does not fit {n_head} heads of a "
+                         "LlamaGen block")
+    return dict(vocab_size=vocab, num_classes=classes, dim=dim, n_layer=n_layer, n_head=n_head,
+                multiple_of=multiple)
+
+
+def _rar_sizes(state):
+    """The official RAR's sizes from its tensors (see ``shared/reference/rar.md``)."""
+    from ..models.rar_official import POSITION_SPARE
+
+    vocab, dim = state["lm_head.weight"].shape
+    n_tokens = state["pos_embed"].shape[1] - POSITION_SPARE
+    grid = math.isqrt(max(n_tokens, 0))
+    if grid * grid != n_tokens or grid == 0:
+        raise ValueError(f"pos_embed holds {n_tokens} token rows, not a square grid's")
+    head_dim = state["blocks.0.attn.q_norm.weight"].shape[0]
+    if dim % head_dim:
+        raise ValueError(f"width {dim} is no multiple of the head size {head_dim}")
+    return dict(vocab_size=vocab, num_classes=state["embeddings.weight"].shape[0] - vocab - 2,
+                grid_size=grid, dim=dim, n_head=dim // head_dim,
+                n_layer=1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")))
 
 
 def load_train_state(step_dir):

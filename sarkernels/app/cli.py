@@ -55,13 +55,13 @@ def _tokenize(args):
     from . import outputs
     from .data import skipped_images
     from .tokenize import image_folder, tokenize_folder
-    from ..tokenizers import VQTokenizer
+    from ..tokenizers import load_vq
     from .train import check_device
 
     check_device(args.device)
     image_folder(args.images)
     outputs.folder(args.out)
-    vq = VQTokenizer.from_checkpoint(args.vq, args.image_size)
+    vq = load_vq(args.vq, args.image_size)
     out = tokenize_folder(args.images, vq, args.out, args.batch, args.flip, args.device,
                           progress=not args.no_progress)
     skipped = skipped_images(out)

@@ -28,6 +28,7 @@ examples:
   python -m sarkernels sample --ckpt runs/sar --image digit.png --mask left --out inpaint.png
   python -m sarkernels sample --ckpt runs/randar --resolution 2x --labels 0,1,2 --out big.png
   python -m sarkernels sample --model randar --ckpt RandAR-L.safetensors --preset L --vq vq_ds16_c2i.pt --labels 207,360,387 --cfg 4 --out grid.png
+  python -m sarkernels sample --model rar --ckpt rar_xl.bin --vq maskgit-vqgan-imagenet-f16-256.bin --labels 207,360 --cfg 6.9 --temperature 1.02 --out rar.png
   python -m sarkernels sample --ckpt runs/photos --labels 0,1 --out photos.png
   python -m sarkernels sample --ckpt runs/text --prompts "a handwritten seven,the digit 2" --out text.png""",
     "tokenize": """\
@@ -138,9 +139,10 @@ def _sample_parser(sub):
 
     p = _command(sub, "sample", "sample a checkpoint to a PNG grid (or inpaint an image)",
                  "Generate a grid of pictures, one column per label, from a run folder, a step "
-                 "folder or official RandAR/RAR weights (.safetensors with --vq).")
+                 "folder or official RandAR/RAR weights (.safetensors or .bin, with --vq).")
     p.add_argument("--ckpt", required=True,
-                   help="run folder (its newest checkpoint), step folder, or official .safetensors")
+                   help="run folder (its newest checkpoint), step folder, or official weights "
+                        "(.safetensors or .bin)")
     p.add_argument("--recipe",
                    help="generation order and steps (default: sar-ts for SAR, randar-parallel "
                         "for RandAR, ar for RAR): "
@@ -155,6 +157,11 @@ def _sample_parser(sub):
                    help="samples per label (grid rows); at most 1024 pictures in all, one batch")
     p.add_argument("--cfg", type=_number,
                    help="classifier-free guidance scale, >= 0 (default: none, no guidance)")
+    p.add_argument("--cfg-power", type=_number,
+                   help="the guidance scale's ramp over the decoded fraction f: 1 + (cfg - 1) * "
+                        "(1 - cos(pi * f ** P)) / 2, the official RAR sampler's, for P >= 0 "
+                        "(default: the model's; linear in f but for official RAR weights, "
+                        "whose size gives the official README's power)")
     p.add_argument("--temperature", type=_number, default=1.0, help="softmax temperature, > 0")
     p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = all)")
     p.add_argument("--top-p", type=_number, default=1.0,
@@ -180,13 +187,16 @@ def _sample_parser(sub):
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--out", default="samples.png", help="PNG file to write")
     p.add_argument("--model", choices=["randar", "rar"], default="randar",
-                   help="official .safetensors --ckpt only: its architecture")
+                   help="official --ckpt only: RandAR (LlamaGen VQ codes) or RAR (rar_b.bin .. "
+                        "rar_xxl.bin, MaskGIT VQGAN codes; its size is read from the weights)")
     p.add_argument("--preset", default="L",
-                   help="official --ckpt only: B, L, XL or XXL (sets the heads)")
+                   help="official RandAR --ckpt only: B, L, XL or XXL (sets the heads)")
     p.add_argument("--heads", type=_positive,
-                   help="official --ckpt only: attention heads (default: the --preset's)")
-    p.add_argument("--vq", help="LlamaGen VQ checkpoint (.pt or .safetensors) that decodes codes "
-                                "into pictures (default: the one the run was tokenized with)")
+                   help="official --ckpt only: attention heads (default: RandAR the --preset's, "
+                        "RAR the weights')")
+    p.add_argument("--vq", help="VQ checkpoint that decodes codes into pictures: LlamaGen's (.pt "
+                                "or .safetensors) or MaskGIT's VQGAN (.bin or .safetensors) "
+                                "(default: the one the run was tokenized with)")
     p.add_argument("--image-size", type=_positive, default=256,
                    help="--vq only: picture side, pixels")
 
@@ -194,11 +204,12 @@ def _sample_parser(sub):
 def _tokenize_parser(sub):
     p = _command(sub, "tokenize", "turn an image folder (a subfolder per class) into tokens",
                  "Center-crop every image of an ImageFolder (one subfolder per class), encode it "
-                 "with a LlamaGen VQ, and write a token folder to train on. Chunks are written "
-                 "atomically: an interrupted run continues where it stopped. Unreadable images "
-                 "are left out and listed at the end.")
+                 "with a VQ (LlamaGen's or MaskGIT's), and write a token folder to train on. "
+                 "Chunks are written atomically: an interrupted run continues where it stopped. "
+                 "Unreadable images are left out and listed at the end.")
     p.add_argument("--images", required=True, help="folder with one subfolder of images per class")
-    p.add_argument("--vq", required=True, help="LlamaGen VQ checkpoint (.pt or .safetensors)")
+    p.add_argument("--vq", required=True, help="VQ checkpoint: LlamaGen's (.pt or .safetensors) "
+                                               "or MaskGIT's VQGAN (.bin or .safetensors)")
     p.add_argument("--image-size", type=_positive, default=256,
                    help="center-crop side, pixels (256 for VQ-16)")
     p.add_argument("--out", required=True, help="token folder to write (meta.json, part-N files)")

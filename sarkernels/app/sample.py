@@ -18,7 +18,7 @@ MAX_SIDE = 64
 
 # name -> (models it applies to, generate() keywords, description)
 RECIPES = {
-    "ar": (("sar", "randar", "rar"), dict(order="raster", schedule="ar"),
+    "ar": (("sar", "randar", "rar", "rar-official"), dict(order="raster", schedule="ar"),
            "AR: raster order, one token per step"),
     "sar-ts": (("sar",), dict(order="random", schedule="random", steps=16),
                "SAR-TS: random order, 16 sets of random sizes"),
@@ -164,7 +164,7 @@ def known_from_image(image_path, mask, tokenizer, invert=False):
 
 def official(args):
     """``--ckpt`` names official RandAR/RAR weights rather than a sarkernels checkpoint."""
-    return (os.path.isfile(args.ckpt) and args.ckpt.endswith(".safetensors")
+    return (os.path.isfile(args.ckpt) and args.ckpt.endswith((".safetensors", ".bin"))
             and not os.path.isfile(os.path.join(os.path.dirname(args.ckpt), "config.json")))
 
 
@@ -203,14 +203,15 @@ def check(args):
         if not os.path.isfile(args.image):
             raise UsageError(f"cannot read image {args.image!r} (--image): no such file")
         check_mask(args.mask or "left")
-    check_sampling(args.temperature, args.top_k, args.top_p, args.cfg)
+    check_sampling(args.temperature, args.top_k, args.top_p, args.cfg, cfg_power=args.cfg_power)
     check_device(args.device)
     outputs.picture(args.out)
     if official(args):
         if args.vq is None:
             raise UsageError(f"{args.ckpt} holds official weights that make VQ codes: pass --vq "
                              "to decode them into pictures")
-        if args.heads is None and args.preset not in DecoderOnlyConfig.PRESETS:
+        if args.model == "randar" and args.heads is None and \
+                args.preset not in DecoderOnlyConfig.PRESETS:
             raise UsageError(f"unknown --preset {args.preset!r}; choose from "
                              f"{', '.join(DecoderOnlyConfig.PRESETS)}")
 
@@ -220,12 +221,18 @@ def run(args):
     check(args)
     from . import checkpoint
     from ..models import DecoderOnlyConfig
-    from ..tokenizers import VQTokenizer, from_config
+    from ..tokenizers import from_config, load_vq
 
-    vq = VQTokenizer.from_checkpoint(args.vq, args.image_size).to(args.device) if args.vq else None
+    vq = load_vq(args.vq, args.image_size).to(args.device) if args.vq else None
     if official(args):
-        heads = args.heads or DecoderOnlyConfig.PRESETS[args.preset]["n_head"]
+        heads = args.heads  # RAR's own tensors say how many
+        if args.model == "randar":
+            heads = heads or DecoderOnlyConfig.PRESETS[args.preset]["n_head"]
         model = checkpoint.load_official(args.ckpt, args.model, heads, vq.grid_size, args.device)
+        if model.vocab_size != vq.vocab_size:
+            raise UsageError(f"{args.ckpt} makes codes of a {model.vocab_size}-code vocabulary but "
+                             f"--vq {args.vq} has {vq.vocab_size} codes: pass the tokenizer the "
+                             "weights were trained on")
         config, path, tok = {"model": args.model, "num_classes": model.num_classes}, args.ckpt, vq
     else:
         model, config, path = checkpoint.load(args.ckpt, args.device)
@@ -253,13 +260,13 @@ def run(args):
 
 
 def recipe_name(args, kind):
-    return args.recipe or {"sar": "sar-ts", "randar": "randar-parallel", "rar": "ar"}[kind]
+    return args.recipe or {"sar": "sar-ts", "randar": "randar-parallel"}.get(kind, "ar")
 
 
 def generate_grid(args, model, tok, cond, kw):
     """Pictures ``[n, columns, C, H, W]`` for the condition of ``n`` rows of columns."""
-    tokens = model.generate(cond, cfg_scale=args.cfg, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p,
+    tokens = model.generate(cond, cfg_scale=args.cfg, cfg_power=args.cfg_power,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             generator=torch.Generator().manual_seed(args.seed), **kw).cpu()
     images = tok.decode(tokens.to(args.device)).cpu()
     return images.view(args.n, len(tokens) // args.n, *images.shape[1:])

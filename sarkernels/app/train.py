@@ -30,7 +30,8 @@ def _setting(default, help):
 class TrainConfig:
     """One training run. Each field with a ``help`` is a ``train`` option (see :func:`option`);
     the help says what it means, in which unit."""
-    model: str = _setting("sar", "architecture: sar, randar or rar")
+    model: str = _setting("sar", "architecture: sar, randar, rar or rar-official (the official "
+                                 "RAR's)")
     data: str = _setting("digits", "'digits' (embedded) or a token folder written by "
                                    "'python -m sarkernels tokenize'")
     grid: int = _setting(8, "digits only: token grid side, 8 or 16 (16 upsamples to 256 tokens)")

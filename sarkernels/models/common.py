@@ -1,5 +1,6 @@
 """What SAR, RandAR and RAR share: class embedding, argument checks, the generation plan
 (order, known cells, set sizes), sampling and classifier-free guidance."""
+import math
 from dataclasses import dataclass
 
 import torch
@@ -97,14 +98,15 @@ def make_plan(batch, n, vocab_size, *, order, schedule, steps, known, generator,
     return Plan(order.to(device), tokens.to(device), num_known, sizes)
 
 
-def check_sampling(temperature, top_k, top_p, cfg_scale, spatial_cfg=None):
-    """generate's sampling settings (a guidance weight None: off). The messages name the
-    argument alone: the CLI reports them as they are."""
+def check_sampling(temperature, top_k, top_p, cfg_scale, spatial_cfg=None, cfg_power=None):
+    """generate's sampling settings (a guidance weight or power None: off). The messages
+    name the argument alone: the CLI reports them as they are."""
     real(None, "temperature", temperature, above=0)
     integer(None, "top_k", top_k, 0)
     if not 0 < real(None, "top_p", top_p) <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    for name, weight in (("cfg_scale", cfg_scale), ("spatial_cfg", spatial_cfg)):
+    for name, weight in (("cfg_scale", cfg_scale), ("spatial_cfg", spatial_cfg),
+                         ("cfg_power", cfg_power)):
         if weight is not None:  # NaN or inf would make every guided logit NaN
             real(None, name, weight, 0, finite=True)
 
@@ -141,10 +143,12 @@ def with_progress(steps, enabled):
     return tqdm(steps, desc="generate", leave=False)
 
 
-def guided(logits, cfg_scale, done, n, spatial_cfg=None):
+def guided(logits, cfg_scale, done, n, spatial_cfg=None, power=None):
     """Classifier-free guidance on a doubled batch (conditional rows first), the scale
-    ramping linearly from 1 to ``cfg_scale`` with the fraction ``done / n`` decoded
-    (``done`` an int or a 0-d device tensor).
+    ramping from 1 to ``cfg_scale`` with the fraction ``f = done / n`` decoded (``done`` an
+    int or a 0-d device tensor): linearly, or with a ``power``, as the official RAR sampler
+    (MDT's power-cosine ramp) ``1 + (cfg_scale - 1) * (1 - cos(pi * f ** power)) / 2``
+    (power 0: ``cfg_scale`` throughout, 0 ** 0 being 1).
 
     With ``spatial_cfg``, RandAR's resolution-extrapolation guidance on a tripled batch
     (cond, spatial, uncond rows), constant scales:
@@ -155,7 +159,11 @@ def guided(logits, cfg_scale, done, n, spatial_cfg=None):
     if cfg_scale is None:
         return logits
     cond, uncond = logits.chunk(2)
-    scale = 1 + (cfg_scale - 1) * done / n
+    if power is None:
+        scale = 1 + (cfg_scale - 1) * done / n
+    else:
+        ramp = torch.as_tensor(done, device=logits.device) / n
+        scale = 1 + (cfg_scale - 1) * (1 - torch.cos(ramp ** power * math.pi)) / 2
     return uncond + scale * (cond - uncond)
 
 

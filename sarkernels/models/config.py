@@ -49,6 +49,14 @@ class Configured:
     def _configure(self, config, fields):
         """Sets ``self.config`` and what every model has first: the sizes, the token and
         class embeddings (in this order: the training RNG stream depends on it)."""
+        config = self._set_config(config, fields)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.cls_embedding = condition.embedding(config.num_classes, config.dim,
+                                                 config.cond_dim)
+        return config
+
+    def _set_config(self, config, fields):
+        """Sets ``self.config`` (``config`` with ``fields`` on top) and the sizes."""
         if config is None:
             config = self.config_class(**fields)
         elif type(config) is not self.config_class:
@@ -60,9 +68,6 @@ class Configured:
         self.vocab_size, self.num_classes = config.vocab_size, config.num_classes
         self.grid_size, self.n_tokens = config.grid_size, config.grid_size ** 2
         self.n_head = config.n_head
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.cls_embedding = condition.embedding(config.num_classes, config.dim,
-                                                 config.cond_dim)
         return config
 
     def _head(self):

@@ -34,7 +34,44 @@ class DecoderOnlyConfig(Config):
     token_dropout: float = 0.1
 
 
-class DecoderOnly(Generation, Configured, nn.Module):
+class CausalSlots:
+    """What the decoder-only models share around their layers: the loss under a training
+    layout and the generation schedule, from a model's ``_slots(start, decoded, n)`` (the
+    slots a step feeds, their order indices, instruction flags), ``_resume_slot(decoded)``
+    (where the cache resumes after a step) and ``_max_slots(n_tokens)``."""
+
+    def loss(self, tokens, labels, layout=None, generator=None):
+        """Mean cross-entropy of every token under a training ``layout`` (see
+        :meth:`training_layout`; drawn from ``generator`` when None); ``labels`` class labels
+        or a :class:`~sarkernels.models.condition.Prompt` (a model built with ``cond_dim``)."""
+        layout = self.training_layout(len(tokens), generator) if layout is None else layout
+        order = layout["order"].to(tokens.device)
+        logits = self(tokens, condition.prefix(self, labels, layout["drop_label"]), order)
+        return F.cross_entropy(logits.flatten(0, 1).float(), tokens.gather(1, order).flatten())
+
+    def _new_caches(self, batch, n_tokens=None, prefix_len=1):
+        slots = self._max_slots(self.n_tokens if n_tokens is None else n_tokens)
+        return {"layers": self._kv_caches(batch, slots + prefix_len - 1, self.config.n_layer)}
+
+    def _schedule(self, plan, use_kv_cache, prefix_len=1, n_tokens=None):
+        """Per step ``feed [3, L]`` (slot, order index or -1 for the class token (-Lc .. -2
+        for the prefix's other rows), 1 for an instruction) and ``targets [n]``; the last n
+        fed slots are the queries."""
+        steps, start, decoded = [], 0, plan.num_known
+        extra = condition.extra_entries(prefix_len - 1, self._max_slots(n_tokens or self.n_tokens))
+        for n in plan.sizes:
+            slots, index, instruction = self._slots(start, decoded, n)
+            if start == 0:
+                slots, index = extra[0] + slots, extra[1] + index
+                instruction = [False] * len(extra[0]) + instruction
+            feed = torch.tensor([slots, index, instruction])
+            steps.append(Step((feed, torch.arange(decoded, decoded + n)), decoded, n))
+            start = self._resume_slot(decoded) if use_kv_cache else 0
+            decoded += n
+        return steps
+
+
+class DecoderOnly(CausalSlots, Generation, Configured, nn.Module):
     """Built from a ``config_class`` config (or its fields as keywords); a subclass adds its
     parameters, then calls ``_init``."""
     config_class = DecoderOnlyConfig
@@ -52,15 +89,6 @@ class DecoderOnly(Generation, Configured, nn.Module):
         """The model a training run builds: ``layers`` blocks, ``dropout`` on tokens and in
         the blocks; ``config`` the other config fields."""
         return cls(n_layer=layers, token_dropout=dropout, dropout=dropout, **config)
-
-    def loss(self, tokens, labels, layout=None, generator=None):
-        """Mean cross-entropy of every token under a training ``layout`` (see
-        :meth:`training_layout`; drawn from ``generator`` when None); ``labels`` class labels
-        or a :class:`~sarkernels.models.condition.Prompt` (a model built with ``cond_dim``)."""
-        layout = self.training_layout(len(tokens), generator) if layout is None else layout
-        order = layout["order"].to(tokens.device)
-        logits = self(tokens, condition.prefix(self, labels, layout["drop_label"]), order)
-        return F.cross_entropy(logits.flatten(0, 1).float(), tokens.gather(1, order).flatten())
 
     def trunk(self, x, cells, slots=None, caches=None, angles=None, sets=None):
         """Causal (by slot) layers over the sequence slots ``slots [L]`` (default 0 .. L-1),
@@ -82,27 +110,6 @@ class DecoderOnly(Generation, Configured, nn.Module):
         cells = torch.cat([cells.new_full((cells.shape[0], c), CLASS_TOKEN), cells], 1)
         later = torch.arange(1, seq.shape[1] - c + 1, device=seq.device)
         return self.trunk(seq, cells, sets=torch.cat([prefix.sets, later.expand(len(seq), -1)], 1))
-
-    def _new_caches(self, batch, n_tokens=None, prefix_len=1):
-        slots = self._max_slots(self.n_tokens if n_tokens is None else n_tokens)
-        return {"layers": self._kv_caches(batch, slots + prefix_len - 1, len(self.layers))}
-
-    def _schedule(self, plan, use_kv_cache, prefix_len=1, n_tokens=None):
-        """Per step ``feed [3, L]`` (slot, order index or -1 for the class token (-Lc .. -2
-        for the prefix's other rows), 1 for an instruction) and ``targets [n]``; the last n
-        fed slots are the queries."""
-        steps, start, decoded = [], 0, plan.num_known
-        extra = condition.extra_entries(prefix_len - 1, self._max_slots(n_tokens or self.n_tokens))
-        for n in plan.sizes:
-            slots, index, instruction = self._slots(start, decoded, n)
-            if start == 0:
-                slots, index = extra[0] + slots, extra[1] + index
-                instruction = [False] * len(extra[0]) + instruction
-            feed = torch.tensor([slots, index, instruction])
-            steps.append(Step((feed, torch.arange(decoded, decoded + n)), decoded, n))
-            start = self._resume_slot(decoded) if use_kv_cache else 0
-            decoded += n
-        return steps
 
     def _step(self, state, sampling, feed, targets, noise):
         slots, index, instruction = feed.unbind(0)

@@ -60,16 +60,18 @@ class State:
 @dataclass(frozen=True)
 class Sampling:
     """The sampling settings (checked); ``cfg_scale`` None: no guidance; ``spatial_cfg``:
-    RandAR's three-branch extrapolation guidance (:func:`common.guided`)."""
+    RandAR's three-branch extrapolation guidance; ``cfg_power``: the power-cosine ramp of
+    the guidance scale, None the linear one (:func:`common.guided`)."""
     temperature: float
     top_k: int
     top_p: float
     cfg_scale: float
     spatial_cfg: float = None
+    cfg_power: float = None
 
     def __post_init__(self):
         common.check_sampling(self.temperature, self.top_k, self.top_p, self.cfg_scale,
-                              self.spatial_cfg)
+                              self.spatial_cfg, self.cfg_power)
 
     @property
     def reps(self):
@@ -168,7 +170,7 @@ def pick(model, state, sampling, h, targets, noise):
     """Samples the tokens of order positions ``targets [n]`` from the query states
     ``h [B*reps, n, D]`` into the token buffer; returns the guided logits."""
     logits = common.guided(model.output(h).float(), sampling.cfg_scale, targets[0], model.n_tokens,
-                           sampling.spatial_cfg)
+                           sampling.spatial_cfg, sampling.cfg_power)
     tokens = common.sample(logits, noise, sampling.temperature, sampling.top_k, sampling.top_p)
     state.tokens.index_copy_(1, targets, tokens)
     return logits
@@ -178,21 +180,27 @@ class Generation:
     """``generate()`` for a model that defines ``_default_schedule(schedule, steps,
     remaining)``, ``_new_caches(batch, n_tokens, prefix_len)``, ``_schedule(plan,
     use_kv_cache, prefix_len, n_tokens) -> [Step]`` and
-    ``_step(state, sampling, *inputs, noise) -> logits or None``."""
+    ``_step(state, sampling, *inputs, noise) -> logits or None``; ``default_order`` and
+    ``default_cfg_power`` are what ``generate`` takes for ``order`` and ``cfg_power`` None."""
+    default_order = "random"
+    default_cfg_power = None
 
     @torch.no_grad()
-    def generate(self, labels, *, order="random", schedule=None, steps=None, cfg_scale=None,
-                 temperature=1.0, top_k=0, top_p=1.0, known=None, generator=None,
-                 use_kv_cache=True, graphs=False, compile=False, progress=False, on_step=None):
+    def generate(self, labels, *, order=None, schedule=None, steps=None, cfg_scale=None,
+                 cfg_power=None, temperature=1.0, top_k=0, top_p=1.0, known=None,
+                 generator=None, use_kv_cache=True, graphs=False, compile=False,
+                 progress=False, on_step=None):
         """Samples ``[B, N]`` tokens in raster order for class ``labels [B]`` (or, for a
         model built with ``cond_dim``, a :class:`~sarkernels.models.condition.Prompt`).
 
-        order: "random", "raster" or a permutation; schedule: set sizes (see
-        :func:`sarkernels.orders.set_sizes`) with ``steps``; ``known = (positions, tokens)``
-        teacher-forces cells first (inpainting/outpainting), which appear unchanged in the
-        output. ``cfg_scale`` (None = off) runs the null condition as a doubled batch, the scale
-        ramping from 1 to ``cfg_scale``. ``on_step(step, logits, cells)`` sees every step's
-        guided logits and the cells they are for.
+        order: "random", "raster" or a permutation (None: the model's ``default_order``);
+        schedule: set sizes (see :func:`sarkernels.orders.set_sizes`) with ``steps``;
+        ``known = (positions, tokens)`` teacher-forces cells first (inpainting/outpainting),
+        which appear unchanged in the output. ``cfg_scale`` (None = off) runs the null
+        condition as a doubled batch, the scale ramping from 1 to ``cfg_scale``: linearly,
+        or by the power-cosine ramp of ``cfg_power`` (None: the model's
+        ``default_cfg_power``; see :func:`common.guided`). ``on_step(step, logits, cells)``
+        sees every step's guided logits and the cells they are for.
 
         ``graphs=True`` (CUDA) captures each distinct step shape in a CUDA graph and replays
         it; ``compile=True`` runs steps through ``torch.compile(fullgraph=True)`` (a callable
@@ -201,14 +209,16 @@ class Generation:
         settings; the logits ``on_step`` sees under ``graphs`` are overwritten by later steps.
         Tokens equal eager generation's for the same generator.
         """
-        sampling = Sampling(temperature, top_k, top_p, cfg_scale)
+        sampling = Sampling(temperature, top_k, top_p, cfg_scale,
+                            cfg_power=self.default_cfg_power if cfg_power is None else cfg_power)
         prefix, batch = condition.guidance(self, labels, sampling.reps)
         device = self.output.weight.device
         if graphs and device.type != "cuda":
             raise ValueError(f"graphs=True needs a model on a CUDA device, got {device}")
         schedule, steps = self._default_schedule(schedule, steps,
                                                  self.n_tokens - common.count_known(known))
-        plan = common.make_plan(batch, self.n_tokens, self.vocab_size, order=order,
+        plan = common.make_plan(batch, self.n_tokens, self.vocab_size,
+                                order=self.default_order if order is None else order,
                                 schedule=schedule, steps=steps, known=known,
                                 generator=generator, device=device)
         return self._run(plan, prefix, sampling, generator, use_kv_cache=use_kv_cache,
@@ -244,7 +254,7 @@ class Generation:
         cached = getattr(self, "_generation_session", None)
         if canvas is None and cached is not None and cached[0] == key:
             return cached[1]
-        reps, dim = sampling.reps, self.tok_embeddings.embedding_dim
+        reps, dim = sampling.reps, self.config.dim
         rows = batch * reps
         n = self.n_tokens if canvas is None else canvas.n_tokens
         caches = None
@@ -265,7 +275,7 @@ class Generation:
         return session
 
     def _kv_caches(self, batch, length, count):
-        w, dim = self.output.weight, self.tok_embeddings.embedding_dim
+        w, dim = self.output.weight, self.config.dim
         heads = self.config.n_kv_head or self.n_head
         return [KVCache(batch, heads, length, dim // self.n_head, w.dtype, w.device, check=False)
                 for _ in range(count)]

@@ -25,7 +25,43 @@ class RARConfig(DecoderOnlyConfig):
         self.anneal = tuple(self.anneal)  # config.json stores it as a list
 
 
-class RARTransformer(DecoderOnly):
+class RAROrders:
+    """What every RAR shares whatever its layers: training orders random with an annealed
+    probability (``config.anneal``, ``config.class_dropout``), generation one token per
+    step after ``_prefix_slots`` slots that hold no token (slot ``s`` then holds token
+    ``s - _prefix_slots``; the last prefix slot predicts the first token)."""
+    _prefix_slots = 1
+
+    def training_layout(self, batch, generator=None, progress=None):
+        """Each sample's order is random with a probability annealed from 1 to 0 while the
+        fraction ``progress`` of training done crosses ``anneal`` (see
+        :func:`sarkernels.orders.rar_ratio`; None: always random), raster otherwise; plus
+        label drops."""
+        random_ratio = 1.0 if progress is None else orders.rar_ratio(progress, *self.config.anneal)
+        order = orders.make_order("random", batch, self.n_tokens, generator)
+        raster = torch.rand(batch, 1, generator=generator) >= random_ratio
+        return dict(order=torch.where(raster, torch.arange(self.n_tokens), order),
+                    drop_label=common.label_drops(batch, self.config.class_dropout, generator))
+
+    def _default_schedule(self, schedule, steps, remaining):
+        if schedule not in (None, "ar"):
+            raise ValueError("RAR decodes one token per step: schedule must be 'ar'")
+        return "ar", steps
+
+    def _max_slots(self, n_tokens):
+        return n_tokens + self._prefix_slots - 1  # the last token is never fed
+
+    def _resume_slot(self, decoded):
+        return decoded + self._prefix_slots
+
+    def _slots(self, start, decoded, n):
+        """Slots ``start ..`` up to the one that predicts token ``decoded``, their order
+        indices (negative for the prefix slots) and no instructions."""
+        slots = range(start, decoded + n + self._prefix_slots - 1)
+        return list(slots), [s - self._prefix_slots for s in slots], [False] * len(slots)
+
+
+class RARTransformer(RAROrders, DecoderOnly):
     """Built from a :class:`RARConfig` (or its fields as keywords)."""
     config_class = RARConfig
 
@@ -48,34 +84,6 @@ class RARTransformer(DecoderOnly):
             merge=True, check=False)
         h = self._prefixed(prefix, seq, order)
         return self.output(h[:, prefix.length - 1:-1])
-
-    def training_layout(self, batch, generator=None, progress=None):
-        """Each sample's order is random with a probability annealed from 1 to 0 while the
-        fraction ``progress`` of training done crosses ``anneal`` (see
-        :func:`sarkernels.orders.rar_ratio`; None: always random), raster otherwise; plus
-        label drops."""
-        random_ratio = 1.0 if progress is None else orders.rar_ratio(progress, *self.config.anneal)
-        order = orders.make_order("random", batch, self.n_tokens, generator)
-        raster = torch.rand(batch, 1, generator=generator) >= random_ratio
-        return dict(order=torch.where(raster, torch.arange(self.n_tokens), order),
-                    drop_label=common.label_drops(batch, self.config.class_dropout, generator))
-
-    def _default_schedule(self, schedule, steps, remaining):
-        if schedule not in (None, "ar"):
-            raise ValueError("RAR decodes one token per step: schedule must be 'ar'")
-        return "ar", steps
-
-    def _max_slots(self, n_tokens):
-        return n_tokens
-
-    def _resume_slot(self, decoded):
-        return decoded + 1
-
-    def _slots(self, start, decoded, n):
-        """Slots ``start .. decoded``: slot s holds token s-1 (the class token at s=0);
-        the last one predicts token ``decoded``."""
-        slots = range(start, decoded + n)
-        return list(slots), [s - 1 for s in slots], [False] * len(slots)
 
     def _feed(self, state, slots, index, instruction):
         """Slot s: its token (or the class token) plus TA of the next target, cell s; RoPE

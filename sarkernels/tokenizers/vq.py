@@ -188,19 +188,73 @@ def _from_pil(pictures, size):
     return torch.stack(out).float() / 255
 
 
+def read_state(path, what):
+    """What ``path`` holds (safetensors, or torch's format read with ``weights_only=True``),
+    or a ValueError saying it is no readable ``what``."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path!r} does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable file is the user's bad path
+        # torch's first line says what failed; the rest is weights_only advice
+        raise ValueError(f"{path!r} is not a readable {what}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
 def _grid_size(image_size, ch_mult):
     return image_size // 2 ** (len(ch_mult) - 1)
 
 
-class VQTokenizer(nn.Module):
+class Loaded:
+    """What both VQ tokenizers share: built from a state_dict's shapes (``_architecture``)
+    and loaded strictly, and their ``config()``. A subclass names its ``kind`` and a
+    ``KEY`` only its files have."""
+
+    @classmethod
+    def from_checkpoint(cls, path, image_size=256):
+        """The tokenizer the weights in ``path`` (safetensors, or torch's format read with
+        ``weights_only=True``) load into strictly, in eval mode."""
+        return cls.from_state(read_state(path, "VQ checkpoint"), path, image_size)
+
+    @classmethod
+    def from_state(cls, state, path, image_size=256):
+        """The tokenizer ``state`` (read from ``path``; LlamaGen's ``{"model": state_dict}``
+        too) loads into strictly, in eval mode."""
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]
+        if not isinstance(state, dict) or cls.KEY not in state:
+            raise ValueError(f"{path!r} is not a {cls.kind} checkpoint (no {cls.KEY})")
+        try:
+            model = cls(**cls._architecture(state), image_size=image_size)
+            model.load_state_dict(state, strict=True)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{path!r} does not match the {cls.kind} architecture: "
+                             f"{str(exc).splitlines()[0]}") from None
+        model.checkpoint_path = os.path.abspath(path)
+        return model.eval()
+
+    def config(self):
+        return {"name": self.name, "checkpoint": self.checkpoint_path, **self.settings,
+                "ch_mult": list(self.settings["ch_mult"])}
+
+
+class VQTokenizer(Loaded, nn.Module):
     """A :class:`~.protocol.Tokenizer`: ``encode(images [B, 3, H, W] in [0, 1]) -> codes
     [B, h*w]``, ``decode(codes) -> images [B, 3, H, W] in [0, 1]``.
 
     LlamaGen works in [-1, 1]: ``encode_code(images in [-1, 1])`` and
     ``decode_code(codes, shape) -> images in [-1, 1]`` (LlamaGen's name and ``shape``;
-    ``decode_codes`` is the same)."""
+    ``decode_codes`` is the same). ``from_checkpoint`` reads a LlamaGen ``.pt``
+    (``{"model": state_dict}``, loaded with ``weights_only=True``) or a ``.safetensors``
+    state_dict, the architecture (VQ-16, VQ-8 or another width/depth) from the tensors'
+    shapes."""
 
     name = "vq"
+    kind, KEY = "LlamaGen VQ", "quantize.embedding.weight"
+    _architecture = staticmethod(_architecture)
 
     def __init__(self, codebook_size=16384, codebook_embed_dim=8, ch=128, ch_mult=(1, 1, 2, 2, 4),
                  z_channels=256, num_res_blocks=2, image_size=256):
@@ -222,38 +276,6 @@ class VQTokenizer(nn.Module):
         if name not in PRESETS:
             raise ValueError(f"unknown VQ preset {name!r}; choose from {list(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
-
-    @classmethod
-    def from_checkpoint(cls, path, image_size=256):
-        """Reads a LlamaGen ``.pt`` (``{"model": state_dict}``, loaded with
-        ``weights_only=True``) or a ``.safetensors`` state_dict. The architecture (VQ-16,
-        VQ-8 or another width/depth) is read from the tensors' shapes."""
-        if not os.path.isfile(path):
-            raise ValueError(f"VQ checkpoint {path!r} does not exist")
-        try:
-            if path.endswith(".safetensors"):
-                from safetensors.torch import load_file
-                state = load_file(path)
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # any unreadable file is the user's bad path
-            raise ValueError(f"{path!r} is not a readable VQ checkpoint: {exc}") from None
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]
-        if not isinstance(state, dict) or "quantize.embedding.weight" not in state:
-            raise ValueError(f"{path!r} is not a LlamaGen VQ checkpoint (no quantize.embedding.weight)")
-        try:
-            model = cls(**_architecture(state), image_size=image_size)
-            model.load_state_dict(state, strict=True)
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"{path!r} does not match LlamaGen's VQ architecture: "
-                             f"{str(exc).splitlines()[0]}") from None
-        model.checkpoint_path = os.path.abspath(path)
-        return model.eval()
-
-    def config(self):
-        return {"name": self.name, "checkpoint": self.checkpoint_path, **self.settings,
-                "ch_mult": list(self.settings["ch_mult"])}
 
     @torch.no_grad()
     def encode_code(self, images):
@@ -301,13 +323,14 @@ class VQTokenizer(nn.Module):
 
 class VQHandle:
     """A VQ tokenizer known by its config (as stored with token folders and checkpoints), a
-    :class:`~.protocol.Tokenizer` like :class:`VQTokenizer`; the weights are read from
-    ``config["checkpoint"]`` on the first encode/decode."""
+    :class:`~.protocol.Tokenizer` like the tokenizer it names; the weights are read from
+    ``config["checkpoint"]`` by ``load(path, image_size)`` (LlamaGen's VQ by default) on the
+    first encode/decode."""
 
-    name = "vq"
-
-    def __init__(self, config):
+    def __init__(self, config, load=None):
         self._config = dict(config)
+        self.name = config["name"]
+        self._load = load or VQTokenizer.from_checkpoint
         self.vocab_size = config["codebook_size"]
         self.grid_size = _grid_size(config["image_size"], config["ch_mult"])
         self._model = None
@@ -320,7 +343,7 @@ class VQHandle:
             path = path or self._config.get("checkpoint")
             if not path:
                 raise ValueError("this VQ tokenizer has no checkpoint path: pass --vq")
-            self._model = VQTokenizer.from_checkpoint(path, self._config["image_size"])
+            self._model = self._load(path, self._config["image_size"])
         return self._model
 
     def encode(self, images):

@@ -2,6 +2,7 @@
 module."""
 import re
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,6 +170,12 @@ def test_other_calls_fall_back_counted_or_raise():
         sdpa(q, k, v, attn_mask=window(8), fallback="error")
     with pytest.raises(ValueError, match=r"mask\[0, 1\] differs from mask\[0, 0\]"):
         sdpa(q, k, v, attn_mask=per_head, fallback="error")
+    three_heads = torch.ones(3, 8, 8, dtype=torch.bool)  # for 2 heads: torch says what is wrong
+    with pytest.raises(RuntimeError):
+        sdpa(q, k, v, attn_mask=three_heads)
+    with pytest.raises(ValueError, match=r"attn_mask \[3, 8, 8\] does not broadcast to the scores "
+                                         r"\[1, 2, 8, 8\]"):
+        sdpa(q, k, v, attn_mask=three_heads, fallback="error")
     with pytest.raises(ValueError, match="fallback must be 'sdpa' or 'error', got 'torch'"):
         sdpa(q, k, v, fallback="torch")
 
@@ -303,3 +310,18 @@ def test_kv_cache_is_a_module():
     assert cache.sets.tolist() == [[UNWRITTEN, 1, 2, UNWRITTEN]]  # positions as set ids
     cache.write(torch.ones(1, 1, 1, 8), torch.ones(1, 1, 1, 8), slots=3)
     assert cache.sets.tolist() == [[UNWRITTEN, 1, 2, 3]] and cache.k.dtype == torch.float64
+
+
+# ---------------------------------------------------------------- the README's section
+
+
+def readme_blocks():
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("\n## Use it in your project\n")[1].split("\n## ")[0]
+    return [b for b in re.findall(r"```python\n(.*?)```", section, re.S)
+            if "not runnable alone" not in b]
+
+
+@pytest.mark.parametrize("block", readme_blocks(), ids=lambda b: b.split("\n")[3][:30])
+def test_the_readme_blocks_run_alone(block):
+    exec(compile(block, "README.md", "exec"), {})

@@ -88,16 +88,11 @@ def _mask_sets(mask, rank, lq, lk):
 
 
 def _convert(mask, rank, lq, lk):
-    if mask.dim() > rank:
-        return _Refusal("shape", f"attn_mask has {mask.dim()} dims for {rank}-D inputs")
+    """_mask_sets, uncached, for a mask that broadcasts to the inputs (_plan checked)."""
     m = mask[(None,) * (rank - mask.dim())]
     if rank == 3:
         m = m[:, None]
-    try:
-        m = m.expand(m.shape[0], m.shape[1], lq, lk)
-    except RuntimeError:  # torch's SDPA then says what is wrong
-        return _Refusal("shape", f"attn_mask {list(mask.shape)} does not broadcast to "
-                                 f"[.., {lq}, {lk}]")
+    m = m.expand(m.shape[0], m.shape[1], lq, lk)
     try:
         q_sets, k_sets = _ids(_visible(m, "sdpa"), m.shape[0] > 1, "attn_mask")
     except NotASetMask as exc:
@@ -133,6 +128,11 @@ def _plan(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa):
         if is_causal:  # top-left aligned, as torch: query i sees keys 0..i
             return (torch.arange(lq, device=q.device), torch.arange(lk, device=q.device))
         return (q.new_zeros(lq, dtype=torch.long), q.new_zeros(lk, dtype=torch.long))
+    scores = (*q.shape[:-1], lk)  # [B, (H,) L, S]
+    if attn_mask.dim() > q.dim() or any(m not in (1, n) for m, n in
+                                        zip(reversed(attn_mask.shape), reversed(scores))):
+        return _Refusal("shape", f"attn_mask {list(attn_mask.shape)} does not broadcast to "
+                                 f"the scores {list(scores)}")
     if attn_mask.requires_grad:
         return _Refusal("mask requires grad", "attn_mask requires grad; set ids would drop "
                                               "its gradient")

@@ -2,7 +2,8 @@
 
 Ops (compiled kernels where built, pure PyTorch otherwise): :func:`set_attention`,
 :func:`kv_cache_append`, :func:`interleave_position_instructions`, :func:`rope_2d`.
-``sarkernels.info()`` tells which backends are compiled and usable.
+``sarkernels.info()`` tells which backends are compiled and usable; ``sarkernels.compat``
+runs other projects' SDPA calls and LlamaGen-family models on set attention.
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 

@@ -196,10 +196,10 @@ def _check_attention(q, k, v, q_sets, k_sets):
     q_sets, k_sets = integer_tensor(fn, "q_sets", q_sets), integer_tensor(fn, "k_sets", k_sets)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_rank(fn, name, t, 4, "[B, H, L, D]")
-    _check_rank(fn, "q_sets", q_sets, 2, "[B, Lq]")
-    _check_rank(fn, "k_sets", k_sets, 2, "[B, Lk]")
     _check_device(fn, [("q", q), ("k", k), ("v", v), ("q_sets", q_sets), ("k_sets", k_sets)])
     b, hq, lq, d = q.shape
+    q_sets = _batch_ids(fn, "q_sets", q_sets, b, "Lq")
+    k_sets = _batch_ids(fn, "k_sets", k_sets, b, "Lk")
     if k.shape != v.shape:
         raise ValueError(f"{fn}: k and v must have one shape, got {_shape(k)} and {_shape(v)}")
     if k.shape[0] != b or k.shape[3] != d:
@@ -209,10 +209,23 @@ def _check_attention(q, k, v, q_sets, k_sets):
     if d % 8 or not 8 <= d <= 256:
         raise ValueError(f"{fn}: head dim D must be a multiple of 8 in [8, 256], got {d}")
     if q_sets.shape != (b, lq):
-        raise ValueError(f"{fn}: q_sets must be [B, Lq] = [{b}, {lq}], got {_shape(q_sets)}")
+        raise ValueError(f"{fn}: q_sets must be [B, Lq] = [{b}, {lq}] (or [Lq]), got "
+                         f"{_shape(q_sets)}")
     if k_sets.shape != (b, k.shape[2]):
-        raise ValueError(f"{fn}: k_sets must be [B, Lk] = [{b}, {k.shape[2]}], got {_shape(k_sets)}")
+        raise ValueError(f"{fn}: k_sets must be [B, Lk] = [{b}, {k.shape[2]}] (or [Lk]), got "
+                         f"{_shape(k_sets)}")
     return q_sets, k_sets
+
+
+def _batch_ids(fn, name, ids, b, length):
+    """Set ids ``[B, L]``, from ``[B, L]`` or ``[L]`` (one row of ids shared by the batch,
+    expanded without a copy)."""
+    if ids.dim() == 1:
+        return ids.expand(b, -1)
+    if ids.dim() != 2:
+        raise ValueError(f"{fn}: {name} must be 2-D [B, {length}] or 1-D [{length}], got shape "
+                         f"{_shape(ids)}")
+    return ids
 
 
 def _check_caches(fn, k_cache, v_cache):
@@ -283,7 +296,8 @@ def set_attention(q, k, v, q_sets, k_sets, *, strict=False, scale=None, return_l
     (``strict=True``: ``<``).
 
     q ``[B, Hq, Lq, D]``, k and v ``[B, Hkv, Lk, D]`` (``Hq % Hkv == 0``: GQA/MQA), set ids
-    ``[B, Lq]`` and ``[B, Lk]`` of any integer dtype but uint64, in any order. ``scale``
+    ``[B, Lq]`` and ``[B, Lk]`` (or ``[Lq]`` and ``[Lk]``, shared by every batch row) of any
+    integer dtype but uint64, in any order. ``scale``
     defaults to ``1/sqrt(D)``. A query with no visible key, or whose visible logits are all
     ``-inf``, outputs zeros (lse ``-inf``, zero gradient for its q). Otherwise a NaN or ``+inf``
     visible logit, or a NaN/inf in the value of a key it sees, makes its whole output row

@@ -13,8 +13,10 @@ from ..rope import grid_shape, rope_angles, rope_cos_sin, rotate, work_dtype
 UNWRITTEN = torch.iinfo(torch.int64).max
 
 
-class KVCache:
-    """Preallocated K/V ``[B, Hkv, S, D]`` plus the set id of every slot.
+class KVCache(nn.Module):
+    """Preallocated K/V ``[B, Hkv, S, D]`` plus the set id of every slot, as buffers of a
+    module (``.to()`` moves and casts them; they are in ``state_dict`` only with
+    ``persistent=True``: a cache is scratch memory, not a weight).
 
     Unwritten slots carry :data:`UNWRITTEN` and are invisible to every query, so attention
     reads the whole fixed-size cache: its shapes never change while it fills, which lets a
@@ -25,29 +27,34 @@ class KVCache:
     """
 
     def __init__(self, batch, heads, max_len, head_dim, dtype=torch.float32, device="cpu",
-                 check=True):
-        self.k = torch.zeros(batch, heads, max_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.sets = torch.full((batch, max_len), UNWRITTEN, dtype=torch.long, device=device)
+                 check=True, persistent=False):
+        super().__init__()
+        k = torch.zeros(batch, heads, max_len, head_dim, dtype=dtype, device=device)
+        self.register_buffer("k", k, persistent=persistent)
+        self.register_buffer("v", torch.zeros_like(k), persistent=persistent)
+        self.register_buffer("sets", torch.full((batch, max_len), UNWRITTEN, dtype=torch.long,
+                                                device=device), persistent=persistent)
         self.check = check
 
     def reset(self):
         """Forget every slot, keeping the buffers."""
         self.sets.fill_(UNWRITTEN)
 
-    def write(self, k, v, sets, slots):
-        """Writes ``n = k.shape[2]`` tokens with set ids ``sets`` (``[n]`` or ``[B, n]``) at
-        ``slots``: an int (the first of n consecutive slots, bounds-checked here) or a tensor
-        ``[n]`` or ``[B, n]``. Set ids and slots may have any integer dtype but uint64; all
-        is checked before anything is written."""
+    def write(self, k, v, sets=None, slots=0):
+        """Writes ``n = k.shape[2]`` tokens with set ids ``sets`` (``[n]`` or ``[B, n]``;
+        None: the slots themselves, i.e. causal attention over positions) at ``slots``: an
+        int (the first of n consecutive slots, bounds-checked here) or a tensor ``[n]`` or
+        ``[B, n]``. Set ids and slots may have any integer dtype but uint64; all is checked
+        before anything is written."""
         fn = "KVCache.write"
         b, _, n, _ = k.shape
         if isinstance(slots, numbers.Integral) and not isinstance(slots, bool):
             if slots < 0 or slots + n > self.k.shape[2]:
                 raise ValueError(f"{fn}: slots [{slots}, {slots + n}) exceed the cache's "
                                  f"{self.k.shape[2]} slots")
-            slots = torch.arange(slots, slots + n, device=k.device)
-        slots, sets = self._rows(fn, "slots", slots, b, n), self._rows(fn, "sets", sets, b, n)
+            slots = torch.arange(slots, slots + n, device=self.sets.device)
+        slots = self._rows(fn, "slots", slots, b, n)
+        sets = slots if sets is None else self._rows(fn, "sets", sets, b, n)
         ops.kv_cache_append(self.k, self.v, k.to(self.k.dtype), v.to(self.v.dtype), slots,
                             check=self.check)
         self.sets.scatter_(1, slots, sets)

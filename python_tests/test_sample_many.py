@@ -8,20 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from cli_harness import no_work, one_line_error  # noqa: F401 (no_work: a fixture)
+from cli_harness import no_work, one_line_error, sar  # noqa: F401 (fixtures)
 from sarkernels.__main__ import main
 from sarkernels.app import sample_many
-from sarkernels.app.train import TrainConfig, train
 
 MANY = ["--per-class", "3", "--batch", "8", "--recipe", "mar", "--cfg", "1.5", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def sar(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("many") / "sar")
-    train(TrainConfig(model="sar", steps=3, out=out, dim=32, heads=2, layers=1, batch=8,
-                      warmup=2), progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -322,8 +322,8 @@ def _digit_parser(sub):
 
 def parser():
     parser = _Parser(prog="python -m sarkernels",
-                     description="Set-autoregressive image generation: train, sample, tokenize, "
-                                 "demo.\n'python -m sarkernels COMMAND --help' lists its options "
+                     description="Set-autoregressive image generation: train, sample, "
+                                 "sample-many, evaluate, tokenize, demo.\n'python -m sarkernels COMMAND --help' lists its options "
                                  "with defaults, and examples.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p_info = _command(sub, "info", "compiled backends, build details, and why one is unusable")

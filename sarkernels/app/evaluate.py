@@ -156,7 +156,7 @@ def score(images, ref, net, features, ref_features):
         if len(ref_stats[0]) != f[key].shape[1]:
             raise UsageError(f"--ref {ref.name!r}: {mu} has {len(ref_stats[0])} features but "
                              f"the {features} network gives {f[key].shape[1]}")
-        result[metric] = fid.frechet(*fid.statistics(f[key]), *ref_stats)
+        result[metric] = fid.frechet_to(f[key], *ref_stats)
     result["inception_score"] = fid.inception_score(f["logits"])
     if ref_features:
         result["precision"], result["recall"] = fid.precision_recall(ref_features["pool"],
@@ -230,7 +230,9 @@ def sweep(args):
     folder = os.path.splitext(out)[0]
     _pyplot()
     ref = read_reference(args.ref)
-    net = feature_network(args)
+    if args.features != DIGITS:  # missing weights are found before any sampling
+        from .inception import weights_path
+        weights_path(args.inception_weights)
     runs = []
     for value in values:
         many = copy.copy(args)
@@ -255,7 +257,7 @@ def sweep(args):
         dist.destroy_process_group()
         if rank:
             return None
-    results, ref_features = [], {}
+    net, results, ref_features = feature_network(args), [], {}
     for value, many in zip(values, runs):
         images = read_samples(many.out)
         check_pair(images.shape, ref, args.features)

@@ -22,10 +22,27 @@ def frechet(mu1, sigma1, mu2, sigma2):
     """
     w, v = np.linalg.eigh(sigma1)
     root = (v * np.sqrt(w.clip(0))) @ v.T
-    middle = root @ sigma2 @ root
+    return _distance(mu1, mu2, np.trace(sigma1), np.trace(sigma2), root @ sigma2 @ root)
+
+
+def frechet_to(features, mu2, sigma2):
+    """``frechet(*statistics(features), mu2, sigma2)``, with no D x D decomposition for
+    fewer samples than dimensions: ``s1 = A^T A`` for the centred rows ``A / sqrt(N - 1)``,
+    and ``s1 s2`` has the nonzero eigenvalues of the N x N matrix ``A s2 A^T``."""
+    x = np.asarray(features, dtype=np.float64)
+    if len(x) > x.shape[1]:
+        return frechet(*statistics(x), mu2, sigma2)
+    mu1 = x.mean(0)
+    a = (x - mu1) / np.sqrt(len(x) - 1)
+    return _distance(mu1, mu2, (a * a).sum(), np.trace(sigma2), a @ sigma2 @ a.T)
+
+
+def _distance(mu1, mu2, trace1, trace2, middle):
+    """The Frechet distance from the means, the traces and a symmetric matrix whose
+    eigenvalues are those of ``s1 s2``."""
     trace_root = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2).clip(0)).sum()
     diff = np.asarray(mu1) - np.asarray(mu2)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root)
+    return float(diff @ diff + trace1 + trace2 - 2 * trace_root)
 
 
 def inception_score(logits, split_size=5000):

@@ -5,7 +5,7 @@ between two real sets is the floor."""
 import numpy as np
 import torch.nn.functional as F
 
-from .fid import frechet, statistics
+from .fid import frechet_to, statistics
 
 
 def _pixels(images):
@@ -35,4 +35,4 @@ class DigitsJudge:
         return self.features(images) @ self.clf.coefs_[1] + self.clf.intercepts_[1]
 
     def frechet(self, images_a, images_b):
-        return frechet(*statistics(self.features(images_a)), *statistics(self.features(images_b)))
+        return frechet_to(self.features(images_a), *statistics(self.features(images_b)))

@@ -192,6 +192,12 @@ def test_mistakes_are_one_line_and_write_nothing(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == before
 
 
+def test_scoring_one_file_refuses_torchrun(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    one_line_error(capsys, ["evaluate", tmp_path / "s.npz", "--ref", "digits"],
+                   "evaluate SAMPLES.npz runs in one process: start it without torchrun")
+
+
 def test_weights_missing_from_the_usual_place_say_how_to_get_them(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     np.savez(tmp_path / "ok.npz", np.zeros((4, 8, 8, 3), np.uint8))

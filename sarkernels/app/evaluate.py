@@ -185,6 +185,9 @@ def run(args):
         return sweep(args)
     if args.samples is None:
         raise UsageError("give SAMPLES.npz to score (or --cfg-sweep with --ckpt)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would score and write
+        raise UsageError("evaluate SAMPLES.npz runs in one process: start it without torchrun "
+                         "(only --cfg-sweep samples across processes)")
     out = _json_out(args.out or os.path.splitext(args.samples)[0] + ".json")
     images = read_samples(args.samples)
     ref = read_reference(args.ref)

@@ -13,7 +13,10 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.deps-torch-$(TORCH_VERSION)
+# evaluate's Inception-v3; --no-deps: its torchvision dependency (unused by that network)
+# would come as PyPI's CUDA build, which does not load beside a CPU torch
+TORCH_FIDELITY_VERSION := 0.4.0
+STAMP := $(VENV)/.deps-torch-$(TORCH_VERSION)-fidelity-$(TORCH_FIDELITY_VERSION)
 export MAX_JOBS ?= 2
 
 .PHONY: test build cuda-check simt-asan bench demo text census census-fa2 clean
@@ -22,8 +25,9 @@ $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" ninja setuptools wheel numpy \
-		pytest hypothesis pytest-benchmark safetensors tqdm scikit-learn scipy pillow \
+		pytest hypothesis pytest-benchmark safetensors tqdm scikit-learn scipy pillow matplotlib \
 		nvidia-cuda-nvdisasm==13.5.37 nvidia-cuda-cuobjdump==13.5.37
+	$(PY) -m pip install -q --no-deps torch-fidelity==$(TORCH_FIDELITY_VERSION)
 	touch $@
 
 # The editable install picks up Python edits by itself: pip (and its warnings) runs again

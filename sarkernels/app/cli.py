@@ -1,4 +1,5 @@
-"""The command line, ``python -m sarkernels info|train|sample|tokenize|demo|digit``.
+"""The command line, ``python -m sarkernels COMMAND`` for info, train, sample, sample-many,
+evaluate, tokenize, demo and digit.
 
 Every mistake (arguments, paths, devices, checkpoints, an existing run) ends with one
 ``sarkernels: error: ...`` line and exit status 2, found before any work where it can be
@@ -48,6 +49,20 @@ def _sample(args):
     from . import sample
 
     sample.run(args)
+
+
+def _sample_many(args):
+    _require("sample-many", "PIL")
+    from . import sample_many
+
+    sample_many.run(args)
+
+
+def _evaluate(args):
+    _require("evaluate", "PIL", *(["sklearn"] if args.features == "digits" else []))
+    from . import evaluate
+
+    evaluate.run(args)
 
 
 def _tokenize(args):
@@ -107,16 +122,21 @@ def _digit(args):
     print(f"wrote {args.out}: held-out digit {args.label} #{args.index} (8x8, bright ink on black)")
 
 
-COMMANDS = {"info": _info, "train": _train, "sample": _sample, "tokenize": _tokenize,
-            "demo": _demo, "digit": _digit}
+COMMANDS = {"info": _info, "train": _train, "sample": _sample, "sample-many": _sample_many,
+            "evaluate": _evaluate, "tokenize": _tokenize, "demo": _demo, "digit": _digit}
 
 
 def _interrupted(args):
     """What an interrupt left behind, truthfully."""
-    if args is None or args.command not in ("train", "tokenize"):
+    if args is None or args.command not in ("train", "tokenize", "sample-many"):
         return ""
     if args.command == "tokenize":
         return f"; finished chunks in {args.out} are kept: the same command continues"
+    if args.command == "sample-many":
+        from .sample_many import parts_folder
+
+        return (f"; finished batches in {parts_folder(args.out)} are kept: the same command "
+                "continues")
     from .checkpoint import newest
     from .train import TrainConfig
 

@@ -31,6 +31,17 @@ examples:
   python -m sarkernels sample --model rar --ckpt rar_xl.bin --vq maskgit-vqgan-imagenet-f16-256.bin --labels 207,360 --cfg 6.9 --temperature 1.02 --out rar.png
   python -m sarkernels sample --ckpt runs/photos --labels 0,1 --out photos.png
   python -m sarkernels sample --ckpt runs/text --prompts "a handwritten seven,the digit 2" --out text.png""",
+    "sample-many": """\
+examples:
+  python -m sarkernels sample-many --ckpt runs/sar --per-class 20 --recipe mar --cfg 2 --out digits.npz
+  python -m sarkernels sample-many --model randar --ckpt RandAR-L.safetensors --preset L --vq vq_ds16_c2i.pt --n 50000 --cfg 4 --batch 64 --device cuda --out randar_l.npz
+  torchrun --nproc_per_node 8 -m sarkernels sample-many --ckpt runs/photos --per-class 50 --device cuda --out photos.npz""",
+    "evaluate": """\
+examples:
+  python -m sarkernels evaluate digits.npz --ref digits --features digits
+  python -m sarkernels evaluate randar_l.npz --ref VIRTUAL_imagenet256_labeled.npz --device cuda
+  python -m sarkernels evaluate samples.npz --ref photos/ --inception-weights weights-inception-2015-12-05-6726825d.pth
+  python -m sarkernels evaluate --cfg-sweep 1:3:0.5 --ckpt runs/sar --per-class 10 --recipe mar --ref digits --features digits""",
     "tokenize": """\
 examples:
   python -m sarkernels tokenize --images photos/ --vq vq_ds16_c2i.pt --out photos_tokens --flip""",
@@ -134,29 +145,38 @@ def _train_parser(sub):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _sample_parser(sub):
-    from .sample import HALVES, RECIPES
-
-    p = _command(sub, "sample", "sample a checkpoint to a PNG grid (or inpaint an image)",
-                 "Generate a grid of pictures, one column per label, from a run folder, a step "
-                 "folder or official RandAR/RAR weights (.safetensors or .bin, with --vq).")
-    p.add_argument("--ckpt", required=True,
+def _checkpoint_options(p, required=True):
+    """Where the model comes from: ``sample``, ``sample-many`` and ``evaluate --cfg-sweep``."""
+    p.add_argument("--ckpt", required=required,
                    help="run folder (its newest checkpoint), step folder, or official weights "
-                        "(.safetensors or .bin)")
+                        "(.safetensors or .bin)" + ("" if required else " (--cfg-sweep only) "
+                                                     "(default: none)"))
+    p.add_argument("--model", choices=["randar", "rar"], default="randar",
+                   help="official --ckpt only: RandAR (LlamaGen VQ codes) or RAR (rar_b.bin .. "
+                        "rar_xxl.bin, MaskGIT VQGAN codes; its size is read from the weights)")
+    p.add_argument("--preset", default="L",
+                   help="official RandAR --ckpt only: B, L, XL or XXL (sets the heads)")
+    p.add_argument("--heads", type=_positive,
+                   help="official --ckpt only: attention heads (default: RandAR the --preset's, "
+                        "RAR the weights')")
+    p.add_argument("--vq", help="VQ checkpoint that decodes codes into pictures: LlamaGen's (.pt "
+                                "or .safetensors) or MaskGIT's VQGAN (.bin or .safetensors) "
+                                "(default: the one the run was tokenized with)")
+    p.add_argument("--image-size", type=_positive, default=256,
+                   help="--vq only: picture side, pixels")
+
+
+def _sampling_options(p, cfg=True):
+    """How tokens are drawn: ``sample``, ``sample-many`` and ``evaluate --cfg-sweep``."""
+    from .sample import RECIPES
+
     p.add_argument("--recipe",
                    help="generation order and steps (default: sar-ts for SAR, randar-parallel "
                         "for RandAR, ar for RAR): "
                         + "; ".join(f"{k} = {v[2]}" for k, v in RECIPES.items()))
-    p.add_argument("--labels", default="0,1,2,3,4,5,6,7,8,9",
-                   help="comma-separated class indices, one grid column each")
-    p.add_argument("--prompts",
-                   help="a checkpoint trained with --condition prompts: comma-separated text "
-                        "prompts, one grid column each, instead of --labels (needs the [text] "
-                        "extra) (default: none)")
-    p.add_argument("--n", type=_positive, default=1,
-                   help="samples per label (grid rows); at most 1024 pictures in all, one batch")
-    p.add_argument("--cfg", type=_number,
-                   help="classifier-free guidance scale, >= 0 (default: none, no guidance)")
+    if cfg:
+        p.add_argument("--cfg", type=_number,
+                       help="classifier-free guidance scale, >= 0 (default: none, no guidance)")
     p.add_argument("--cfg-power", type=_number,
                    help="the guidance scale's ramp over the decoded fraction f: 1 + (cfg - 1) * "
                         "(1 - cos(pi * f ** P)) / 2, the official RAR sampler's, for P >= 0 "
@@ -167,6 +187,24 @@ def _sample_parser(sub):
     p.add_argument("--top-p", type=_number, default=1.0,
                    help="keep the likeliest tokens up to this probability mass, in (0, 1]")
     p.add_argument("--seed", type=_seed, default=0, help="random seed of the sampling")
+
+
+def _sample_parser(sub):
+    from .sample import HALVES
+
+    p = _command(sub, "sample", "sample a checkpoint to a PNG grid (or inpaint an image)",
+                 "Generate a grid of pictures, one column per label, from a run folder, a step "
+                 "folder or official RandAR/RAR weights (.safetensors or .bin, with --vq).")
+    _checkpoint_options(p)
+    _sampling_options(p)
+    p.add_argument("--labels", default="0,1,2,3,4,5,6,7,8,9",
+                   help="comma-separated class indices, one grid column each")
+    p.add_argument("--prompts",
+                   help="a checkpoint trained with --condition prompts: comma-separated text "
+                        "prompts, one grid column each, instead of --labels (needs the [text] "
+                        "extra) (default: none)")
+    p.add_argument("--n", type=_positive, default=1,
+                   help="samples per label (grid rows); at most 1024 pictures in all, one batch")
     p.add_argument("--image", help="inpaint/outpaint this image: keep its --mask cells, generate "
                                    "the rest (digits: bright ink on black) (default: none)")
     p.add_argument("--mask", help=f"with --image: {', '.join(HALVES)} or a mask image "
@@ -186,19 +224,69 @@ def _sample_parser(sub):
                         "highest) use extrapolated integer positions, the rest interpolated ones")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--out", default="samples.png", help="PNG file to write")
-    p.add_argument("--model", choices=["randar", "rar"], default="randar",
-                   help="official --ckpt only: RandAR (LlamaGen VQ codes) or RAR (rar_b.bin .. "
-                        "rar_xxl.bin, MaskGIT VQGAN codes; its size is read from the weights)")
-    p.add_argument("--preset", default="L",
-                   help="official RandAR --ckpt only: B, L, XL or XXL (sets the heads)")
-    p.add_argument("--heads", type=_positive,
-                   help="official --ckpt only: attention heads (default: RandAR the --preset's, "
-                        "RAR the weights')")
-    p.add_argument("--vq", help="VQ checkpoint that decodes codes into pictures: LlamaGen's (.pt "
-                                "or .safetensors) or MaskGIT's VQGAN (.bin or .safetensors) "
-                                "(default: the one the run was tokenized with)")
-    p.add_argument("--image-size", type=_positive, default=256,
-                   help="--vq only: picture side, pixels")
+
+
+def _many_options(p):
+    """How many images and in what batches: ``sample-many`` and ``evaluate --cfg-sweep``."""
+    p.add_argument("--n", type=_positive,
+                   help="images, with labels drawn uniformly at random from --seed (RandAR's "
+                        "protocol) (default: none; give --n or --per-class)")
+    p.add_argument("--per-class", type=_positive,
+                   help="exactly this many images of every class, in class order (RAR's "
+                        "protocol: 50 for ImageNet's 50,000) (default: none)")
+    p.add_argument("--batch", type=_positive, default=32,
+                   help="images per batch and per shard; the images depend on it, not on the "
+                        "number of processes")
+    p.add_argument("--precision", choices=["bf16", "fp32"],
+                   help="the model's arithmetic (default: bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: one GPU a process)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _sample_many_parser(sub):
+    p = _command(sub, "sample-many", "sample N images into one .npz for FID evaluation",
+                 "Sample a checkpoint to N images in the ADM evaluation suite's format (one .npz: "
+                 "arr_0 uint8 [N, H, W, 3], arr_1 the labels). Under torchrun every process "
+                 "samples its share of the batches. Finished batches are kept as shards in "
+                 "OUT's .parts folder: the same command continues an interrupted run.")
+    _checkpoint_options(p)
+    _sampling_options(p)
+    _many_options(p)
+    p.add_argument("--out", default="samples.npz", help=".npz file to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out and its shards of other settings")
+
+
+def _evaluate_parser(sub):
+    p = _command(sub, "evaluate", "FID, sFID, Inception Score, precision and recall of samples",
+                 "Score a .npz of samples (arr_0 uint8 [N, H, W, 3]) against a reference: an "
+                 "ADM reference batch (.npz with images and/or mu, sigma, mu_s, sigma_s), a "
+                 "folder of images, or digits (the held-out digits). --cfg-sweep samples a "
+                 "checkpoint at each guidance scale and scores each.")
+    p.add_argument("samples", nargs="?",
+                   help=".npz of samples, arr_0 uint8 [N, H, W, 3] (default: none, with --cfg-sweep)")
+    p.add_argument("--ref", required=True,
+                   help="reference: an ADM .npz (VIRTUAL_imagenet256_labeled.npz), a folder of "
+                        "images, or digits (the 360 held-out digits)")
+    p.add_argument("--features", choices=["inception", "digits"], default="inception",
+                   help="feature network: the ADM suite's Inception-v3 (via torch-fidelity), or "
+                        "the digits demo's judge")
+    p.add_argument("--inception-weights",
+                   help="torch-fidelity's Inception weights file, for machines without internet "
+                        "(default: torch hub's checkpoints folder)")
+    p.add_argument("--feature-batch", type=_positive, default=50,
+                   help="images per pass of the feature network")
+    p.add_argument("--out", help="JSON file of the results (default: SAMPLES with .json; "
+                                 "--cfg-sweep: cfg_sweep.json, with cfg_sweep.png and the "
+                                 "samples in cfg_sweep/)")
+    g = p.add_argument_group("--cfg-sweep", "sample a checkpoint at each guidance scale and "
+                                            "score each (the sampling options of sample-many)")
+    g.add_argument("--cfg-sweep",
+                   help="guidance scales: START:STOP:STEP (inclusive) or a comma-separated list "
+                        "(default: none, score SAMPLES)")
+    _checkpoint_options(g, required=False)
+    _sampling_options(g, cfg=False)
+    _many_options(g)
 
 
 def _tokenize_parser(sub):
@@ -245,14 +333,16 @@ def _digit_parser(sub):
 
 def parser():
     parser = _Parser(prog="python -m sarkernels",
-                     description="Set-autoregressive image generation: train, sample, tokenize, "
-                                 "demo.\n'python -m sarkernels COMMAND --help' lists its options "
+                     description="Set-autoregressive image generation: train, sample, "
+                                 "sample-many, evaluate, tokenize, demo.\n'python -m sarkernels COMMAND --help' lists its options "
                                  "with defaults, and examples.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p_info = _command(sub, "info", "compiled backends, build details, and why one is unusable")
     p_info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _train_parser(sub)
     _sample_parser(sub)
+    _sample_many_parser(sub)
+    _evaluate_parser(sub)
     _tokenize_parser(sub)
     _demo_parser(sub)
     _digit_parser(sub)

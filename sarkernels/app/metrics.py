@@ -2,11 +2,10 @@
 class we asked for (class-conditional accuracy), and a Frechet distance between generated
 and held-out real images in the classifier's hidden-layer feature space. The same distance
 between two real sets is the floor."""
-import warnings
-
 import numpy as np
 import torch.nn.functional as F
-from scipy import linalg
+
+from .fid import frechet_to, statistics
 
 
 def _pixels(images):
@@ -31,12 +30,9 @@ class DigitsJudge:
         hidden = _pixels(images) @ self.clf.coefs_[0] + self.clf.intercepts_[0]
         return np.maximum(hidden, 0)
 
+    def logits(self, images):
+        """The classifier's class logits (the Inception Score's ``p(y|x)`` before softmax)."""
+        return self.features(images) @ self.clf.coefs_[1] + self.clf.intercepts_[1]
+
     def frechet(self, images_a, images_b):
-        fa, fb = self.features(images_a), self.features(images_b)
-        mu_a, mu_b = fa.mean(0), fb.mean(0)
-        cov_a, cov_b = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
-        with warnings.catch_warnings():  # dead ReLU units make the covariances singular
-            warnings.simplefilter("ignore", linalg.LinAlgWarning)
-            root = linalg.sqrtm(cov_a @ cov_b)
-        root = root.real if np.iscomplexobj(root) else root
-        return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+        return frechet_to(self.features(images_a), *statistics(self.features(images_b)))

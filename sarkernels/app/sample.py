@@ -1,5 +1,6 @@
 """The ``sample`` command: sampling recipes, labelled PNG grids, and known cells from an
 image and a mask."""
+import contextlib
 import os
 
 import torch
@@ -171,9 +172,6 @@ def official(args):
 def check(args):
     """Everything about a sample command that can be checked before loading a model."""
     from . import outputs
-    from ..models import DecoderOnlyConfig
-    from ..models.common import check_sampling
-    from .train import check_device
 
     columns = len(parse_labels(args.labels))
     if args.prompts is not None:
@@ -186,8 +184,6 @@ def check(args):
         raise UsageError(f"--n {args.n} rows of {columns} columns are {args.n * columns} "
                          f"pictures; a grid holds at most {MAX_PICTURES}, generated as one "
                          "batch: lower --n, or sample again with another --seed")
-    if args.recipe is not None:
-        recipe(args.recipe)
     if args.resolution is not None:
         parse_resolution(args.resolution)
         if args.image is not None or args.mask is not None or args.recipe is not None:
@@ -203,9 +199,21 @@ def check(args):
         if not os.path.isfile(args.image):
             raise UsageError(f"cannot read image {args.image!r} (--image): no such file")
         check_mask(args.mask or "left")
+    check_source(args)
+    outputs.picture(args.out)
+
+
+def check_source(args):
+    """The model, recipe, sampling and device options that ``sample`` and ``sample-many``
+    share, checked before loading a model."""
+    from ..models import DecoderOnlyConfig
+    from ..models.common import check_sampling
+    from .train import check_device
+
+    if args.recipe is not None:
+        recipe(args.recipe)
     check_sampling(args.temperature, args.top_k, args.top_p, args.cfg, cfg_power=args.cfg_power)
     check_device(args.device)
-    outputs.picture(args.out)
     if official(args):
         if args.vq is None:
             raise UsageError(f"{args.ckpt} holds official weights that make VQ codes: pass --vq "
@@ -220,23 +228,8 @@ def run(args):
     """The ``sample`` command: a PNG grid of pictures (or an inpainting) from a checkpoint."""
     check(args)
     from . import checkpoint
-    from ..models import DecoderOnlyConfig
-    from ..tokenizers import from_config, load_vq
 
-    vq = load_vq(args.vq, args.image_size).to(args.device) if args.vq else None
-    if official(args):
-        heads = args.heads  # RAR's own tensors say how many
-        if args.model == "randar":
-            heads = heads or DecoderOnlyConfig.PRESETS[args.preset]["n_head"]
-        model = checkpoint.load_official(args.ckpt, args.model, heads, vq.grid_size, args.device)
-        if model.vocab_size != vq.vocab_size:
-            raise UsageError(f"{args.ckpt} makes codes of a {model.vocab_size}-code vocabulary but "
-                             f"--vq {args.vq} has {vq.vocab_size} codes: pass the tokenizer the "
-                             "weights were trained on")
-        config, path, tok = {"model": args.model, "num_classes": model.num_classes}, args.ckpt, vq
-    else:
-        model, config, path = checkpoint.load(args.ckpt, args.device)
-        tok = vq or from_config(config["tokenizer"])
+    model, config, path, tok = load(args)
     if checkpoint.condition_kind(config) == "prompts" or args.prompts is not None:
         return from_prompts(args, model, config, path, tok)
     labels = check_labels(parse_labels(args.labels), config["num_classes"])
@@ -259,17 +252,48 @@ def run(args):
     print(f"wrote {args.out}: {name} from {path}")
 
 
+def load(args, device=None):
+    """``(model, config, path, tokenizer)`` that ``--ckpt`` (with ``--vq`` and the official
+    options) names, on ``device`` (default ``--device``)."""
+    from . import checkpoint
+    from ..models import DecoderOnlyConfig
+    from ..tokenizers import from_config, load_vq
+
+    device = device or args.device
+    vq = load_vq(args.vq, args.image_size).to(device) if args.vq else None
+    if official(args):
+        heads = args.heads  # RAR's own tensors say how many
+        if args.model == "randar":
+            heads = heads or DecoderOnlyConfig.PRESETS[args.preset]["n_head"]
+        model = checkpoint.load_official(args.ckpt, args.model, heads, vq.grid_size, device)
+        if model.vocab_size != vq.vocab_size:
+            raise UsageError(f"{args.ckpt} makes codes of a {model.vocab_size}-code vocabulary but "
+                             f"--vq {args.vq} has {vq.vocab_size} codes: pass the tokenizer the "
+                             "weights were trained on")
+        return model, {"model": args.model, "num_classes": model.num_classes}, args.ckpt, vq
+    model, config, path = checkpoint.load(args.ckpt, device)
+    return model, config, path, vq or from_config(config["tokenizer"])
+
+
 def recipe_name(args, kind):
     return args.recipe or {"sar": "sar-ts", "randar": "randar-parallel"}.get(kind, "ar")
 
 
 def generate_grid(args, model, tok, cond, kw):
     """Pictures ``[n, columns, C, H, W]`` for the condition of ``n`` rows of columns."""
-    tokens = model.generate(cond, cfg_scale=args.cfg, cfg_power=args.cfg_power,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            generator=torch.Generator().manual_seed(args.seed), **kw).cpu()
-    images = tok.decode(tokens.to(args.device)).cpu()
-    return images.view(args.n, len(tokens) // args.n, *images.shape[1:])
+    images = generate(args, model, tok, cond, kw, torch.Generator().manual_seed(args.seed))
+    return images.view(args.n, len(images) // args.n, *images.shape[1:])
+
+
+def generate(args, model, tok, cond, kw, generator, autocast=None):
+    """Pictures ``[B, C, H, W]`` in [0, 1] on the CPU for ``B`` conditions, with the sampling
+    options of ``args``; ``autocast`` (a dtype) runs the model, not the decoder, in it."""
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, autocast) if autocast else contextlib.nullcontext():
+        tokens = model.generate(cond, cfg_scale=args.cfg, cfg_power=args.cfg_power,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                generator=generator, **kw)
+    return tok.decode(tokens.to(device)).cpu()
 
 
 def from_prompts(args, model, config, path, tok):

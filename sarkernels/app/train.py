@@ -164,13 +164,24 @@ def lr_factor(step, warmup, total):
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _distributed(device):
+def distributed(device):
+    """``(rank, world)``: joins torchrun's process group (gloo on CPU, NCCL on GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
     import torch.distributed as dist
+    if dist.is_initialized():  # evaluate --cfg-sweep runs sample-many once per scale
+        return dist.get_rank(), world
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), world
+
+
+def process_device(device, rank, world):
+    """Under torchrun, ``cuda`` is each process's own GPU (torchrun's LOCAL_RANK)."""
+    if device.startswith("cuda") and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        torch.cuda.set_device(device)
+    return device
 
 
 def _comparable(settings):
@@ -223,7 +234,7 @@ def train(cfg, resume=False, overwrite=False, progress=True, log=print, bar_row=
     step_dir, state = prepare_run(cfg, resume, overwrite)
     dataset = data.load(cfg.data, cfg.grid, "train")
     cfg.set_counts(dataset.tokenizer.grid_size ** 2)  # a token folder's length is known now
-    rank, world = _distributed(cfg.device)
+    rank, world = distributed(cfg.device)
     if cfg.batch % world:
         raise ValueError(f"--batch {cfg.batch} must split evenly over {world} processes")
     with _run_folder(cfg.out, resume) if rank == 0 else contextlib.nullcontext():
@@ -257,10 +268,7 @@ def _fit(cfg, dataset, step_dir, state, rank, world, progress, log, bar_row):
     """The training loop of :func:`train`, from ``step_dir`` and its ``state`` (None: a
     fresh run)."""
     resume = step_dir is not None
-    device = cfg.device
-    if device.startswith("cuda") and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-        torch.cuda.set_device(device)
+    device = process_device(cfg.device, rank, world)
     encoder = None
     if cfg.condition == "prompts":
         encoder = prompts.TextEncoder()

@@ -1,0 +1,119 @@
+"""``sample-many``: a digits checkpoint to the ADM suite's .npz, the same images for 1 and 2
+processes, resumable shards (an interrupted run continues to the same file; a corrupt
+shard is redone, never merged), and its mistakes found before any sampling."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cli_harness import no_work, one_line_error, sar  # noqa: F401 (fixtures)
+from sarkernels.__main__ import main
+from sarkernels.app import sample_many
+
+MANY = ["--per-class", "3", "--batch", "8", "--recipe", "mar", "--cfg", "1.5", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def reference(sar, tmp_path_factory):
+    """An uninterrupted run's file: 30 images in 4 batches (the last of 6)."""
+    out = tmp_path_factory.mktemp("ref") / "ref.npz"
+    assert main(["sample-many", "--ckpt", sar, *MANY, "--out", str(out)]) == 0
+    with np.load(out) as f:
+        return f["arr_0"], f["arr_1"]
+
+
+def test_the_npz_is_the_adm_format_with_exact_labels_per_class(reference, sar, tmp_path):
+    images, labels = reference
+    assert images.dtype == np.uint8 and images.shape == (30, 8, 8, 3)
+    assert labels.tolist() == [c for c in range(10) for _ in range(3)]
+    assert (images[..., 0] == images[..., 2]).all() and images.max() > 0  # grey digits as RGB
+    assert len({im.tobytes() for im in images}) > 1
+    assert not os.path.exists(sample_many.parts_folder(str(tmp_path / "ref.npz")))
+    out = tmp_path / "random.npz"
+    assert main(["sample-many", "--ckpt", sar, "--n", "5", "--batch", "4", "--recipe", "mar",
+                 "--seed", "3", "--no-progress", "--out", str(out)]) == 0
+    with np.load(out) as f:
+        assert f["arr_0"].shape == (5, 8, 8, 3)
+        assert f["arr_1"].tolist() == sample_many.labels(10, n=5, seed=3).tolist()
+
+
+def test_one_and_two_processes_sample_the_same_images(reference, sar, tmp_path):
+    out = tmp_path / "two.npz"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--standalone", "-m", "sarkernels", "sample-many", "--ckpt", sar, *MANY,
+                          "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "images/s per process while sampling: " in res.stdout
+    with np.load(out) as f:
+        assert np.array_equal(f["arr_0"], reference[0]) and np.array_equal(f["arr_1"], reference[1])
+
+
+def test_a_killed_run_continues_to_the_same_file_and_redoes_corrupt_shards(
+        reference, sar, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "s.npz")
+    parts = sample_many.parts_folder(out)
+    write, written = sample_many.write_shard, []
+
+    def killed_at_the_third(path, *args):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        write(path, *args)
+        written.append(path)
+    monkeypatch.setattr(sample_many, "write_shard", killed_at_the_third)
+    assert main(["sample-many", "--ckpt", sar, *MANY, "--out", out]) == 130
+    assert f"finished batches in {parts} are kept" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert sorted(os.listdir(parts)) == ["batch-000000.npz", "batch-000001.npz", "settings.json"]
+    assert not os.path.exists(out)
+    one_line_error(capsys, ["sample-many", "--ckpt", sar, *MANY, "--out", out, "--seed", "1"],
+                   "holds shards sampled with other settings: seed 0 (now 1)")
+    # shard 0 with a flipped byte (its CRC fails), shard 1 of another batch's labels, and a
+    # dead writer's temporary file
+    shard0 = sample_many.shard_path(parts, 0)
+    raw = bytearray(open(shard0, "rb").read())
+    raw[len(raw) // 2] ^= 0xFF
+    open(shard0, "wb").write(raw)
+    with np.load(sample_many.shard_path(parts, 1)) as f:
+        sample_many.write_shard(sample_many.shard_path(parts, 1), f["images"], f["labels"] + 1)
+    open(sample_many.shard_path(parts, 2) + sample_many.TMP + "999", "wb").write(b"half")
+    assert main(["sample-many", "--ckpt", sar, *MANY, "--out", out]) == 0
+    err = capsys.readouterr().err
+    assert f"redoing {shard0}: BadZipFile" in err
+    assert f"redoing {sample_many.shard_path(parts, 1)}: its labels are not this batch's" in err
+    with np.load(out) as f:
+        assert np.array_equal(f["arr_0"], reference[0]) and np.array_equal(f["arr_1"], reference[1])
+    assert not os.path.exists(parts)
+    one_line_error(capsys, ["sample-many", "--ckpt", sar, *MANY, "--out", out],
+                   "exists: pass --overwrite")
+
+
+def test_merge_never_takes_a_corrupt_shard(tmp_path):
+    batches = [np.array([0, 1]), np.array([2])]
+    parts = str(tmp_path)
+    sample_many.write_shard(sample_many.shard_path(parts, 0), np.zeros((2, 4, 4, 3), np.uint8),
+                            batches[0])
+    sample_many.write_shard(sample_many.shard_path(parts, 1), np.zeros((1, 4, 4, 1), np.uint8),
+                            batches[1])
+    out = str(tmp_path / "out.npz")
+    with pytest.raises(ValueError, match="batch-000001.npz is corrupt .*uint8 \\[1, H, W, 3\\]"):
+        sample_many.merge(parts, out, batches)
+    assert not os.path.exists(out) and [n for n in os.listdir(parts) if sample_many.TMP in n] == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n", "4", "--per-class", "2"], "give one of --n N (labels drawn at random) and --per-class K"),
+    ([], "give one of --n N"),
+    (["--n", "4", "--out", "x.png"], "--out 'x.png' must end in .npz"),
+    (["--n", "4", "--precision", "bf16"], "--precision bf16 is for CUDA devices"),
+    (["--n", "4", "--recipe", "nope"], "unknown recipe 'nope'"),
+    (["--n", "4", "--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
+    (["--n", "0"], "--n: must be an integer >= 1, got '0'"),
+])
+def test_mistakes_are_one_line_before_any_sampling(args, message, tmp_path, capsys, no_work):
+    out = tmp_path / "s.npz"
+    argv = ["sample-many", "--ckpt", str(tmp_path), *args]
+    one_line_error(capsys, argv if "--out" in args else argv + ["--out", out], message)
+    assert os.listdir(tmp_path) == []

@@ -263,23 +263,27 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
           stage_frag<T, BM>(ds_tile + 16 * warp * kDsLd, ds, one);
           sync_threads();
           Acc* const dq_rows = static_cast<Acc*>(w.dq_accum) + first_row(t, rep) * dim;
-          // Items of 16 queries x 32 columns, spread over the warps (32 columns at a time
-          // keep dK and dV in registers; a loop, not unrolled: unrolled it spills).
-          constexpr int kSlabs = BM / 16, kCols = 32;
+          // Items of 16 queries (a slab) x 32 columns, spread over the warps (32 columns at
+          // a time keep dK and dV in registers; a loop, not unrolled: unrolled it spills).
+          // The warps take whole groups of slabs, so a warp's items share its slab's rows.
+          constexpr int kSlabs = BM / 16, kCols = 32, kGroups = Lay::kWarps / kSlabs;
+          static_assert(Lay::kWarps % kSlabs == 0, "the warps take whole groups of slabs");
+          const int slab = warp % kSlabs, r = 16 * slab + frag_row(0);  // rows r and r + 8
           auto add_slabs = [&](auto whole) {  // whole: no bounds to check
-            for (int item = warp; item < kSlabs * ceil_div(dim, kCols); item += Lay::kWarps) {
-              const int slab = item % kSlabs, c0 = item / kSlabs * kCols;
-              const int r = 16 * slab + frag_row(0);  // this lane's rows r and r + 8
-              if (!decltype(whole)::value && 16 * slab >= nq) continue;
+            constexpr bool kWhole = decltype(whole)::value;
+            if (!kWhole && 16 * slab >= nq) return;
+            const int cols = kWhole ? D : dim;
+            Acc* const at = dq_rows + r * cols + frag_col(0, 0);
+            SK_NO_UNROLL for (int c0 = warp / kSlabs * kCols; c0 < cols; c0 += kGroups * kCols) {
               Frag<Acc, kCols> dq;
               dq.zero();
               gemm_smem_a<T, kCols, BN, BFrom::kRowsK, AFrom::kRowsK>(
                   dq, ds_tile + 16 * slab, kDsLd, k_tile + c0, kLd);
-              Acc* const at = dq_rows + r * dim + c0 + frag_col(0, 0);
               SK_UNROLL for (int n = 0; n < kCols / 8; ++n) {
                 SK_UNROLL for (int h = 0; h < 2; ++h) {  // c even, dim a multiple of 8
-                  if (decltype(whole)::value || (r + 8 * h < nq && c0 + frag_col(n, 0) < dim)) {
-                    atomic_add2(at + 8 * h * dim + 8 * n, dq.x[n][2 * h], dq.x[n][2 * h + 1]);
+                  if (kWhole || (r + 8 * h < nq && c0 + frag_col(n, 0) < cols)) {
+                    atomic_add2(at + c0 + 8 * h * cols + 8 * n, dq.x[n][2 * h],
+                                dq.x[n][2 * h + 1]);
                   }
                 }
               }

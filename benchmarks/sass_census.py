@@ -33,7 +33,8 @@ Counting rules (they are assumptions; the output repeats them):
     tile, the dK/dV kernel's atomic-dQ loop over column chunks).
   * BRA.DIV (taken only by a diverged warp, into the WARPSYNC.COLLECTIVE fallback) is not
     followed; CALL counts as one instruction (its callee, a slow path, is not followed).
-  * Per-block overhead: every reachable instruction outside the main loop, once per warp.
+  * Per-block overhead: the instructions outside the main loop along the longest path from
+    entry to exit (other loops counted once a trip), once per warp.
 Tools: cuobjdump and nvdisasm from PATH, $CUDA_HOME/bin or PyPI's nvidia-cuda-cuobjdump /
 nvidia-cuda-nvdisasm wheels (site-packages/nvidia/cu13/bin), and c++filt.
 """
@@ -788,6 +789,49 @@ def blocks_per_sm(regs, threads, smem):
     return n, [k for k, v in limits.items() if v == n]
 
 
+def overhead_path(cfg, loops, reachable, main):
+    """Counts along the longest path (most instructions) from the entry to an exit outside
+    the main loop: each outermost loop one node that costs its blocks once, those of the
+    main loop nothing. (Not every block: code on alternative branches, such as the ragged
+    and the whole-tile epilogues, never all runs.) Where the graph left is not acyclic, every
+    block outside the main loop, once."""
+    rep = {b: b for b in reachable}
+    for lp in loops:
+        if lp.parent is None:
+            for b in lp.body:
+                rep[b] = ("loop", id(lp))
+    cost, edges = {}, {r: set() for r in rep.values()}
+    for b in reachable:
+        if not (main and b in main.body):
+            cost[rep[b]] = add(cost.get(rep[b], {}), cfg.counts[b])
+        edges[rep[b]] |= {rep[v] for v in cfg.succ[b] if v in rep and rep[v] != rep[b]}
+    indeg = {r: 0 for r in edges}
+    for r in edges:
+        for v in edges[r]:
+            indeg[v] += 1
+    order, ready = [], [r for r in edges if indeg[r] == 0]
+    while ready:
+        r = ready.pop()
+        order.append(r)
+        for v in edges[r]:
+            indeg[v] -= 1
+            if indeg[v] == 0:
+                ready.append(v)
+    if len(order) != len(edges):
+        everything = {}
+        for c in cost.values():
+            everything = add(everything, c)
+        return everything
+    best = {rep[0]: cost.get(rep[0], {})}
+    for r in order:
+        for v in edges[r] if r in best else ():
+            cand = add(best[r], cost.get(v, {}))
+            if v not in best or cand.get("total", 0) > best[v].get("total", 0):
+                best[v] = cand
+    return max((c for r, c in best.items() if not edges[r]), key=lambda c: c.get("total", 0),
+               default={})
+
+
 def route_listing(fn, cfg, loop, path):
     """The SASS of one path of `loop`: its blocks in order, each child loop once."""
     kids = {("loop", id(ch)): ch for ch in loop.children}
@@ -822,9 +866,7 @@ def census_function(fn, demangled, arch, spills=None, listing=None):
     everything = {}
     for b in reachable:
         everything = add(everything, cfg.counts[b])
-    overhead = {}
-    for b in reachable - (main.body if main else set()):
-        overhead = add(overhead, cfg.counts[b])
+    overhead = overhead_path(cfg, loops, reachable, main)
     local = sum(1 for i in fn.instrs if op_class(i.op) == "local")
     smem = fam.smem(p) if fam and fam.smem else None
     row = dict(key=fam.key(p) if fam else demangled, name=demangled, mangled=fn.name, arch=arch,

@@ -170,6 +170,29 @@ def test_alternative_inner_loops_each_do_the_inner_work():
     assert "inner loop at 0x20" in text and "ISETP" not in text, text
 
 
+def test_overhead_is_one_path_around_the_main_loop():
+    # prologue 1, main loop (2), then one of two epilogues (1 or 3 instructions), EXIT
+    code = """
+        MOV R0, RZ
+    .L_x_0:
+        HMMA.16816.F32.BF16 R4, R8, R12, R4
+        @P0 BRA `(.L_x_0)
+        @P1 BRA `(.L_x_1)
+        FFMA R2, R2, R3, R2
+        EXIT
+    .L_x_1:
+        FMUL R2, R2, R3
+        FADD R2, R2, R3
+        FADD R2, R2, R3
+        EXIT
+    """
+    _, cfg, loops, reachable = analyse(code)
+    (main,) = loops
+    over = sc.overhead_path(cfg, loops, reachable, main)
+    # MOV + @P1 BRA + the longer epilogue (3 + EXIT), not both epilogues (9 in all)
+    assert over["total"] == 2 + 4 and over.get("hmma", 0) == 0
+
+
 def test_main_loop_is_the_most_work_then_fewest_instructions():
     # two loops with 2 HMMA each: a peeled, masked one (more instructions), then the steady one
     code = """

@@ -31,12 +31,18 @@ $(STAMP):
 	touch $@
 
 # The editable install picks up Python edits by itself: pip (and its warnings) runs again
-# only when a build input is newer than the last install or SARKERNELS_SIMT differs.
+# only when a build input is newer than the last install or the SIMT executor is wanted and
+# missing (a build with it serves `make demo` too), and says which.
 INSTALLED := $(VENV)/.sarkernels-installed
 build: $(STAMP)
-	@want="simt=$${SARKERNELS_SIMT:-0}"; \
-	if [ "$$(cat $(INSTALLED) 2>/dev/null)" != "$$want" ] || \
-	   [ -n "$$(find setup.py pyproject.toml csrc -newer $(INSTALLED) | head -1)" ]; then \
+	@want="simt=$${SARKERNELS_SIMT:-0}"; have="$$(cat $(INSTALLED) 2>/dev/null)"; why=""; \
+	if [ -z "$$have" ]; then why="no build yet"; \
+	elif changed="$$(find setup.py pyproject.toml csrc -newer $(INSTALLED) | head -1)"; \
+	     [ -n "$$changed" ]; then why="$$changed changed since the last build"; \
+	elif [ "$$have" != "$$want" ] && [ "$$want" = simt=1 ]; then \
+	     why="the tests want the SIMT executor, which the last build left out"; fi; \
+	if [ -n "$$why" ]; then \
+		echo "building sarkernels ($$why; a few minutes):" && \
 		echo "$(PY) -m pip install -q --no-build-isolation -e ." && \
 		$(PY) -m pip install -q --no-build-isolation -e . && echo "$$want" > $(INSTALLED); \
 	fi

@@ -83,3 +83,13 @@ def test_ctrl_c_after_a_checkpoint_names_it(tmp_path, capsys, monkeypatch):
         f"sarkernels: interrupted; the newest checkpoint is {tmp_path / 'step-000002'}: continue "
         f"with python -m sarkernels train --out {tmp_path} --resume\n")
 
+
+
+def test_prompts_without_the_text_extra_leave_no_run_folder(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "all_minilm_l6_v2", None)  # as if not installed
+    out = tmp_path / "text"
+    one_line_error(capsys, ["train", "--model", "randar", *TINY, "--condition", "prompts",
+                            "--out", out], "pip install 'sarkernels[text]'")
+    assert not out.exists()

@@ -237,8 +237,11 @@ def train(cfg, resume=False, overwrite=False, progress=True, log=print, bar_row=
     rank, world = distributed(cfg.device)
     if cfg.batch % world:
         raise ValueError(f"--batch {cfg.batch} must split evenly over {world} processes")
+    # before the run folder: a missing text extra must not leave an empty run behind
+    encoder = prompts.TextEncoder() if cfg.condition == "prompts" else None
     with _run_folder(cfg.out, resume) if rank == 0 else contextlib.nullcontext():
-        return _fit(cfg, dataset, step_dir, state, rank, world, progress, log, bar_row)
+        return _fit(cfg, dataset, step_dir, state, rank, world, progress, log, bar_row,
+                    encoder)
 
 
 @contextlib.contextmanager
@@ -264,14 +267,11 @@ def _diverged(cfg, step, loss, norm):
             f"would repeat the same steps: start over (--overwrite) with a --lr below {cfg.lr:g}")
 
 
-def _fit(cfg, dataset, step_dir, state, rank, world, progress, log, bar_row):
+def _fit(cfg, dataset, step_dir, state, rank, world, progress, log, bar_row, encoder):
     """The training loop of :func:`train`, from ``step_dir`` and its ``state`` (None: a
-    fresh run)."""
+    fresh run); ``encoder``: the prompts' TextEncoder, or None."""
     resume = step_dir is not None
     device = process_device(cfg.device, rank, world)
-    encoder = None
-    if cfg.condition == "prompts":
-        encoder = prompts.TextEncoder()
     # MKL's conditions for run-to-run identical bits: a fixed thread count and no dynamic
     # adjustment of it; torch turns MKL's adjustment off only in set_num_threads.
     threads = torch.get_num_threads()

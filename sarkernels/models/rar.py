@@ -29,8 +29,10 @@ class RAROrders:
     """What every RAR shares whatever its layers: training orders random with an annealed
     probability (``config.anneal``, ``config.class_dropout``), generation one token per
     step after ``_prefix_slots`` slots that hold no token (slot ``s`` then holds token
-    ``s - _prefix_slots``; the last prefix slot predicts the first token)."""
+    ``s - _prefix_slots``; the last prefix slot predicts the first token), in raster order
+    unless told otherwise (training anneals to it)."""
     _prefix_slots = 1
+    default_order = "raster"
 
     def training_layout(self, batch, generator=None, progress=None):
         """Each sample's order is random with a probability annealed from 1 to 0 while the

@@ -310,3 +310,16 @@ def test_for_training_builds_layers_and_dropout(kind):
     assert m.config.dropout == 0.2
     if kind != "sar":
         assert m.config.token_dropout == 0.2
+
+
+def test_rar_generates_in_raster_order_unless_told():
+    torch.manual_seed(0)
+    model = RARTransformer(vocab_size=17, num_classes=4, grid_size=4, dim=32, n_layer=1,
+                           n_head=2).eval()
+    labels = torch.tensor([1, 2])
+
+    def draw(**kw):
+        return model.generate(labels, generator=torch.Generator().manual_seed(3), **kw)
+
+    assert torch.equal(draw(), draw(order="raster"))
+    assert not torch.equal(draw(), draw(order="random"))

@@ -3,7 +3,8 @@ plain torch SDPA in one process: the ``sdpa`` entry point on one attention call,
 under ``use_sarkernels_sdpa``, and a LlamaGen model (the tests' transcription of its GPT)
 before and after ``patch_llamagen``, training step and cached generation.
 
-    python benchmarks/compat_speed.py --repeats 5 --threads 1   # median of repeats after a warm-up
+    python benchmarks/compat_speed.py --repeats 5 --threads 1   # median of repeats after a warm-up,
+                                                                # torch's and ours alternating
 
 Prints a markdown table: median ms per case for torch and for sarkernels, and torch / ours
 (> 1: ours is faster).
@@ -23,14 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python_tests"))
 import llamagen_gpt as gpt  # noqa: E402  (a transcription of LlamaGen's GPT, for tests)
 
 
-def median_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def medians_ms(fns, repeats):
+    """Median ms of each of ``fns`` after a warm-up, their runs alternating: on a shared
+    machine, load that comes and goes then weighs on both sides of a row alike."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(spent) for spent in times]
 
 
 def attention_cases(b, h, length, d, sets_of):
@@ -125,11 +130,10 @@ def main():
           f"{args.repeats}\n")
     print("| case | torch ms | sarkernels ms | torch / ours |\n|---|---|---|---|")
     for name, theirs, ours in cases:
-        t_ours = median_ms(ours, args.repeats)
         if theirs is None:
-            print(f"| {name} | | {t_ours:.2f} | |")
+            print(f"| {name} | | {medians_ms([ours], args.repeats)[0]:.2f} | |")
             continue
-        t_theirs = median_ms(theirs, args.repeats)
+        t_theirs, t_ours = medians_ms([theirs, ours], args.repeats)
         print(f"| {name} | {t_theirs:.2f} | {t_ours:.2f} | {t_theirs / t_ours:.2f}x |")
 
 

@@ -197,6 +197,59 @@ def test_a_mask_is_converted_once_per_tensor_and_version(monkeypatch):
     assert len(calls) == 3
 
 
+def test_float_masks_take_torchs_dtypes():
+    """torch takes a bool mask, a float32 one or one of the query's dtype; it raises for others."""
+    q = k = v = torch.randn(1, 2, 4, 8)
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    for dtype in (torch.float64, torch.float16, torch.long):
+        mask = torch.zeros(4, 4).masked_fill(~causal, float("-inf")).to(dtype) \
+            if dtype.is_floating_point else causal.to(dtype)
+        with pytest.raises(RuntimeError, match="Expected attn_mask dtype to be bool or float"):
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        with pytest.raises(RuntimeError, match="Expected attn_mask dtype to be bool or float"):
+            sdpa(q, k, v, attn_mask=mask)
+        with pytest.raises(ValueError, match=f"attn_mask of dtype {dtype} with a torch.float32 "
+                                             f"query: SDPA takes a bool mask, a float32 one"):
+            sdpa(q, k, v, attn_mask=mask, fallback="error")
+    additive = torch.zeros(4, 4).masked_fill(~causal, float("-inf"))  # float32, float64 query
+    check_against_torch(*(t.double() for t in (q, k, v)), attn_mask=additive)
+
+
+def test_one_row_bool_masks_are_set_ids_without_conversion(backend, monkeypatch):
+    monkeypatch.setattr(sdpa_module, "_convert", lambda *a: pytest.fail("converted"))
+    gen = torch.Generator().manual_seed(6)
+    keep = torch.rand(2, 9, generator=gen) < 0.6
+    keep[1] = False  # a row that sees nothing: zeros, as torch
+    q, k, v = (torch.randn(2, 2, n, 8, generator=gen, dtype=torch.float64) for n in (1, 9, 9))
+    for mask in (keep[:, None, None], keep[:1]):  # [B, 1, 1, S], [1, S]
+        check_against_torch(q, k, v, attn_mask=mask)
+    with pytest.raises(IndexError):  # torch takes no [S] mask
+        sdpa(q, k, v, attn_mask=keep[0])
+    with pytest.raises(ValueError, match=r"attn_mask must be \[L, S\] or more dims, got \[9\]"):
+        sdpa(q, k, v, attn_mask=keep[0], fallback="error")
+    q3 = torch.randn(2, 5, 8, generator=gen, dtype=torch.float64)  # 3-D, one row for 5 queries
+    check_against_torch(q3, k[:, 0], v[:, 0], attn_mask=keep[:, None])
+    traced = torch.compile(sdpa, backend="eager", fullgraph=True)  # no check: no graph break
+    torch.testing.assert_close(traced(q, k, v, attn_mask=keep[:, None, None]),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None]))
+    torch.compiler.reset()
+    monkeypatch.undo()
+    per_head = torch.stack([keep, ~keep], 1)[:, :, None]  # [B, H, 1, S]: not one row per head
+    with pytest.raises(ValueError, match=r"mask\[0, 1\] differs from mask\[0, 0\]"):
+        sdpa(q, k, v, attn_mask=per_head, fallback="error")
+
+
+def test_clear_mask_cache_forgets_writes_behind_torchs_back(backend):
+    q = k = v = torch.randn(1, 2, 6, 8, dtype=torch.float64)
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+    sdpa(q, k, v, attn_mask=mask)
+    mask.numpy()[:, 0] = False  # shares the memory, leaves the version: the ids are stale
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert not torch.allclose(sdpa(q, k, v, attn_mask=mask), want)
+    compat.clear_mask_cache()
+    torch.testing.assert_close(sdpa(q, k, v, attn_mask=mask), want)
+
+
 # ---------------------------------------------------------------- use_sarkernels_sdpa
 
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import llamagen_gpt as gpt
-from sarkernels import compat
+from sarkernels import compat, ops
 from sarkernels.compat import LlamaGenAttention, patch_llamagen
+from sarkernels.compat import torch_sdpa as sdpa_module
 from sarkernels.compat.llamagen import rotate_pairs
 from sarkernels.nn import KVCache
 
@@ -34,24 +35,53 @@ def test_training_logits_and_gradients_equal_the_original(backend, dtype):
     grads = []
     for model in (original, patched):
         model.train()
+        compat.reset_fallback_counts()
         logits, loss = model(idx[:, :-1], cond, targets=idx)
         grads.append((logits, *torch.autograd.grad(loss, list(model.parameters()))))
+    assert compat.fallback_counts() == {}  # the patched model ran on the kernels
     for want, got in zip(*grads):
         torch.testing.assert_close(got, want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("cfg", [1.0, 4.0])
-def test_cached_generation_gives_the_original_tokens(backend, cfg):
+def test_cached_generation_gives_the_original_tokens(backend, monkeypatch, cfg):
     original, patched = pair()
     cond = torch.tensor([3, 7])
     tokens = []
     for model in (original, patched):
         model.eval()
         torch.manual_seed(1)
+        compat.reset_fallback_counts()
         tokens.append(gpt.generate(model, cond, 16, cfg_scale=cfg))
+        # every step's mask has one row per sample: set ids without conversion or host sync
+        monkeypatch.setattr(sdpa_module, "_convert", lambda *a: pytest.fail("converted"))
     assert torch.equal(tokens[0], tokens[1])
+    assert compat.fallback_counts() == {}  # every call ran on the kernels
     cache = patched.layers[0].attention.kv_cache
     assert isinstance(cache, KVCache) and cache.k.shape == (4 if cfg > 1 else 2, 4, 24, 16)
+    assert not cache.check  # LlamaGen's positions lie in the cache it sized: no sync per write
+
+
+def test_a_decode_step_compiles_whole():
+    """LlamaGen's sample_c2i.py --compile: torch.compile(model, fullgraph=True)."""
+    _, model = pair()
+    graphs = []
+
+    def record(gm, inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+    model.eval()
+    with torch.no_grad():
+        model.setup_caches(2, 16, torch.float64)
+        model(None, torch.tensor([3, 7]), torch.arange(1))  # the prefill, eager
+        x, pos = torch.tensor([[4], [9]]), torch.tensor([1], dtype=torch.int)
+        want, _ = model(x, None, pos)
+        torch.compiler.reset()
+        got, _ = torch.compile(model, backend=record, fullgraph=True)(x, None, pos)
+    torch.compiler.reset()
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)  # rewrites the same slot
+    assert "scaled_dot" not in graphs[0]  # the reference backend traces into plain ops
+    assert "set_attention" in graphs[0] or not ops.backends()["cpu"]["usable"]
 
 
 def test_text_to_image_padding_falls_back_for_the_prefill_only(backend):
@@ -76,7 +106,9 @@ def test_gqa_generation_works_where_the_original_crashes(backend):
     original.eval(), patched.eval()
     with pytest.raises(RuntimeError):
         gpt.generate(original, cond, 4)
+    compat.reset_fallback_counts()
     tokens = gpt.generate(patched, cond, 16, sample_logits=False)
+    assert compat.fallback_counts() == {}
     for model in (original, patched):  # teacher forcing on the generated tokens
         model.train()
         for block in model.layers:

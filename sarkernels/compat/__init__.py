@@ -5,7 +5,8 @@ same signature, on the kernels whenever the mask is a set mask), :func:`use_sark
 turns a mask into set ids, or says which row keeps it from being a set mask."""
 from .llamagen import LlamaGenAttention, patch_llamagen
 from .masks import NotASetMask, sets_from_mask
-from .torch_sdpa import fallback_counts, reset_fallback_counts, sdpa, use_sarkernels_sdpa
+from .torch_sdpa import (clear_mask_cache, fallback_counts, reset_fallback_counts, sdpa,
+                         use_sarkernels_sdpa)
 
 __all__ = ["sdpa", "use_sarkernels_sdpa", "sets_from_mask", "NotASetMask", "patch_llamagen",
-           "LlamaGenAttention", "fallback_counts", "reset_fallback_counts"]
+           "LlamaGenAttention", "fallback_counts", "reset_fallback_counts", "clear_mask_cache"]

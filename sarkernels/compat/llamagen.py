@@ -34,9 +34,12 @@ def rotate_pairs(x, freqs_cis):
 def _mirror(cache, heads):
     """A :class:`sarkernels.nn.KVCache` the size of theirs (``k_cache [B, H, S, D]``) but
     with the model's ``heads`` key heads: theirs allocates one per query head, which breaks
-    GQA models' generation."""
+    GQA models' generation. Unchecked: LlamaGen writes at ``input_pos`` within the cache its
+    ``setup_caches`` sized, and the check would cost a host sync per write on CUDA (a bad
+    slot still fails: the CPU kernels check anyway, the slot ids' scatter bounds-checks)."""
     b, _, length, head_dim = cache.k_cache.shape
-    return KVCache(b, heads, length, head_dim, cache.k_cache.dtype, cache.k_cache.device)
+    return KVCache(b, heads, length, head_dim, cache.k_cache.dtype, cache.k_cache.device,
+                   check=False)
 
 
 class LlamaGenAttention(nn.Module):
@@ -45,7 +48,9 @@ class LlamaGenAttention(nn.Module):
     as theirs. A cache assigned to ``kv_cache`` (their ``KVCache``, with ``k_cache`` and
     ``v_cache`` buffers, as ``setup_caches`` assigns it) is replaced by an empty
     :class:`sarkernels.nn.KVCache` of the same batch, length, dtype and device, written at
-    ``input_pos``; attention reads the whole cache under their mask, as theirs does."""
+    ``input_pos``; attention reads the whole cache under their mask, as theirs does. A
+    decode step's mask (``causal_mask[:bs, None, input_pos]``, one row per sample) becomes
+    set ids elementwise, without a check or host sync (see :func:`sarkernels.compat.sdpa`)."""
 
     def __init__(self, original):
         super().__init__()
@@ -120,6 +125,12 @@ def patch_llamagen(model, verify=True):
     c2i/t2i, RandAR) by a :class:`LlamaGenAttention` on the same weights, in place, and
     returns ``model``. Training, ``setup_caches`` and their ``generate`` work as before;
     GQA generation works too (their cache has one head per query head).
+
+    ``torch.compile``: a step with one query per sample (c2i's prefill and every decode
+    step, which LlamaGen's ``sample_c2i.py --compile`` compiles with ``fullgraph=True``)
+    traces whole (tested with the ``eager`` backend). A prefill of several tokens (t2i's
+    caption) converts its mask in eager code, a graph break: under ``fullgraph=True`` it
+    raises, so compile only the decode step there (as gpt-fast does).
 
     ``verify=True`` first runs one forward of each original and its replacement on random
     input (causal, and under a padded causal mask) and raises RuntimeError, leaving the

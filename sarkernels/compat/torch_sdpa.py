@@ -14,7 +14,8 @@ from .. import ops
 from ..checks import FLOATS
 from .masks import NotASetMask, _ids, _visible
 
-__all__ = ["sdpa", "use_sarkernels_sdpa", "fallback_counts", "reset_fallback_counts"]
+__all__ = ["sdpa", "use_sarkernels_sdpa", "fallback_counts", "reset_fallback_counts",
+           "clear_mask_cache"]
 
 _TORCH_SDPA = F.scaled_dot_product_attention
 FALLBACKS = ("sdpa", "error")
@@ -48,7 +49,9 @@ def _count(kind):
 class _Conversions:
     """The set ids of recent masks, per mask tensor: an entry serves while that tensor (or
     the base it views) lives, at the same data pointer and version (every in-place write
-    bumps it), so a model that builds its mask once converts it once."""
+    through torch bumps it), so a model that builds its mask once converts it once. Writes
+    that bypass the version counter (``.data``, a numpy array or DLPack capsule sharing the
+    memory) are not seen: :func:`clear_mask_cache` forgets every entry."""
 
     def __init__(self, size=32):
         self._entries = collections.OrderedDict()
@@ -76,8 +79,33 @@ class _Conversions:
                 self._entries.popitem(last=False)
         return result
 
+    def clear(self):
+        with self._lock:
+            self._entries.clear()
+
 
 _conversions = _Conversions()
+
+
+def clear_mask_cache():
+    """Forgets the set ids :func:`sdpa` keeps per mask tensor. Needed only after writing a
+    mask's memory behind torch's back (through ``.data``, or a numpy array from
+    ``tensor.numpy()`` / ``torch.from_numpy``), which leaves its version unchanged: the next
+    call would otherwise reuse the ids of its old values."""
+    _conversions.clear()
+
+
+def _row_sets(mask, rank, lq, lk):
+    """Set ids of a bool mask with one row for every query and head (a decode step's
+    ``[B, 1, 1, S]``, key padding), or None for other masks. One row is always a set mask
+    (kept keys id 0, dropped keys 1, queries 0), so nothing is checked: no host sync, no
+    cache, and it traces under torch.compile."""
+    m = mask[(None,) * (rank - mask.dim())]
+    if mask.dtype != torch.bool or m.shape[-2] != 1 or (rank == 4 and m.shape[1] != 1):
+        return None
+    k_sets = (~m).reshape(m.shape[0], m.shape[-1]).expand(-1, lk).long()
+    q_sets = k_sets.new_zeros(m.shape[0], lq)
+    return (q_sets[0], k_sets[0]) if m.shape[0] == 1 else (q_sets, k_sets)
 
 
 @torch.compiler.disable  # reads data pointers, versions and values: eager code, a graph break
@@ -129,14 +157,22 @@ def _plan(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa):
             return (torch.arange(lq, device=q.device), torch.arange(lk, device=q.device))
         return (q.new_zeros(lq, dtype=torch.long), q.new_zeros(lk, dtype=torch.long))
     scores = (*q.shape[:-1], lk)  # [B, (H,) L, S]
+    if attn_mask.dim() < 2:  # torch's SDPA takes none
+        return _Refusal("shape", f"attn_mask must be [L, S] or more dims, got "
+                                 f"{list(attn_mask.shape)}")
     if attn_mask.dim() > q.dim() or any(m not in (1, n) for m, n in
                                         zip(reversed(attn_mask.shape), reversed(scores))):
         return _Refusal("shape", f"attn_mask {list(attn_mask.shape)} does not broadcast to "
                                  f"the scores {list(scores)}")
+    if attn_mask.dtype not in (torch.bool, torch.float32, q.dtype):  # torch's rule
+        return _Refusal("dtype", f"attn_mask of dtype {attn_mask.dtype} with a {q.dtype} query: "
+                                 f"SDPA takes a bool mask, a float32 one or one of the query's "
+                                 f"dtype")
     if attn_mask.requires_grad:
         return _Refusal("mask requires grad", "attn_mask requires grad; set ids would drop "
                                               "its gradient")
-    return _mask_sets(attn_mask, q.dim(), lq, lk)
+    row = _row_sets(attn_mask, q.dim(), lq, lk)
+    return row if row is not None else _mask_sets(attn_mask, q.dim(), lq, lk)
 
 
 def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -149,14 +185,19 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     and no mask, ``is_causal`` (top-left aligned: query i sees keys ``0..i``, as in torch)
     or an ``attn_mask`` that is a set mask (:func:`sarkernels.compat.sets_from_mask`: bool,
     or float of 0 and -inf only, the same for every head; causal, block-causal, prefix-LM,
-    key padding). A dense mask is converted once per mask tensor (same data pointer and
-    version). A query that may see no key outputs zeros, as torch's SDPA does.
+    key padding). A bool mask with one row for all queries and heads (``[B, 1, 1, S]``: a
+    decode step's, key padding) becomes set ids elementwise, with no check and no host sync;
+    another mask is converted once per mask tensor (same data pointer and version; see
+    :func:`clear_mask_cache` for writes that bypass the version). A float mask must be
+    float32 or the query's dtype, as torch requires (else torch's SDPA raises its error).
+    A query that may see no key outputs zeros, as torch's SDPA does.
 
     Any other call goes, with ``fallback="sdpa"``, to torch's SDPA, counted by reason in
     :func:`fallback_counts`; with ``fallback="error"`` it raises ValueError saying why (for a
     mask: the first row whose keys are not nested with an earlier row's).
-    Under ``torch.compile`` an ``attn_mask`` is converted in eager code (a graph break):
-    ``is_causal`` and mask-free calls trace whole.
+    Under ``torch.compile``, ``is_causal``, mask-free and one-row bool-mask calls trace whole;
+    another ``attn_mask`` is converted in eager code (a graph break, so an error under
+    ``fullgraph=True``).
     """
     if fallback not in FALLBACKS:
         raise ValueError(f"sdpa: fallback must be 'sdpa' or 'error', got {fallback!r}")

@@ -2,7 +2,6 @@
 module."""
 import re
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -363,18 +362,3 @@ def test_kv_cache_is_a_module():
     assert cache.sets.tolist() == [[UNWRITTEN, 1, 2, UNWRITTEN]]  # positions as set ids
     cache.write(torch.ones(1, 1, 1, 8), torch.ones(1, 1, 1, 8), slots=3)
     assert cache.sets.tolist() == [[UNWRITTEN, 1, 2, 3]] and cache.k.dtype == torch.float64
-
-
-# ---------------------------------------------------------------- the README's section
-
-
-def readme_blocks():
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = text.split("\n## Use it in your project\n")[1].split("\n## ")[0]
-    return [b for b in re.findall(r"```python\n(.*?)```", section, re.S)
-            if "not runnable alone" not in b]
-
-
-@pytest.mark.parametrize("block", readme_blocks(), ids=lambda b: b.split("\n")[3][:30])
-def test_the_readme_blocks_run_alone(block):
-    exec(compile(block, "README.md", "exec"), {})

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-README = '/tmp/README_old.md'
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
 BLOCKS = re.findall(r"```python\n(.*?)```", open(README).read(), re.S)
 
 

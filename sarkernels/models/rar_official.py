@@ -82,7 +82,9 @@ class Attention(nn.Module):
 
     def forward(self, x, sets, cache=None, cache_slots=None):
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
+        # CUDA autocast runs LayerNorm in fp32: back to the projection's dtype, the one the
+        # KV cache holds and set_attention needs q, k and v to share
+        q, k = self.q_norm(q).type_as(v), self.k_norm(k).type_as(v)
         key_sets = sets
         if cache is not None:
             cache.write(k, v, sets, cache_slots)

@@ -22,6 +22,7 @@ from .prompts import ENCODER
 KEEP = 2
 STEP = re.compile(r"step-\d+")
 TMP = ".tmp-"
+LOCK = ".lock"
 
 
 class CheckpointError(ValueError):
@@ -102,19 +103,20 @@ def remove_stale(run_dir):
             remove(os.path.join(run_dir, name))
 
 
-def lock(run_dir, option="--out"):
+def lock(run_dir, option="--out", command="train"):
     """Holds ``RUN/.lock`` until the returned file is closed, or raises CheckpointError
     naming the process that holds it: two runs into one folder would replace each other's
-    checkpoints. The kernel drops the lock when the process ends, a crash included."""
-    f = open(os.path.join(run_dir, ".lock"), "a+")
+    checkpoints (or, for ``command`` sample-many, shards). The kernel drops the lock when
+    the process ends, a crash included."""
+    f = open(os.path.join(run_dir, LOCK), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "?"
         f.close()
-        raise CheckpointError(f"{option} {run_dir} is in use by another train (pid {holder}): "
-                              f"wait for it to finish, or pass another {option}") from None
+        raise CheckpointError(f"{option} {run_dir} is in use by another {command} (pid "
+                              f"{holder}): wait for it to finish, or pass another {option}") from None
     f.truncate(0)
     f.write(str(os.getpid()))
     f.flush()

@@ -103,10 +103,12 @@ class Block(nn.Module):
 
 
 class RAR(nn.Module):
-    def __init__(self, embed_dim, depth, num_heads, image_seq_len, codebook_size, num_classes):
+    def __init__(self, embed_dim, depth, num_heads, intermediate_size, image_seq_len,
+                 codebook_size, num_classes):
         super().__init__()
+        mlp_ratio = intermediate_size / embed_dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.embeddings = nn.Embedding(codebook_size + 1 + num_classes + 1, embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, image_seq_len + 1024, embed_dim))
         self.target_aware_pos_embed = nn.Parameter(torch.zeros(1, image_seq_len + 1024, embed_dim))

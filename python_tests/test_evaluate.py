@@ -140,21 +140,38 @@ def test_sample_many_then_evaluate_with_the_digits_judge_against_held_out_digits
 
 def test_cfg_sweep_samples_each_scale_scores_it_and_plots(sar, tmp_path, capsys,
                                                           monkeypatch):
+    from sarkernels.app import checkpoint, sample
+
     monkeypatch.setattr(evaluate, "feature_network", lambda args: Pixels())
+    loads, load = [], sample.load
+    monkeypatch.setattr(sample, "load", lambda *a: loads.append(1) or load(*a))
     out = tmp_path / "sweep.json"
     args = ["evaluate", "--cfg-sweep", "0:1:0.5", "--ckpt", sar, "--n", "12",
             "--batch", "6", "--recipe", "mar", "--ref", "digits", "--features", "digits",
             "--no-progress", "--out", str(out)]
     assert main(args) == 0
+    assert len(loads) == 1  # one model for every scale
     report = json.load(open(out))
     assert [r["cfg"] for r in report["results"]] == [0.0, 0.5, 1.0]
     assert report["best"]["fid"] == min(r["fid"] for r in report["results"])
+    assert report["settings"]["heads"] == 2 and report["settings"]["preset"] is None
+    assert "cfg" not in report["settings"]
     assert open(tmp_path / "sweep.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert sorted(os.listdir(tmp_path / "sweep")) == ["cfg-0.5.npz", "cfg-0.npz", "cfg-1.npz",
-                                                      "settings.json"]
+    assert sorted(os.listdir(tmp_path / "sweep")) == [".lock", "cfg-0.5.npz", "cfg-0.npz",
+                                                      "cfg-1.npz", "settings.json"]
     assert f"best cfg {report['best']['cfg']:g}" in capsys.readouterr().out
     one_line_error(capsys, [*args[:-2], "--seed", "1", "--out", out],
                    "holds samples sampled with other settings: seed 0 (now 1)")
+    # every setting of sample-many's but the scale: --cfg-power too (it was left out)
+    one_line_error(capsys, [*args[:-2], "--cfg-power", "2", "--out", out],
+                   "cfg_power None (now 2.0): pass the same settings to continue, or "
+                   "--overwrite to start over")
+    with checkpoint.lock(str(tmp_path / "sweep")):  # as a second sweep would find it
+        one_line_error(capsys, args, f"--out {tmp_path / 'sweep'} is in use by another "
+                                     f"evaluate --cfg-sweep (pid {os.getpid()})")
+    assert main([*args[:2], "1", *args[3:], "--cfg-power", "2", "--overwrite"]) == 0
+    assert json.load(open(out))["settings"]["cfg_power"] == 2.0
+    assert sorted(os.listdir(tmp_path / "sweep")) == [".lock", "cfg-1.npz", "settings.json"]
 
 
 def test_mistakes_are_one_line_and_write_nothing(tmp_path, capsys):

@@ -263,6 +263,9 @@ def test_cli_resolution(runs, tmp_path, capsys):
         one_line_error(capsys, sample + ["--resolution", value], bad)
     one_line_error(capsys, sample + ["--resolution", "2x", "--image", tmp_path / "x.png"],
                    "does not combine with --image, --mask or --recipe")
+    one_line_error(capsys, sample + ["--resolution", "2x", "--cfg-power", "1"],
+                   "--resolution guides as RandAR's extrapolation does (a linear ramp, then "
+                   "constant --cfg and --spatial-cfg): it does not take --cfg-power")
     one_line_error(capsys, sample + ["--resolution", "2x", "--spatial-cfg", "-1"],
                    "--spatial-cfg must be >= 0")
     one_line_error(capsys, sample + ["--resolution", "2x", "--ntk-boundary", "-1"],

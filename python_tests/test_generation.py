@@ -148,3 +148,29 @@ def test_graphs_match_eager(kind, kw):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         captured.append(len(m._generation_session[1].graphs))
     assert captured[0] > 0 and captured[1:] == captured[:1] * 2  # later calls capture nothing
+
+
+@pytest.mark.parametrize("kind,kw", CASES)
+def test_generation_under_autocast(kind, kw):
+    """sample-many's bf16: the KV caches hold autocast's dtype (the keys' and queries'), the
+    steps stay sync-free, and a kept session is not reused once autocast is off."""
+    m = make(kind)
+    kw = dict(kw, **SAMPLING, known=KNOWN, compile=without_sync)
+    with torch.autocast("cpu", torch.bfloat16):
+        tokens, _ = generate(m, **kw)
+    caches = m._generation_session[1].state.caches
+    assert {c.k.dtype for group in caches.values() for c in group} == {torch.bfloat16}
+    assert tokens[:, KNOWN[0]].eq(KNOWN[1]).all()
+    assert torch.equal(generate(m, **kw)[0], generate(m, **dict(kw, compile=False))[0])
+
+
+def test_official_rar_under_autocast_with_fp32_norms():
+    """CUDA autocast runs LayerNorm in fp32 (the CPU's does not: emulated by hooks); the
+    official RAR's q and k come back to the cache's dtype."""
+    m = make("rar-official")
+    for block in m.blocks:
+        for norm in (block.attn.q_norm, block.attn.k_norm):
+            norm.register_forward_hook(lambda mod, args, out: out.float())
+    with torch.autocast("cpu", torch.bfloat16):
+        for cache in (True, False):
+            generate(m, **SAMPLING, use_kv_cache=cache)

@@ -10,7 +10,7 @@ import pytest
 
 from cli_harness import no_work, one_line_error, sar  # noqa: F401 (fixtures)
 from sarkernels.__main__ import main
-from sarkernels.app import sample_many
+from sarkernels.app import checkpoint, sample_many
 
 MANY = ["--per-class", "3", "--batch", "8", "--recipe", "mar", "--cfg", "1.5", "--no-progress"]
 
@@ -66,7 +66,8 @@ def test_a_killed_run_continues_to_the_same_file_and_redoes_corrupt_shards(
     assert main(["sample-many", "--ckpt", sar, *MANY, "--out", out]) == 130
     assert f"finished batches in {parts} are kept" in capsys.readouterr().err
     monkeypatch.undo()
-    assert sorted(os.listdir(parts)) == ["batch-000000.npz", "batch-000001.npz", "settings.json"]
+    assert sorted(os.listdir(parts)) == [".lock", "batch-000000.npz", "batch-000001.npz",
+                                         "settings.json"]
     assert not os.path.exists(out)
     one_line_error(capsys, ["sample-many", "--ckpt", sar, *MANY, "--out", out, "--seed", "1"],
                    "holds shards sampled with other settings: seed 0 (now 1)")
@@ -88,6 +89,34 @@ def test_a_killed_run_continues_to_the_same_file_and_redoes_corrupt_shards(
     assert not os.path.exists(parts)
     one_line_error(capsys, ["sample-many", "--ckpt", sar, *MANY, "--out", out],
                    "exists: pass --overwrite")
+
+
+def test_a_second_run_into_the_same_out_stops_before_touching_it(sar, tmp_path, capsys,
+                                                                 no_work):
+    out = str(tmp_path / "s.npz")
+    parts = sample_many.parts_folder(out)
+    os.makedirs(parts)
+    live = os.path.join(parts, "batch-000000.npz" + sample_many.TMP + "1")  # being written
+    open(live, "wb").close()
+    with checkpoint.lock(parts):  # as the second run would find the first
+        before = sorted(os.listdir(parts))
+        for more in ([], ["--overwrite"]):
+            one_line_error(capsys, ["sample-many", "--ckpt", sar, *MANY, *more, "--out", out],
+                           f"--out {parts} is in use by another sample-many (pid {os.getpid()})")
+            assert sorted(os.listdir(parts)) == before
+
+
+def test_the_merge_writes_its_temporary_among_the_shards(sar, tmp_path, monkeypatch):
+    """A killed merge's file (as large as --out) is then removed with the shards."""
+    out = str(tmp_path / "s.npz")
+    replace, moved = os.replace, []
+    monkeypatch.setattr(os, "replace", lambda src, dst: moved.append((src, dst)) or
+                        replace(src, dst))
+    assert main(["sample-many", "--ckpt", sar, "--n", "2", "--batch", "2", "--recipe", "mar",
+                 "--no-progress", "--out", out]) == 0
+    (merged,) = [src for src, dst in moved if dst == out]
+    assert os.path.dirname(merged) == sample_many.parts_folder(out)
+    assert os.listdir(tmp_path) == ["s.npz"]
 
 
 def test_merge_never_takes_a_corrupt_shard(tmp_path):
@@ -117,3 +146,17 @@ def test_mistakes_are_one_line_before_any_sampling(args, message, tmp_path, caps
     argv = ["sample-many", "--ckpt", str(tmp_path), *args]
     one_line_error(capsys, argv if "--out" in args else argv + ["--out", out], message)
     assert os.listdir(tmp_path) == []
+
+
+def test_settings_record_the_official_preset_and_the_resolved_heads(tmp_path):
+    from types import SimpleNamespace
+
+    from sarkernels.app.cli_args import parser
+
+    ckpt = tmp_path / "RandAR-XL.safetensors"
+    ckpt.write_bytes(b"")
+    args = parser().parse_args(["sample-many", "--ckpt", str(ckpt), "--preset", "XL", "--vq",
+                                "vq.pt", "--n", "4"])
+    want = sample_many.settings(args, SimpleNamespace(n_head=20), {"model": "randar",
+                                                                   "num_classes": 1000}, ckpt)
+    assert (want["preset"], want["heads"], want["n"]) == ("XL", 20, 4)

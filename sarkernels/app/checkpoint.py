@@ -22,6 +22,7 @@ from .prompts import ENCODER
 KEEP = 2
 STEP = re.compile(r"step-\d+")
 TMP = ".tmp-"
+LOCK = ".lock"
 
 
 class CheckpointError(ValueError):
@@ -102,19 +103,20 @@ def remove_stale(run_dir):
             remove(os.path.join(run_dir, name))
 
 
-def lock(run_dir, option="--out"):
+def lock(run_dir, option="--out", command="train"):
     """Holds ``RUN/.lock`` until the returned file is closed, or raises CheckpointError
     naming the process that holds it: two runs into one folder would replace each other's
-    checkpoints. The kernel drops the lock when the process ends, a crash included."""
-    f = open(os.path.join(run_dir, ".lock"), "a+")
+    checkpoints (or, for ``command`` sample-many, shards). The kernel drops the lock when
+    the process ends, a crash included."""
+    f = open(os.path.join(run_dir, LOCK), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "?"
         f.close()
-        raise CheckpointError(f"{option} {run_dir} is in use by another train (pid {holder}): "
-                              f"wait for it to finish, or pass another {option}") from None
+        raise CheckpointError(f"{option} {run_dir} is in use by another {command} (pid "
+                              f"{holder}): wait for it to finish, or pass another {option}") from None
     f.truncate(0)
     f.write(str(os.getpid()))
     f.flush()
@@ -279,8 +281,9 @@ def official_model(state, kind="randar", n_head=None, grid_size=None, what="the 
                                       f"hold a RAR with {name} {sizes[name]}")
         cls = MODELS["rar-official"]
         # an official size samples with its README's guidance power; others keep rar.yaml's
-        sizes.update(next((v for v in cls.config_class.PRESETS.values()
-                           if (v["dim"], v["n_layer"]) == (sizes["dim"], sizes["n_layer"])), {}))
+        official = next((v for v in cls.config_class.PRESETS.values()
+                         if all(sizes[k] == x for k, x in v.items() if k != "cfg_power")), {})
+        sizes.update({k: v for k, v in official.items() if k == "cfg_power"})
     else:
         cls, sizes["grid_size"] = MODELS[kind], grid_size or 16
     with torch.device("meta"):  # the tensors become the parameters: no second copy
@@ -321,7 +324,8 @@ def _rar_sizes(state):
         raise ValueError(f"width {dim} is no multiple of the head size {head_dim}")
     return dict(vocab_size=vocab, num_classes=state["embeddings.weight"].shape[0] - vocab - 2,
                 grid_size=grid, dim=dim, n_head=dim // head_dim,
-                n_layer=1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")))
+                n_layer=1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
+                intermediate_size=state["blocks.0.mlp.fc1.weight"].shape[0])
 
 
 def load_train_state(step_dir):

@@ -254,7 +254,8 @@ def _sample_many_parser(sub):
     _many_options(p)
     p.add_argument("--out", default="samples.npz", help=".npz file to write")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out and its shards of other settings")
+                   help="delete an existing --out and every shard in OUT.parts/ (whatever its "
+                        "settings), then sample afresh")
 
 
 def _evaluate_parser(sub):
@@ -287,6 +288,9 @@ def _evaluate_parser(sub):
     _checkpoint_options(g, required=False)
     _sampling_options(g, cfg=False)
     _many_options(g)
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete OUT's samples folder (every scale's .npz and shards, whatever "
+                        "their settings), then sample every scale afresh")
 
 
 def _tokenize_parser(sub):

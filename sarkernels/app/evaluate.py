@@ -222,9 +222,11 @@ def parse_sweep(text):
 
 def sweep(args):
     """``evaluate --cfg-sweep``: sample-many at each scale into OUT's folder (resumable: a
-    finished scale's .npz is kept), score each, report the best FID and plot FID and IS."""
+    finished scale's .npz is kept; the folder's settings.json holds sample-many's settings
+    but the scale, and process 0 locks the folder), score each, report the best FID and
+    plot FID and IS. The model is loaded once for every scale."""
     from . import sample_many
-    from .train import distributed
+    from .train import distributed, process_device
 
     if args.samples is not None or args.ckpt is None:
         raise UsageError("--cfg-sweep samples --ckpt itself: pass --ckpt and no SAMPLES.npz")
@@ -239,27 +241,60 @@ def sweep(args):
     runs = []
     for value in values:
         many = copy.copy(args)
-        many.cfg, many.overwrite = value, False
+        many.cfg = value
         many.out = os.path.join(folder, f"cfg-{value:g}.npz")
-        if not os.path.exists(many.out):  # a finished scale is kept
+        if args.overwrite or not os.path.exists(many.out):  # a finished scale is kept
             sample_many.check(many)
         runs.append(many)
-    os.makedirs(folder, exist_ok=True)
     rank, world = distributed(args.device)
-    settings = {k: getattr(args, k) for k in ("ckpt", "recipe", "temperature", "top_k", "top_p",
-                                             "seed", "n", "per_class", "batch", "vq")}
-    sample_many.same_settings(os.path.join(folder, sample_many.SETTINGS), settings, "samples")
+    loaded = sample_many.load(args, process_device(args.device, rank, world))
+    settings = sample_many.settings(runs[0], *loaded[:3])
+    del settings["cfg"]
+    held = _start_folder(args, folder, settings, rank, world)
+    try:
+        for many in runs:
+            if not os.path.exists(many.out):
+                sample_many.run(many, loaded)
+        if world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+            dist.destroy_process_group()
+            if rank:
+                return None
+        return _score_sweep(args, values, runs, ref, settings, out, folder)
+    finally:
+        if held is not None:
+            held.close()
+
+
+def _start_folder(args, folder, settings, rank, world):
+    """The sweep's folder, checked against (or, after --overwrite, emptied for)
+    ``settings``; process 0's lock on it."""
+    from . import checkpoint, sample_many
+
+    path = os.path.join(folder, sample_many.SETTINGS)
+    held = None
     if rank == 0:
-        sample_many.write_settings(os.path.join(folder, sample_many.SETTINGS), settings)
-    for many in runs:
-        if not os.path.exists(many.out):
-            sample_many.run(many)
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-        dist.destroy_process_group()
-        if rank:
-            return None
+        os.makedirs(folder, exist_ok=True)
+        held = checkpoint.lock(folder, "--out", "evaluate --cfg-sweep")
+    try:
+        if not args.overwrite:
+            sample_many.same_settings(path, settings, "samples")
+        if rank == 0:
+            if args.overwrite:
+                sample_many.clear(folder)
+            sample_many.write_settings(path, settings)
+        if world > 1:  # no process looks for a finished scale before the folder is ready
+            import torch.distributed as dist
+            dist.barrier()
+    except BaseException:
+        if held is not None:
+            held.close()
+        raise
+    return held
+
+
+def _score_sweep(args, values, runs, ref, settings, out, folder):
     net, results, ref_features = feature_network(args), [], {}
     for value, many in zip(values, runs):
         images = read_samples(many.out)
@@ -271,8 +306,8 @@ def sweep(args):
     plot = folder + ".png"
     _plot(results, best, plot)
     with open(out, "w") as f:
-        json.dump({"ref": args.ref, "features": args.features, "best": best,
-                   "results": results}, f, indent=2)
+        json.dump({"ref": args.ref, "features": args.features, "settings": settings,
+                   "best": best, "results": results}, f, indent=2)
     print(f"best cfg {best['cfg']:g}: FID {best['fid']:.4g}; wrote {out} and {plot}")
     return best
 

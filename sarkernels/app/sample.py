@@ -189,6 +189,10 @@ def check(args):
         if args.image is not None or args.mask is not None or args.recipe is not None:
             raise UsageError("--resolution extrapolates freshly generated samples: it does "
                              "not combine with --image, --mask or --recipe")
+        if args.cfg_power is not None:
+            raise UsageError("--resolution guides as RandAR's extrapolation does (a linear "
+                             "ramp, then constant --cfg and --spatial-cfg): it does not take "
+                             "--cfg-power")
         if args.spatial_cfg < 0:
             raise UsageError(f"--spatial-cfg must be >= 0, got {args.spatial_cfg}")
         if args.ntk_boundary < 0:

@@ -6,7 +6,10 @@ generator seeded from ``(--seed, i)`` by process ``i % world``, so the images de
 settings and the batch size but not on the number of processes. Each finished batch is a
 shard ``OUT.parts/batch-NNNNNN.npz`` written under a temporary name and renamed: a rerun
 skips the shards that are complete, redoes those that are not (a zip CRC, the shape or the
-labels disagree) and never merges one of them.
+labels disagree) and never merges one of them. Process 0 holds ``OUT.parts/.lock`` while
+the run lasts (a second run into the same --out stops with the holder's pid), and the merged
+file too is written under a temporary name in ``OUT.parts``, so a killed merge leaves nothing
+next to --out that the next run would not remove.
 """
 import json
 import os
@@ -68,8 +71,10 @@ def read_shard(path, want_labels):
     return images, None
 
 
-def _atomic(path, write):
-    tmp = f"{path}{TMP}{os.getpid()}"
+def _atomic(path, write, folder=None):
+    """Writes ``path`` through a temporary file in ``folder`` (default: ``path``'s)."""
+    name = f"{os.path.basename(path)}{TMP}{os.getpid()}"
+    tmp = os.path.join(folder or os.path.dirname(path), name)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -84,7 +89,8 @@ def write_shard(path, images, batch_labels):
 
 
 def merge(parts, out, batches):
-    """Writes ``out`` from the shards, streaming ``arr_0`` (50,000 ImageNet images are 9.8 GB)."""
+    """Writes ``out`` from the shards, streaming ``arr_0`` (50,000 ImageNet images are 9.8 GB)
+    into a temporary file among them (cleaned up with them)."""
     first, why = read_shard(shard_path(parts, 0), batches[0])
     if first is None:
         raise ValueError(f"{shard_path(parts, 0)} is corrupt ({why}): run the same command again "
@@ -104,18 +110,22 @@ def merge(parts, out, batches):
                     member.write(images.tobytes())
             with z.open("arr_1.npy", "w") as member:
                 np.lib.format.write_array(member, np.concatenate(batches))
-    _atomic(out, write)
+    _atomic(out, write, parts)
     return shape
 
 
-def settings(args, path, config, n):
-    """What the shards depend on; a rerun must match it."""
+def settings(args, model, config, path):
+    """What the shards depend on (a rerun must match it), for the model :func:`load` gave:
+    its heads as resolved (official weights: --heads, RandAR's --preset or the tensors')."""
+    n = args.n if args.n is not None else args.per_class * config["num_classes"]
+    official_randar = sample.official(args) and args.model == "randar"
     return {"ckpt": os.path.abspath(path), "model": config["model"],
+            "preset": args.preset if official_randar else None, "heads": model.n_head,
             "recipe": sample.recipe_name(args, config["model"]), "cfg": args.cfg,
-            "cfg_power": args.cfg_power, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-            "seed": args.seed, "n": n, "per_class": args.per_class, "batch": args.batch,
-            "precision": precision(args), "vq": args.vq and os.path.abspath(args.vq),
-            "image_size": args.image_size}
+            "cfg_power": args.cfg_power, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "seed": args.seed, "n": n, "per_class": args.per_class,
+            "batch": args.batch, "precision": precision(args),
+            "vq": args.vq and os.path.abspath(args.vq), "image_size": args.image_size}
 
 
 def precision(args):
@@ -154,43 +164,76 @@ def same_settings(path, want, what):
 
 
 def _prepare(args, parts, want, rank):
-    """Checks the shards' settings against ``want`` on every process; process 0 starts
-    the folder (after an --overwrite, afresh) and removes dead writers' temporary files."""
+    """Checks the shards' settings against ``want`` on every process. Process 0 locks the
+    folder (returning the lock, held until closed), starts it (after an --overwrite,
+    emptied), and removes dead writers' temporary files, shards' and merges' alike."""
     path = os.path.join(parts, SETTINGS)
-    if not args.overwrite:
-        same_settings(path, want, "shards")
     if rank:
-        return
-    if args.overwrite:
-        checkpoint.remove(parts)
-        checkpoint.remove(args.out)
+        if not args.overwrite:
+            same_settings(path, want, "shards")
+        return None
     os.makedirs(parts, exist_ok=True)
-    for name in os.listdir(parts):
-        if TMP in name:
-            os.remove(os.path.join(parts, name))
-    write_settings(path, want)
+    held = checkpoint.lock(parts, "--out", "sample-many")
+    try:
+        if args.overwrite:
+            clear(parts)
+            checkpoint.remove(args.out)
+        else:
+            same_settings(path, want, "shards")
+        for name in os.listdir(parts):
+            if TMP in name:
+                os.remove(os.path.join(parts, name))
+        write_settings(path, want)
+    except BaseException:
+        held.close()
+        raise
+    return held
+
+
+def clear(folder):
+    """Removes everything in ``folder`` but its lock."""
+    for name in os.listdir(folder):
+        if name != checkpoint.LOCK:
+            checkpoint.remove(os.path.join(folder, name))
 
 
 def write_settings(path, want):
     _atomic(path, lambda f: f.write(json.dumps(want, indent=2).encode()))
 
 
-def run(args):
-    """The ``sample-many`` command; returns ``args.out`` on process 0, None on the others."""
+def load(args, device):
+    """``(model, config, path, tokenizer)`` of :func:`sample.load`, for class labels."""
+    model, config, path, tok = sample.load(args, device)
+    if checkpoint.condition_kind(config) == "prompts":
+        raise UsageError(f"{path} is conditioned on text prompts; sample-many samples class "
+                         "labels as the FID protocols do")
+    return model, config, path, tok
+
+
+def run(args, loaded=None):
+    """The ``sample-many`` command; returns ``args.out`` on process 0, None on the others.
+    ``loaded``: what :func:`load` gave for ``args`` on this process's device (a sweep
+    samples one model at several scales), None to load it."""
     from .train import distributed, process_device
 
     check(args)
     joined = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = distributed(args.device)
-    device = process_device(args.device, rank, world)
-    model, config, path, tok = sample.load(args, device)
-    if checkpoint.condition_kind(config) == "prompts":
-        raise UsageError(f"{path} is conditioned on text prompts; sample-many samples class "
-                         "labels as the FID protocols do")
+    model, config, path, tok = loaded or load(args, process_device(args.device, rank, world))
+    parts = parts_folder(args.out)
+    held = _prepare(args, parts, settings(args, model, config, path), rank)
+    try:
+        return _run(args, (model, config, path, tok), parts, rank, world, joined)
+    finally:
+        if held is not None:
+            held.close()
+
+
+def _run(args, loaded, parts, rank, world, joined):
+    model, config, path, tok = loaded
+    device = next(model.parameters()).device
     every = labels(config["num_classes"], args.n, args.per_class, args.seed)
     batches = [every[i:i + args.batch].numpy() for i in range(0, len(every), args.batch)]
-    parts = parts_folder(args.out)
-    _prepare(args, parts, settings(args, path, config, len(every)), rank)
     _barrier(world)
     kw = sample.recipe(sample.recipe_name(args, config["model"]), config["model"])
     autocast = torch.bfloat16 if precision(args) == "bf16" else None

@@ -206,7 +206,8 @@ class Generation:
         it; ``compile=True`` runs steps through ``torch.compile(fullgraph=True)`` (a callable
         is applied to the step function instead). Both keep their buffers, graphs and
         compiled code on the model for the next call with the same batch, dtype and sampling
-        settings; the logits ``on_step`` sees under ``graphs`` are overwritten by later steps.
+        settings (and autocast dtype); the logits ``on_step`` sees under ``graphs`` are
+        overwritten by later steps.
         Tokens equal eager generation's for the same generator.
         """
         sampling = Sampling(temperature, top_k, top_p, cfg_scale,
@@ -250,7 +251,7 @@ class Generation:
                  prefix_len=1):
         w = self.output.weight  # graphs hold the kernels of the ops backend they captured
         key = (batch, use_kv_cache, sampling, graphs, compile, w.device, w.dtype,
-               ops.current_backend(), prefix_len)
+               activation_dtype(w), ops.current_backend(), prefix_len)
         cached = getattr(self, "_generation_session", None)
         if canvas is None and cached is not None and cached[0] == key:
             return cached[1]
@@ -277,5 +278,16 @@ class Generation:
     def _kv_caches(self, batch, length, count):
         w, dim = self.output.weight, self.config.dim
         heads = self.config.n_kv_head or self.n_head
-        return [KVCache(batch, heads, length, dim // self.n_head, w.dtype, w.device, check=False)
+        return [KVCache(batch, heads, length, dim // self.n_head, activation_dtype(w), w.device,
+                        check=False)
                 for _ in range(count)]
+
+
+def activation_dtype(weight):
+    """The dtype of the keys and values a model computes: autocast's while it is on for the
+    weights' device (``sample-many``'s bf16), else the weights'. A host-side query: the
+    caches are made before any step runs, so steps stay sync-free and capturable."""
+    device = weight.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype

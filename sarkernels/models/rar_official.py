@@ -35,20 +35,23 @@ POSITION_SPARE, TIMESTEP_SPARE = 1024, 100
 @dataclass(kw_only=True)
 class OfficialRARConfig(Config):
     """The :class:`OfficialRAR` arguments: :class:`~.config.Config`'s (``multiple_of`` and
-    ``n_kv_head`` unused: the MLP is 4 x dim, every head has its K/V), the depth, the
-    fractions of training over which the random-order probability falls from 1 to 0 (the
-    official 200 -> 300 of 400 epochs), and ``cfg_power``, the power of the guidance ramp
-    ``generate`` uses by default (None: linear). Presets: the official sizes with the
-    power of the official README's sampling settings (its scale and temperature: B 16.0 /
-    1.0, L 15.5 / 1.02, XL 6.9 / 1.02, XXL 8.0 / 1.02)."""
+    ``n_kv_head`` unused: every head has its K/V), the depth, ``intermediate_size`` the
+    MLP's hidden width (the official config's name; None: 4 x dim), the fractions of
+    training over which the random-order probability falls from 1 to 0 (the official
+    200 -> 300 of 400 epochs), and ``cfg_power``, the power of the guidance ramp
+    ``generate`` uses by default (None: linear). Presets: the official sizes (README_RAR.md's
+    ``intermediate_size``: XXL's is 6144, not 4 x 1408) with the power of the official
+    README's sampling settings (its scale and temperature: B 16.0 / 1.0, L 15.5 / 1.02,
+    XL 6.9 / 1.02, XXL 8.0 / 1.02)."""
     PRESETS: ClassVar[dict] = {
-        "B": dict(dim=768, n_layer=24, cfg_power=2.75),
-        "L": dict(dim=1024, n_layer=24, cfg_power=2.5),
-        "XL": dict(dim=1280, n_layer=32, cfg_power=1.5),
-        "XXL": dict(dim=1408, n_layer=40, cfg_power=1.2),
+        "B": dict(dim=768, n_layer=24, intermediate_size=3072, cfg_power=2.75),
+        "L": dict(dim=1024, n_layer=24, intermediate_size=4096, cfg_power=2.5),
+        "XL": dict(dim=1280, n_layer=32, intermediate_size=5120, cfg_power=1.5),
+        "XXL": dict(dim=1408, n_layer=40, intermediate_size=6144, cfg_power=1.2),
     }
     vocab_size: int = 1024
     n_layer: int = 24
+    intermediate_size: int | None = None
     anneal: tuple = (0.5, 0.75)
     cfg_power: float | None = 2.75
 
@@ -82,7 +85,9 @@ class Attention(nn.Module):
 
     def forward(self, x, sets, cache=None, cache_slots=None):
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
+        # CUDA autocast runs LayerNorm in fp32: back to the projection's dtype, the one the
+        # KV cache holds and set_attention needs q, k and v to share
+        q, k = self.q_norm(q).type_as(v), self.k_norm(k).type_as(v)
         key_sets = sets
         if cache is not None:
             cache.write(k, v, sets, cache_slots)
@@ -108,12 +113,12 @@ class Block(nn.Module):
     """``x + gate * attn(modulate(norm1(x)))``, then the same for the MLP; shift, scale and
     gate of both from ``adaLN_modulation(c)``."""
 
-    def __init__(self, dim, num_heads, dropout):
+    def __init__(self, dim, num_heads, hidden, dropout):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=EPS)
         self.attn = Attention(dim, num_heads, dropout)
         self.norm2 = nn.LayerNorm(dim, eps=EPS)
-        self.mlp = Mlp(dim, 4 * dim, dropout)
+        self.mlp = Mlp(dim, hidden, dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c, sets, cache=None, cache_slots=None):
@@ -164,7 +169,9 @@ class OfficialRAR(RAROrders, CausalSlots, Generation, Configured, nn.Module):
         if dim % cfg.n_head:
             raise ValueError(f"dim {dim} must split evenly into n_head {cfg.n_head} heads")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.blocks = nn.ModuleList(Block(dim, cfg.n_head, cfg.dropout) for _ in range(cfg.n_layer))
+        hidden = cfg.intermediate_size or 4 * dim
+        self.blocks = nn.ModuleList(Block(dim, cfg.n_head, hidden, cfg.dropout)
+                                    for _ in range(cfg.n_layer))
         self.embeddings = nn.Embedding(cfg.vocab_size + 1 + cfg.num_classes + 1, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, n + POSITION_SPARE, dim))
         self.target_aware_pos_embed = nn.Parameter(torch.zeros(1, n + POSITION_SPARE, dim))

@@ -105,3 +105,12 @@ def test_cache_write_checks_before_writing(backend, change, error, match):
     with pytest.raises(error, match=match):
         cache.write(**{**args, **change})
     assert not cache.k.any() and not cache.v.any() and (cache.sets == UNWRITTEN).all()
+
+
+def test_qk_norm_in_float32_keeps_the_projections_dtype():
+    # CUDA autocast runs RMSNorm in float32 while the projections give bfloat16
+    attn = SetAttention(32, 2, qk_norm=True).to(torch.bfloat16)
+    for norm in (attn.q_norm, attn.k_norm):
+        norm.register_forward_hook(lambda mod, args, out: out.float())
+    x, sets = torch.randn(2, 5, 32, dtype=torch.bfloat16), torch.arange(5)
+    assert attn(x, sets).dtype == torch.bfloat16

@@ -159,7 +159,6 @@ class OfficialRAR(RAROrders, CausalSlots, Generation, Configured, nn.Module):
     """Built from an :class:`OfficialRARConfig` (or its fields as keywords). Generation is
     raster by default, guided by the power-cosine ramp of ``config.cfg_power``."""
     config_class = OfficialRARConfig
-    default_order = "raster"
     _prefix_slots = 2  # cls and class
 
     def __init__(self, config=None, /, **fields):

@@ -154,8 +154,8 @@ class SetAttention(nn.Module):
             k, v = nn.functional.linear(context, w_kv, b_kv).split([kv_dim, kv_dim], -1)
         q, k, v = self._heads(q, self.num_heads), self._heads(k, self.num_kv_heads), \
             self._heads(v, self.num_kv_heads)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_norm is not None:  # (CUDA autocast runs the norms in float32)
+            q, k = self.q_norm(q).type_as(v), self.k_norm(k).type_as(v)
         if rope is not None:
             q, k = rope(q), rope(k, context=context is not None)
         if cache is not None:

@@ -457,6 +457,24 @@ OBJECTIVES = {
 }
 
 
+def topological(edges):
+    """The nodes of {node: successors} in an order with every edge forward (Kahn); fewer
+    than all of them where there is a cycle."""
+    indeg = dict.fromkeys(edges, 0)
+    for r in edges:
+        for v in edges[r]:
+            indeg[v] += 1
+    order, ready = [], [r for r in edges if indeg[r] == 0]
+    while ready:
+        r = ready.pop()
+        order.append(r)
+        for v in edges[r]:
+            indeg[v] -= 1
+            if indeg[v] == 0:
+                ready.append(v)
+    return order
+
+
 def loop_paths(loop, cfg, work, inner=None, must=None):
     """Counts along the full / partial / skip paths of one iteration of `loop` (header to a
     latch, back edges removed) that issue at least must = (counter, amount) (the most of
@@ -504,23 +522,12 @@ def loop_paths(loop, cfg, work, inner=None, must=None):
                         out[k[1]] += (amount / on - f) * v
         return out
 
-    edges, indeg = {r: set() for r in set(rep.values())}, {}
+    edges = {r: set() for r in set(rep.values())}
     for u in loop.body:
         for v in cfg.succ[u]:
             if v in loop.body and v != loop.header and rep[u] != rep[v]:
                 edges[rep[u]].add(rep[v])
-    for r in edges:
-        indeg.setdefault(r, 0)
-        for v in edges[r]:
-            indeg[v] = indeg.get(v, 0) + 1
-    order, ready = [], [r for r in edges if indeg[r] == 0]
-    while ready:
-        r = ready.pop()
-        order.append(r)
-        for v in edges[r]:
-            indeg[v] -= 1
-            if indeg[v] == 0:
-                ready.append(v)
+    order = topological(edges)
     if len(order) != len(edges):
         loop.notes.append("irreducible region: paths through it ignored")
     ends = {rep[u] for u in loop.latches}
@@ -805,18 +812,7 @@ def overhead_path(cfg, loops, reachable, main):
         if not (main and b in main.body):
             cost[rep[b]] = add(cost.get(rep[b], {}), cfg.counts[b])
         edges[rep[b]] |= {rep[v] for v in cfg.succ[b] if v in rep and rep[v] != rep[b]}
-    indeg = {r: 0 for r in edges}
-    for r in edges:
-        for v in edges[r]:
-            indeg[v] += 1
-    order, ready = [], [r for r in edges if indeg[r] == 0]
-    while ready:
-        r = ready.pop()
-        order.append(r)
-        for v in edges[r]:
-            indeg[v] -= 1
-            if indeg[v] == 0:
-                ready.append(v)
+    order = topological(edges)
     if len(order) != len(edges):
         everything = {}
         for c in cost.values():

@@ -250,8 +250,11 @@ def sweep(args):
     loaded = sample_many.load(args, process_device(args.device, rank, world))
     settings = sample_many.settings(runs[0], *loaded[:3])
     del settings["cfg"]
-    held = _start_folder(args, folder, settings, rank, world)
+    held = sample_many.prepare(args, folder, settings, rank, "samples", "evaluate --cfg-sweep")
     try:
+        if world > 1:  # no process looks for a finished scale before the folder is ready
+            import torch.distributed as dist
+            dist.barrier()
         for many in runs:
             if not os.path.exists(many.out):
                 sample_many.run(many, loaded)
@@ -265,33 +268,6 @@ def sweep(args):
     finally:
         if held is not None:
             held.close()
-
-
-def _start_folder(args, folder, settings, rank, world):
-    """The sweep's folder, checked against (or, after --overwrite, emptied for)
-    ``settings``; process 0's lock on it."""
-    from . import checkpoint, sample_many
-
-    path = os.path.join(folder, sample_many.SETTINGS)
-    held = None
-    if rank == 0:
-        os.makedirs(folder, exist_ok=True)
-        held = checkpoint.lock(folder, "--out", "evaluate --cfg-sweep")
-    try:
-        if not args.overwrite:
-            sample_many.same_settings(path, settings, "samples")
-        if rank == 0:
-            if args.overwrite:
-                sample_many.clear(folder)
-            sample_many.write_settings(path, settings)
-        if world > 1:  # no process looks for a finished scale before the folder is ready
-            import torch.distributed as dist
-            dist.barrier()
-    except BaseException:
-        if held is not None:
-            held.close()
-        raise
-    return held
 
 
 def _score_sweep(args, values, runs, ref, settings, out, folder):

@@ -24,7 +24,7 @@ from . import checkpoint, outputs, sample
 from .cli_args import UsageError
 
 SETTINGS = "settings.json"
-TMP = ".tmp-"
+TMP = checkpoint.TMP
 
 
 def labels(num_classes, n=None, per_class=None, seed=0):
@@ -163,23 +163,23 @@ def same_settings(path, want, what):
                          "--overwrite to start over")
 
 
-def _prepare(args, parts, want, rank):
-    """Checks the shards' settings against ``want`` on every process. Process 0 locks the
-    folder (returning the lock, held until closed), starts it (after an --overwrite,
-    emptied), and removes dead writers' temporary files, shards' and merges' alike."""
+def prepare(args, parts, want, rank, what="shards", command="sample-many"):
+    """Checks the settings of the ``what`` in folder ``parts`` against ``want`` on every
+    process. Process 0 locks the folder (returning the lock, held until closed), starts it
+    (after an --overwrite, emptied), and removes dead writers' temporary files, shards' and
+    merges' alike."""
     path = os.path.join(parts, SETTINGS)
     if rank:
         if not args.overwrite:
-            same_settings(path, want, "shards")
+            same_settings(path, want, what)
         return None
     os.makedirs(parts, exist_ok=True)
-    held = checkpoint.lock(parts, "--out", "sample-many")
+    held = checkpoint.lock(parts, "--out", command)
     try:
         if args.overwrite:
             clear(parts)
-            checkpoint.remove(args.out)
         else:
-            same_settings(path, want, "shards")
+            same_settings(path, want, what)
         for name in os.listdir(parts):
             if TMP in name:
                 os.remove(os.path.join(parts, name))
@@ -221,8 +221,10 @@ def run(args, loaded=None):
     rank, world = distributed(args.device)
     model, config, path, tok = loaded or load(args, process_device(args.device, rank, world))
     parts = parts_folder(args.out)
-    held = _prepare(args, parts, settings(args, model, config, path), rank)
+    held = prepare(args, parts, settings(args, model, config, path), rank)
     try:
+        if held is not None and args.overwrite:
+            checkpoint.remove(args.out)
         return _run(args, (model, config, path, tok), parts, rank, world, joined)
     finally:
         if held is not None:

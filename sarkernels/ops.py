@@ -187,6 +187,11 @@ def _check_device(fn, named):
             raise ValueError(f"{fn}: {name} is on {t.device} but {first_name} is on {first.device}")
 
 
+def head_dim_ok(d):
+    """Whether set attention takes head dim ``d``: a multiple of 8 in [8, 256]."""
+    return d % 8 == 0 and 8 <= d <= 256
+
+
 def _check_attention(q, k, v, q_sets, k_sets):
     """The set ids as int64, after checking every tensor."""
     fn = "set_attention"
@@ -206,7 +211,7 @@ def _check_attention(q, k, v, q_sets, k_sets):
         raise ValueError(f"{fn}: k must be [B={b}, Hkv, Lk, D={d}] like q, got {_shape(k)}")
     if k.shape[1] == 0 or hq % k.shape[1]:
         raise ValueError(f"{fn}: q's {hq} heads must be a multiple of k's {k.shape[1]} heads")
-    if d % 8 or not 8 <= d <= 256:
+    if not head_dim_ok(d):
         raise ValueError(f"{fn}: head dim D must be a multiple of 8 in [8, 256], got {d}")
     if q_sets.shape != (b, lq):
         raise ValueError(f"{fn}: q_sets must be [B, Lq] = [{b}, {lq}] (or [Lq]), got "

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..nn import KVCache
+from ..rope import rotate
 from .torch_sdpa import sdpa
 
 __all__ = ["LlamaGenAttention", "patch_llamagen"]
@@ -23,12 +24,10 @@ def rotate_pairs(x, freqs_cis):
     """LlamaGen's ``apply_rotary_emb`` (``freqs_cis [L, D/2, 2]``) and RandAR's
     ``batch_apply_rotary_emb`` (``[B, L, D/2, 2]``) in one: x ``[B, L, H, D]`` rotated by
     (cos, sin) pairs in float32, returned in x's dtype, with their arithmetic."""
-    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
     batch = x.shape[0] if freqs_cis.dim() == 4 else 1
-    f = freqs_cis.view(batch, pairs.size(1), 1, pairs.size(3), 2)
-    out = torch.stack([pairs[..., 0] * f[..., 0] - pairs[..., 1] * f[..., 1],
-                       pairs[..., 1] * f[..., 0] + pairs[..., 0] * f[..., 1]], dim=-1)
-    return out.flatten(3).type_as(x)
+    f = freqs_cis.view(batch, x.shape[1], 1, x.shape[-1] // 2, 2)
+    # x rounded to float32 as theirs is, the arithmetic in the table's dtype as theirs is
+    return rotate(x.float().type_as(x), f[..., 0], f[..., 1])
 
 
 def _mirror(cache, heads):

@@ -17,6 +17,8 @@ get ``arange`` ids, key padding ``0`` for kept keys and ``L`` for dropped ones.
 """
 import torch
 
+from .. import reference
+
 __all__ = ["sets_from_mask", "NotASetMask"]
 
 
@@ -85,7 +87,7 @@ def _ids(visible, batched, name):
     ranked = k_sets.sort(-1).values
     last = ranked.gather(1, (sizes - 1).clamp_min(0)) if ranked.shape[1] else sizes
     q_sets = torch.where(sizes > 0, last, -1)
-    wrong = (k_sets[:, None, :] <= q_sets[:, :, None]) != visible
+    wrong = reference.visible(q_sets, k_sets) != visible
     if wrong.any():
         b = int(wrong.flatten(1).any(1).nonzero()[0])
         raise NotASetMask(_refusal(visible[b], f"{name}[{b}]" if batched else name))

@@ -149,7 +149,7 @@ def _plan(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa):
         return _Refusal("shape", f"{q.shape[1]} query heads and {k.shape[1]} key heads "
                                  f"(enable_gqa={enable_gqa})")
     d = q.shape[-1]
-    if d % 8 or not 8 <= d <= 256:
+    if not ops.head_dim_ok(d):
         return _Refusal("head dim", f"head dim {d}: the kernels take multiples of 8 up to 256")
     lq, lk = q.shape[-2], k.shape[-2]
     if attn_mask is None:

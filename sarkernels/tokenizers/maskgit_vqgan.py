@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .vq import Loaded, _from_pil, _grid_size
+from .vq import Loaded, _grid_size
 
 def _norm(c):
     return nn.GroupNorm(32, c, eps=1e-6, affine=True)
@@ -162,9 +162,4 @@ class MaskGITVQGAN(Loaded, nn.Module):
         h, w = grid if grid is not None else (self.grid_size, self.grid_size)
         z = self.quantize.embedding(codes).view(codes.shape[0], h, w, -1).permute(0, 3, 1, 2)
         return self.decoder(z).clamp(0, 1)
-
-    def from_pil(self, pictures, size=None):
-        """PIL pictures -> ``[B, 3, size, size]`` in [0, 1] (resize the shorter side, center
-        crop); ``size`` defaults to the tokenizer's image size."""
-        return _from_pil(pictures, size or self.settings["image_size"])
 

@@ -240,6 +240,11 @@ class Loaded:
         return {"name": self.name, "checkpoint": self.checkpoint_path, **self.settings,
                 "ch_mult": list(self.settings["ch_mult"])}
 
+    def from_pil(self, pictures, size=None):
+        """PIL pictures -> ``[B, 3, size, size]`` in [0, 1] (resize the shorter side, center
+        crop); ``size`` defaults to the tokenizer's image size."""
+        return _from_pil(pictures, size or self.settings["image_size"])
+
 
 class VQTokenizer(Loaded, nn.Module):
     """A :class:`~.protocol.Tokenizer`: ``encode(images [B, 3, H, W] in [0, 1]) -> codes
@@ -314,11 +319,6 @@ class VQTokenizer(Loaded, nn.Module):
         from PIL import Image
 
         return [Image.fromarray(x.cpu().numpy(), "RGB") for x in cls.to_uint8(images)]
-
-    def from_pil(self, pictures, size=None):
-        """PIL pictures -> ``[B, 3, size, size]`` in [0, 1] (resize the shorter side, center
-        crop); ``size`` defaults to the tokenizer's image size."""
-        return _from_pil(pictures, size or self.settings["image_size"])
 
 
 class VQHandle:

@@ -55,19 +55,20 @@ __global__ void __launch_bounds__(FwdLayout<T, D, BM, BN, RW>::kThreads, 1)
 
   Acc inv[M][2], lse[M][2];
   softmax.finish(o, inv, lse);
+  const QueryBlock<M> at = query_place<BM, D, DC, M>(p);
   SK_UNROLL for (int m = 0; m < M; ++m) {  // the warp's own rows: no other warp reads them
-    stage_frag<T, D>(q_rows + 16 * m * kLd + qb.c0, o[m], inv[m]);
+    stage_frag<T, D>(q_rows + 16 * m * kLd + at.c0, o[m], inv[m]);
   }
   sync_threads();
   store_rows<Lay::kThreads, D>(
-      static_cast<T*>(p.out) + out_offset(p, qb.b, qb.h, qb.q0) + qb.c0, p.out_row_stride,
-      q_tile + qb.c0, qb.nq, clamp_rows(p.head_dim - qb.c0, DC));
-  if (qb.c0 == 0 && lane_id() % 4 == 0) {
-    Acc* lse_rows = static_cast<Acc*>(p.lse) + lse_offset(p, qb.b, qb.h, qb.q0);
+      static_cast<T*>(p.out) + out_offset(p, at.b, at.h, at.q0) + at.c0, p.out_row_stride,
+      q_tile + at.c0, at.nq, clamp_rows(p.head_dim - at.c0, DC));
+  if (at.c0 == 0 && lane_id() % 4 == 0) {
+    Acc* lse_rows = static_cast<Acc*>(p.lse) + lse_offset(p, at.b, at.h, at.q0);
     SK_UNROLL for (int m = 0; m < M; ++m) {
       SK_UNROLL for (int i = 0; i < 2; ++i) {
         const int r = RW * warp_id() + 16 * m + frag_row(2 * i);
-        if (r < qb.nq) lse_rows[r] = lse[m][i];
+        if (r < at.nq) lse_rows[r] = lse[m][i];
       }
     }
   }

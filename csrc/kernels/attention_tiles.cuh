@@ -27,15 +27,18 @@ namespace sarkernels::kernels::attention {
 // scalar path (its shared tiles are 2-4x wider per element) and for head dims above 128
 // (shared memory). Query rows per warp (kRows): 32 on tensor cores, as FlashAttention-2
 // (each K and V fragment loaded from shared memory feeds twice the MMAs and every per-tile
-// cost is spread over twice the scores), except where the accumulators do not fit in
-// registers: 16 at head dim 256, and at 96, which spills 12 bytes at 32 (nvcc 13.0). Output columns per block (kCols < D: column splits, see
-// QueryBlock): 32 for float64 above head dim 64, for registers.
+// cost is spread over twice the scores), where the accumulators fit in registers beside
+// the scores: up to head dim 64 with 64-key tiles, and at 128 with 32-key tiles (64 spill
+// 116 bytes; the 128x32 tile issues 0.454 instructions per score against 0.479 for 64x64,
+// nvcc 13.0); 16 elsewhere (96 spills 12 bytes at 32, 256 does not fit). Output columns
+// per block (kCols < D: column splits, see QueryBlock): 32 for float64 above head dim 64,
+// for registers.
 template <typename T, int D>
 struct FwdTiles {
-  static constexpr int kRows = kTensorCores<T> && D <= 64 ? 32 : 16;
+  static constexpr int kRows = kTensorCores<T> && (D <= 64 || D == 128) ? 32 : 16;
   static constexpr int kM = kTensorCores<T> ? 4 * kRows : 32;
   static constexpr int kN =
-      kTensorCores<T> ? (D > 128 ? 32 : 64) : sizeof(T) == 8 || D > 128 ? 16 : 32;
+      kTensorCores<T> ? (D >= 128 ? 32 : 64) : sizeof(T) == 8 || D > 128 ? 16 : 32;
   static constexpr int kCols = sizeof(T) == 8 && D > 64 ? 32 : D;
 };
 
@@ -614,18 +617,27 @@ struct QueryBlock {
   const int64_t* q_sets;    // the set ids of the block's rows
 };
 
+// The block's place from blockIdx alone (no set-id ranges): cheap enough to derive again
+// after a walk rather than keep live across it.
 template <int BM, int D, int DC, int M>
-SK_DEVICE QueryBlock<M> query_block(const SetAttentionParams& p) {
+SK_DEVICE QueryBlock<M> query_place(const SetAttentionParams& p) {
   QueryBlock<M> qb;
-  const int64_t q_tiles = ceil_div(p.len_q, BM);
-  const int64_t bh = blockIdx.x / (q_tiles * (D / DC));
+  // 32-bit division: flat_grid keeps every block count below 2^31.
+  const unsigned q_tiles = unsigned(ceil_div(p.len_q, BM)), heads = unsigned(p.heads_q);
+  const unsigned bh = blockIdx.x / (q_tiles * (D / DC));
   qb.c0 = int(blockIdx.x / q_tiles % (D / DC)) * DC;
-  qb.b = int(bh / p.heads_q);
-  qb.h = int(bh % p.heads_q);
-  qb.hk = int(qb.h / (p.heads_q / p.heads_kv));
-  qb.q0 = blockIdx.x % q_tiles * BM;
+  qb.b = int(bh / heads);
+  qb.h = int(bh % heads);
+  qb.hk = int(unsigned(qb.h) / (heads / unsigned(p.heads_kv)));
+  qb.q0 = int64_t(blockIdx.x % q_tiles) * BM;
   qb.nq = clamp_rows(p.len_q - qb.q0, BM);
   qb.q_sets = p.q_sets + qb.b * p.len_q + qb.q0;
+  return qb;
+}
+
+template <int BM, int D, int DC, int M>
+SK_DEVICE QueryBlock<M> query_block(const SetAttentionParams& p) {
+  QueryBlock<M> qb = query_place<BM, D, DC, M>(p);
   const int w = 16 * M * warp_id();
   qb.block_q = warp_id_range<BM>(qb.q_sets, qb.nq);
   qb.warp_q = warp_id_range<16 * M>(qb.q_sets + w, clamp_rows(qb.nq - w, 16 * M));

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import sarkernels.app.demo
-from sarkernels.app import checkpoint, data, sample
+from sarkernels.app import blas, checkpoint, data, sample
 from sarkernels.app.train import TrainConfig, train
 
 TINY = dict(dim=32, heads=2, layers=1, batch=8, warmup=2, ckpt_every=5, dropout=0.0)
@@ -70,7 +70,10 @@ def test_resume_continues_exactly(tmp_path, model):
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
 
 
-def test_resume_on_another_thread_count_says_so(tmp_path):
+@pytest.mark.parametrize("strict", [True, False])
+def test_resume_on_another_thread_count(tmp_path, monkeypatch, strict):
+    """Says that the bits may differ only where MKL's strict mode is off (blas.py)."""
+    monkeypatch.setattr(blas, "STRICT", strict)
     cfg = lambda steps: TrainConfig(model="rar", steps=steps, out=str(tmp_path), **TINY)
     threads = torch.get_num_threads()
     train(cfg(5), progress=False)
@@ -82,8 +85,17 @@ def test_resume_on_another_thread_count_says_so(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert not any("threads" in line for line in same)
-    assert any(f"trained on {threads} CPU threads and continues on {threads + 1}" in line
-               for line in other), other
+    said = any(f"trained on {threads} CPU threads and continues on {threads + 1}" in line
+               for line in other)
+    assert said == (not strict), other
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="torch without MKL")
+def test_importing_the_app_sets_mkl_strict():
+    code = "import sarkernels.app.blas as b; print(b.STRICT)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "MKL_CBWR"})
+    assert out.stdout.strip() == "True", out.stderr
 
 
 def test_checkpoint_layout_and_reload(tmp_path):

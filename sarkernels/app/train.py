@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import ops, orders
-from . import checkpoint, data, outputs, prompts
+from . import blas, checkpoint, data, outputs, prompts
 from ..models import MODELS, Prompt
 from ..models.sar import TRAIN_SCHEDULES
 
@@ -295,7 +295,7 @@ def _fit(cfg, dataset, step_dir, state, rank, world, progress, log, bar_row, enc
         start = state["step"]
         if rank == 0:
             log(f"resumed {step_dir} at step {start}")
-            if state.get("threads", threads) != threads:
+            if state.get("threads", threads) != threads and not blas.STRICT:
                 log(f"note: the run trained on {state['threads']} CPU threads and continues on "
                     f"{threads}; BLAS splits some products by the thread count, so the bits "
                     "may differ from a run that was never interrupted")

@@ -1110,8 +1110,10 @@ def training_model(rows, machine=MACHINE):
     """Estimated forward and backward times at every attention_training.py shape (its
     set_ids, seed 0), for our kernels and FlashAttention-2's (causal where the shape is,
     dense otherwise). Forward: the forward kernel. Backward: the dK/dV kernel with atomic
-    dQ (the default path), plus the HBM time of the row-wise kernels around it (ours:
-    prep and dQ convert; FlashAttention-2: dot(dO, O) and dQ convert, the same bytes)."""
+    dQ (the default path), plus the HBM time of the row-wise work around it: prep (ours)
+    or dot(dO, O) (FlashAttention-2), the same bytes, and dQ's conversion, FlashAttention-2's
+    a kernel that reads the fp32 sums back from HBM, ours done by the last dK/dV block of
+    each head, which reads them from L2 (written back to HBM once, as the main kernel's)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import torch
     import attention_training as bench
@@ -1133,12 +1135,13 @@ def training_model(rows, machine=MACHINE):
         rows_q, rows_k = b * h * lq, b * h * lk  # bf16 operands, fp32 lse/delta/dQ accum
         fwd_bytes = (rows_q * 2 + rows_k * 2) * d * 2 + rows_q * 4
         bwd_bytes = (rows_q * 2 + rows_k * 4) * d * 2 + rows_q * (8 + 4 * d)
-        helpers = rows_q * (2 * d * 2 + 8 + 4 * d) + rows_q * (4 * d + 2 * d)
+        prep = rows_q * (2 * d * 2 + 8 + 4 * d)  # read O, dO; write delta, lse; zero dQ
+        ours, fa2 = prep + rows_q * 2 * d, prep + rows_q * (4 * d + 2 * d)
         cases = (("fwd", pick("ours fwd", d, lambda p: True), fwd_flops, fwd_bytes, 0),
                  ("bwd", pick("ours dkdv", d, lambda p: p["atomic"]), 2.5 * fwd_flops,
-                  bwd_bytes, helpers),
+                  bwd_bytes, ours),
                  ("fwd", pick("fa2 fwd", d, _fa2_ref), fwd_flops, fwd_bytes, 0),
-                 ("bwd", pick("fa2 bwd", d, _fa2_ref), 2.5 * fwd_flops, bwd_bytes, helpers))
+                 ("bwd", pick("fa2 bwd", d, _fa2_ref), 2.5 * fwd_flops, bwd_bytes, fa2))
         for pas, r, flops, nbytes, extra in cases:
             if r is None:
                 continue
@@ -1211,7 +1214,9 @@ def model_table(est, machine=MACHINE):
         "them; FlashAttention-2: causal lower triangle or dense, every warp every tile. "
         "Per-iteration counts as in the census (partial tiles at the partial path, an upper "
         "bound); the per-block overhead once per warp; backward adds the HBM time of the "
-        "row-wise helper kernels. Not modelled: occupancy, latency, wave quantisation, L2.")
+        "row-wise work: prep and dQ's conversion (FlashAttention-2's reads the fp32 dQ sums "
+        "from HBM, ours from L2, in the last dK/dV block of each head). Not modelled: "
+        "occupancy, latency, wave quantisation, L2 otherwise.")
     return "\n".join(lines)
 
 

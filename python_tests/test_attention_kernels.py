@@ -175,6 +175,22 @@ def test_deterministic_backward_keeps_its_bits_on_threads(dtype):
         assert torch.equal(bits(a), bits(b)), f"{name} changed between runs"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_atomic_backward_on_threads(dtype):
+    """dQ is turned into dq by the last of each head's dK/dV blocks to finish (4 here, GQA
+    groups of 2), which must see every block's sums, blocks running on two OS threads."""
+    c = dict(b=2, hq=4, hkv=2, lq=70, lk=200, d=64, pattern="sorted", strict=False, seed=6)
+    inputs, q_sets, k_sets, grads = build(c)
+    want = outputs_and_grads(exact(c, q_sets, k_sets), inputs, torch.float64, grads)
+    base = outputs_and_grads(pytorch_same_precision(c, q_sets, k_sets), inputs, dtype, grads)
+    with sarkernels.use_backend("simt"), deterministic(False):
+        for schedule, seed in (("forward", 0), ("random", 3)):
+            with simt_options(schedule, seed, threads=2):
+                got = outputs_and_grads(ours(c, q_sets, k_sets), inputs, dtype, grads)
+            for name, g, b, w in zip(NAMES, got, base, want):
+                assert_within(g, b, w, dtype, name)
+
+
 @pytest.mark.parametrize("d", [32, 40, 96, 136, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_other_head_dims(d, dtype):

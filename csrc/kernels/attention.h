@@ -51,7 +51,7 @@ AttentionBwdWorkspace attention_bwd_workspace(const SetAttentionBwdParams& g, DT
 // dq, dk, dv (contiguous, the inputs' dtype) of set_attention_forward's op, given out, lse
 // and dout (out's strides) and optionally dlse (lse's strides). deterministic: dQ by a
 // separate pass over the key tiles instead of atomics (bitwise reproducible; w without
-// dq_accum). Same head dims as the forward.
+// dq_accum and done). Same head dims as the forward.
 void set_attention_backward(const SetAttentionBwdParams& g, const AttentionBwdWorkspace& w,
                             DType dtype, bool deterministic, cudaStream_t stream);
 

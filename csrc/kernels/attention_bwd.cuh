@@ -2,14 +2,15 @@
 //
 // 1. prep: per query row delta = rowsum(dO * O) - dlse and the lse in the kernels'
 //    exponent base (+inf on empty rows, so recomputed probabilities are 0 there); zeroes
-//    the dQ accumulator.
+//    the dQ accumulator and the dK/dV blocks' finish counts.
 // 2. dK/dV: one block per (key tile, batch, kv head), 16 keys per warp; walks the query
 //    tiles of every q head of the group (GQA sums there, in registers), recomputing
 //    P^T = exp(K Q^T - lse) and dS^T = P^T * (V dO^T - delta). Query tiles are classified
 //    from set-id ranges like the forward's key tiles.
-// 3. dQ, either by fp32 atomics from the dK/dV blocks (dS through shared memory, then a
-//    convert kernel), or, deterministic, by a query-tile kernel that walks the key tiles
-//    like the forward and owns its rows of dQ (no atomics; recomputes Q K^T and dO V^T).
+// 3. dQ, either by fp32 atomics from the dK/dV blocks (dS through shared memory), turned
+//    into dq by the last dK/dV block of each (batch, kv head) to finish, or, deterministic,
+//    by a query-tile kernel that walks the key tiles like the forward and owns its rows of
+//    dQ (no atomics; recomputes Q K^T and dO V^T).
 // The gradient through lse enters as dS = P * (dP - delta) with delta including -dlse.
 // Defines the backward's entry points (kernels/attention.h): include in one translation
 // unit per target.
@@ -90,6 +91,47 @@ __global__ void __launch_bounds__(kRowThreads)
   if (w.dq_accum != nullptr) {
     Acc* acc = static_cast<Acc*>(w.dq_accum) + row * p.head_dim;
     for (int c = 0; c < p.head_dim; c += 16 / int(sizeof(Acc))) store16(acc + c, uint4{0, 0, 0, 0});
+    if (row < p.batch * p.heads_kv) w.done[row] = 0;  // (rows: B Hq Lq >= B Hkv)
+  }
+}
+
+// The last of a (batch, kv head)'s `blocks` dK/dV blocks to get here turns the dQ sums of
+// its q heads into dq (times the scale, in the inputs' dtype), while they are still in L2:
+// a pass of its own would read them back from HBM. Every thread fences its reductions
+// before the barrier that precedes the count; the counting thread fences after it, before
+// the block reads. `last`: an int of shared memory.
+template <typename T, int Threads>
+SK_DEVICE void convert_dq_if_last(const SetAttentionBwdParams& g, const AttentionBwdWorkspace& w,
+                                  int64_t bh, int blocks, int* last) {
+  using Acc = acc_t<T>;
+  const SetAttentionParams& p = g.fwd;
+  thread_fence();
+  sync_threads();
+  if (thread_rank() == 0) {
+    *last = atomic_add(w.done + bh, 1) == blocks - 1;
+    thread_fence();
+  }
+  sync_threads();
+  if (!*last) return;
+  const int64_t group = p.heads_q / p.heads_kv, b = bh / p.heads_kv, hk = bh % p.heads_kv;
+  const int64_t first = ((b * p.heads_q + hk * group) * p.len_q) * p.head_dim;
+  const int64_t n = group * p.len_q * p.head_dim;  // a multiple of 8, as the head dim
+  const Acc* acc = static_cast<const Acc*>(w.dq_accum) + first;
+  T* dq = static_cast<T*>(g.dq) + first;
+  constexpr int kAcc = 16 / int(sizeof(Acc)), kOut = 16 / int(sizeof(T));
+  SK_NO_UNROLL for (int64_t i = int64_t(thread_rank()) * 8; i < n; i += int64_t(Threads) * 8) {
+    Acc a[8];
+    T out[8];
+    SK_UNROLL for (int j = 0; j < 8; j += kAcc) {
+      const uint4 v = load16_l2(acc + i + j);
+      memcpy(a + j, &v, 16);
+    }
+    SK_UNROLL for (int j = 0; j < 8; ++j) out[j] = from_float<T>(a[j] * Acc(p.scale));
+    SK_UNROLL for (int j = 0; j < 8; j += kOut) {
+      uint4 v;
+      memcpy(&v, out + j, 16);
+      store16(dq + i + j, v);
+    }
   }
 }
 
@@ -301,26 +343,17 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   stage_frag<T, D>(k_tile + 16 * warp * kLd + c0, dk, dk_factor);
   stage_frag<T, D>(v_tile + 16 * warp * kLd + c0, dv, dv_factor);
   sync_threads();
-  block_of(bh, k0);
-  const int64_t at = (bh * p.len_k + k0) * dim + c0;
-  const int cols = clamp_rows(dim - c0, DC);
-  store_rows<Lay::kThreads, D>(static_cast<T*>(g.dk) + at, dim, k_tile + c0, nk, cols);
-  store_rows<Lay::kThreads, D>(static_cast<T*>(g.dv) + at, dim, v_tile + c0, nk, cols);
+  const int col0 = block_of(bh, k0) * DC;
+  const int64_t at = (bh * p.len_k + k0) * dim + col0;
+  const int cols = clamp_rows(dim - col0, DC);
+  store_rows<Lay::kThreads, D>(static_cast<T*>(g.dk) + at, dim, k_tile + col0, nk, cols);
+  store_rows<Lay::kThreads, D>(static_cast<T*>(g.dv) + at, dim, v_tile + col0, nk, cols);
+  if (kAtomicDq && col0 == 0) {
+    convert_dq_if_last<T, Lay::kThreads>(g, w, bh, int(ceil_div(p.len_k, BN)), k_bad);
+  }
 }
 
 // ---------------------------------------------------------------- 3. dQ
-
-template <typename T>
-__global__ void __launch_bounds__(kRowThreads)
-    set_attention_dq_convert_kernel(SetAttentionBwdParams g, AttentionBwdWorkspace w) {
-  using Acc = acc_t<T>;
-  const SetAttentionParams& p = g.fwd;
-  const int64_t i = (int64_t(blockIdx.x) * kRowThreads + threadIdx.x) * 8;
-  if (i >= p.batch * p.heads_q * p.len_q * p.head_dim) return;
-  const Acc* acc = static_cast<const Acc*>(w.dq_accum) + i;
-  T* dq = static_cast<T*>(g.dq) + i;
-  SK_UNROLL for (int j = 0; j < 8; ++j) dq[j] = from_float<T>(acc[j] * Acc(p.scale));
-}
 
 template <typename T, int D, int BM, int BN>
 struct DqLayout {
@@ -418,7 +451,9 @@ size_t attention_bwd_workspace_bytes(const SetAttentionBwdParams& g, DType dtype
                                             bool deterministic) {
   const SetAttentionParams& p = g.fwd;
   const size_t e = dtype == DType::kFloat64 ? 8 : 4, rows = size_t(p.batch * p.heads_q * p.len_q);
-  return 2 * attention::round16(rows * e) + (deterministic ? 0 : rows * size_t(p.head_dim) * e);
+  const size_t counts = attention::round16(size_t(p.batch * p.heads_kv) * sizeof(int));
+  return 2 * attention::round16(rows * e) +
+         (deterministic ? 0 : rows * size_t(p.head_dim) * e + counts);
 }
 
 AttentionBwdWorkspace attention_bwd_workspace(const SetAttentionBwdParams& g, DType dtype,
@@ -427,7 +462,9 @@ AttentionBwdWorkspace attention_bwd_workspace(const SetAttentionBwdParams& g, DT
   const size_t e = dtype == DType::kFloat64 ? 8 : 4, rows = size_t(p.batch * p.heads_q * p.len_q);
   unsigned char* at = static_cast<unsigned char*>(buffer);
   const size_t vec = attention::round16(rows * e);
-  return {at, at + vec, deterministic ? nullptr : at + 2 * vec};
+  if (deterministic) return {at, at + vec, nullptr, nullptr};
+  return {at, at + vec, at + 2 * vec,
+          reinterpret_cast<int*>(at + 2 * vec + rows * size_t(p.head_dim) * e)};
 }
 
 void set_attention_backward(const SetAttentionBwdParams& g, const AttentionBwdWorkspace& w,
@@ -441,9 +478,10 @@ void set_attention_backward(const SetAttentionBwdParams& g, const AttentionBwdWo
                      {p.out_batch_stride, p.out_head_stride, p.out_row_stride}, e);
   for (const void* grad : {g.dq, g.dk, g.dv}) check_rows_aligned(fn, "dq/dk/dv", grad, {}, e);
   // (With no query rows the accumulator is empty, and its pointer may be null either way.)
-  if (deterministic != (w.dq_accum == nullptr) && p.batch * p.heads_q * p.len_q > 0) {
+  if ((deterministic != (w.dq_accum == nullptr) || deterministic != (w.done == nullptr)) &&
+      p.batch * p.heads_q * p.len_q > 0) {
     throw std::invalid_argument(std::string(fn) + ": the workspace must have a dQ accumulator "
-                                "exactly when not deterministic");
+                                "and finish counts exactly when not deterministic");
   }
   dispatch_head_dim(dtype, p.head_dim, fn, [&](auto tag, auto dim) {
     using T = typename decltype(tag)::type;
@@ -458,15 +496,17 @@ void set_attention_backward(const SetAttentionBwdParams& g, const AttentionBwdWo
     const int64_t rows = p.batch * p.heads_q * p.len_q;
     launch("set_attention_bwd_prep", row_plan(rows), stream, set_attention_bwd_prep_kernel<T>,
            g, w);
+    // With no keys there is no dK/dV block to convert dQ: the query-tile kernel writes its
+    // zeros.
     if (deterministic) {
       dkdv(std::false_type{});
+    } else {
+      dkdv(std::true_type{});
+    }
+    if (deterministic || p.len_k == 0) {
       constexpr int QM = DqTiles<T, D>::kM, QN = DqTiles<T, D>::kN, QC = DqTiles<T, D>::kCols;
       launch("set_attention_dq", dq_plan<T, D, QM, QN, QC>(p), stream,
              set_attention_dq_kernel<T, D, QM, QN, QC>, g, w);
-    } else {
-      dkdv(std::true_type{});
-      launch("set_attention_dq_convert", row_plan(rows * p.head_dim / 8), stream,
-             set_attention_dq_convert_kernel<T>, g, w);
     }
   });
 }

@@ -16,10 +16,10 @@ namespace sarkernels::kernels {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// Lane and warp of the calling thread (warps are consecutive runs of 32 linear thread ids).
-SK_DEVICE int thread_rank() {
-  return int((threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x);
-}
+// Lane and warp of the calling thread (warps are consecutive runs of 32 thread ids). Every
+// launch plan's block is one-dimensional: the y/z terms of a general rank would hold a
+// register across whole kernels.
+SK_DEVICE int thread_rank() { return int(threadIdx.x); }
 SK_DEVICE int lane_id() { return thread_rank() % 32; }
 SK_DEVICE int warp_id() { return thread_rank() / 32; }
 
@@ -129,9 +129,12 @@ inline float exp2_approx(float x) { return exp2f(x); }
 
 // atomic_add2(p, a, b): p[0] += a and p[1] += b (p global, 8-byte aligned for float), by
 // one vector reduction where the GPU has it (red.global.add.v2.f32, sm_90), else two.
+// thread_fence: this thread's writes (reductions included) are seen by every block before
+// its writes after the fence, as __threadfence.
 #if !SK_EMULATED
 template <typename T>
 SK_DEVICE T atomic_add(T* p, T v) { return atomicAdd(p, v); }
+SK_DEVICE void thread_fence() { __threadfence(); }
 SK_DEVICE int atomic_exch(int* p, int v) { return atomicExch(p, v); }
 template <typename T>
 SK_DEVICE void atomic_add2(T* p, T a, T b) {
@@ -151,6 +154,7 @@ SK_DEVICE void atomic_add2(T* p, T a, T b) {
 template <typename T>
 T atomic_add(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
 inline int atomic_exch(int* p, int v) { return std::atomic_ref<int>(*p).exchange(v); }
+inline void thread_fence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 template <typename T>
 void atomic_add2(T* p, T a, T b) {
   if (reinterpret_cast<uintptr_t>(p) % (2 * sizeof(T)) != 0) simt::fail("atomic_add2: misaligned address");
@@ -161,8 +165,11 @@ void atomic_add2(T* p, T a, T b) {
 
 // ---------------------------------------------------------------- 16-byte accesses
 
+// load16_l2: a global load16 that bypasses L1 (ld.global.cg), for data that other blocks
+// of the running kernel wrote: an SM's L1 is not coherent with them.
 #if !SK_EMULATED
 SK_DEVICE uint4 load16(const void* p) { return *static_cast<const uint4*>(p); }
+SK_DEVICE uint4 load16_l2(const void* p) { return __ldcg(static_cast<const uint4*>(p)); }
 SK_DEVICE void store16(void* p, uint4 v) { *static_cast<uint4*>(p) = v; }
 #else
 inline uint4 load16(const void* p) {
@@ -171,6 +178,7 @@ inline uint4 load16(const void* p) {
   std::memcpy(&v, p, 16);
   return v;
 }
+inline uint4 load16_l2(const void* p) { return load16(p); }
 inline void store16(void* p, uint4 v) {
   simt::check_aligned16(p, "store16");
   std::memcpy(p, &v, 16);

@@ -45,6 +45,7 @@ struct AttentionBwdWorkspace {
   void* delta;     // [B, Hq, Lq]: rowsum(dO * O) - dlse
   void* lse;       // [B, Hq, Lq]: lse in the kernels' exponent base, +inf on empty rows
   void* dq_accum;  // [B, Hq, Lq, D]: dQ summed over key tiles; null when deterministic
+  int* done;       // [B, Hkv] int32: dK/dV blocks finished (dQ's conversion); likewise
 };
 
 // Split-KV decode scratch: per split, each query row's normalised partial output and lse,

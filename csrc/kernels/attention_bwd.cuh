@@ -348,7 +348,7 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   const int cols = clamp_rows(dim - col0, DC);
   store_rows<Lay::kThreads, D>(static_cast<T*>(g.dk) + at, dim, k_tile + col0, nk, cols);
   store_rows<Lay::kThreads, D>(static_cast<T*>(g.dv) + at, dim, v_tile + col0, nk, cols);
-  if (kAtomicDq && col0 == 0) {
+  if (kAtomicDq && col0 == 0) {  // its flag in k_bad, free since the walk
     convert_dq_if_last<T, Lay::kThreads>(g, w, bh, int(ceil_div(p.len_k, BN)), k_bad);
   }
 }

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -53,6 +54,33 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   at::Tensor B = trans_b ? matrix(b, n, k, ldb).t() : matrix(b, k, n, ldb);
   at::Tensor C = matrix(c, m, n, ldc);
   at::addmm_out(C, C, A, B, beta, alpha);
+}
+
+// MKL's first products in a process, made by several threads at once, came out with other
+// bits now and then: on an AVX-512 Xeon, in about one fresh process in 25 the first
+// training step's attention differed, never a later call (the operands' shapes and
+// alignments were the same). So before the kernels' first parallel region, each product
+// variant they use runs once on this thread and then once on every thread of the pool;
+// the results are thrown away.
+template <typename T>
+void warm_blas_once() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    constexpr int64_t n = kTileQ;
+    const int64_t threads = at::get_num_threads();
+    const at::Tensor buffer =
+        at::zeros({(3 + threads) * n * n}, c10::CppTypeToScalarType<T>::value);
+    auto products = [&](int64_t slot) {  // slot: whose output rows
+      const T* a = buffer.data_ptr<T>();
+      T* c = buffer.data_ptr<T>() + (2 + slot) * n * n;
+      constexpr bool kTrans[3][2] = {{false, true}, {false, false}, {true, false}};
+      for (const auto& t : kTrans) gemm<T>(t[0], t[1], n, n, n, T(1), a, n, a + n * n, n, T(1), c, n);
+    };
+    products(0);
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) products(1 + t);
+    });
+  });
 }
 
 // Min and max set id of each kTileK-wide key tile, for every batch row.
@@ -209,6 +237,7 @@ struct GradRows {
 
 template <typename T>
 void forward(const SetAttentionParams& p) {
+  warm_blas_once<T>();
   const KeyTiles tiles(p);
   const int64_t q_tiles = (p.len_q + kTileQ - 1) / kTileQ;
   const int64_t group = p.heads_q / p.heads_kv;
@@ -272,6 +301,7 @@ void forward(const SetAttentionParams& p) {
 template <typename T>
 void backward(const SetAttentionBwdParams& g) {
   const SetAttentionParams& p = g.fwd;
+  warm_blas_once<T>();
   const KeyTiles tiles(p);
   const int64_t group = p.heads_q / p.heads_kv;
   const int64_t d = p.head_dim;

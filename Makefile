@@ -51,7 +51,7 @@ build: $(STAMP)
 cuda-check: $(STAMP)
 	@if command -v nvcc >/dev/null 2>&1; then \
 		cmake -S . -B build/cuda-check -DPython3_EXECUTABLE=$(abspath $(PY)) >/dev/null && \
-		cmake --build build/cuda-check --target cuda_compile_check; \
+		cmake --build build/cuda-check --target cuda_compile_check --parallel $(MAX_JOBS); \
 	else echo "nvcc not found: CUDA compile check skipped"; fi
 
 # The benchmark's smoke test runs apart: python_tests import helpers from their own

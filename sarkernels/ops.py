@@ -140,11 +140,15 @@ def current_backend():
     return _backend.get()
 
 
-# Dynamo cannot trace ContextVar.get: a compiled graph takes the backend current when it
-# was traced.
-@torch.compiler.assume_constant_result
 def _backend_name():
     return _backend.get()
+
+
+# Dynamo cannot trace ContextVar.get: a compiled graph takes the backend current when it
+# was traced. The mark is torch.compiler.assume_constant_result's, set without calling it:
+# it imports torch._dynamo, two seconds of every process's start (test_compile checks that
+# Dynamo still reads the mark).
+_backend_name._dynamo_marked_constant = True
 
 
 def _ops_for(device):

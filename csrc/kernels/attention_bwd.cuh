@@ -179,6 +179,10 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   int* const k_bad = reinterpret_cast<int*>(smem + Lay::kBad);
 
   constexpr int kSplits = D / DC;
+  // Atomic dQ stages dS^T from dK's product on tensor cores when no column split (whose
+  // other blocks stage nothing) makes that product conditional.
+  constexpr bool kStagePacked = kAtomicDq && kTensorCores<T> && kSplits == 1;
+  T* const ds_rows = ds_tile + 16 * warp * kDsLd;
   // The block: (key tile, column split) fastest, then (batch, kv head) = bh. Derived again
   // after the walk, from blockIdx, so that few 64-bit values stay live across it.
   auto block_of = [&](int64_t& bh, int64_t& k0) {
@@ -296,13 +300,21 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
           } else {
             score_grads<true>(ds, prob, delta_of);
           }
-          gemm_frag_a<T, DC, BM, BFrom::kRowsK>(dk, ds, scratch, q_tile + c0, kLd);
+          if constexpr (kStagePacked) {  // dS^T as dS^T Q rounds it, packed once for both
+            gemm_frag_a_each<T, DC, BM, BFrom::kRowsK>(
+                dk, ds, q_tile + c0, kLd,
+                [&](int k, const uint32_t (&af)[4]) { stage_packed<T, BM>(ds_rows, k, af); });
+          } else {
+            gemm_frag_a<T, DC, BM, BFrom::kRowsK>(dk, ds, scratch, q_tile + c0, kLd);
+          }
         }
         if (kAtomicDq && split == 0) {
           // dS^T staged as the warps hold it (keys x queries); the warps then take items of
           // dS K, reading dS^T transposed.
-          const Acc one[2] = {1, 1};
-          stage_frag<T, BM>(ds_tile + 16 * warp * kDsLd, ds, one);
+          if (!kStagePacked || kind == TileKind::kSkip) {
+            const Acc one[2] = {1, 1};
+            stage_frag<T, BM>(ds_rows, ds, one);
+          }
           sync_threads();
           Acc* const dq_rows = static_cast<Acc*>(w.dq_accum) + first_row(t, rep) * dim;
           // Items of 16 queries (a slab) x 32 columns, spread over the warps (32 columns at

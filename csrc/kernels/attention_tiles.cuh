@@ -275,6 +275,16 @@ SK_DEVICE void stage_frag(T* rows, const Frag<acc_t<T>, N>& f, const acc_t<T> (&
   }
 }
 
+// stage_frag (factor 1) of columns 16k .. 16k + 15 from their packed A fragment (on_a of
+// gemm_frag_a_each), which holds them rounded to T already.
+template <typename T, int Cols>
+SK_DEVICE void stage_packed(T* rows, int k, const uint32_t (&af)[4]) {
+  SK_UNROLL for (int j = 0; j < 4; ++j) {  // af[j]: elements 2(j & 1), + 1 of n-tile 2k + j / 2
+    const int n = 2 * k + j / 2, e = 2 * (j & 1);
+    memcpy(rows + frag_row(e) * tile_ld<T, Cols> + frag_col(n, e), &af[j], 4);
+  }
+}
+
 // Plain (not cp.async) copy of the per-row values of a tile, `fill` past n up to Cap.
 template <int Threads, int Cap, typename V>
 SK_DEVICE void load_values(V* dst, const V* src, int n, V fill) {

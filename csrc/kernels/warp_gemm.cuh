@@ -145,13 +145,12 @@ SK_DEVICE void gemm_smem_a(CFn c, const T* a, int lda, const T* x, int ldx) {
 }
 
 // c(m) (16 x N) += a(m) * B for m < M, with a(m) 16 x K fragments, rounded to T on the
-// tensor-core path as FlashAttention does; there also row_sums(m, af) with each k-step's
-// packed A fragments of slab m. `scratch` is the warp's kFragScratch<T, K> elements (the
+// tensor-core path as FlashAttention does; there also on_a(m, k, af) with the packed A
+// fragments of slab m at k-step k. `scratch` is the warp's kFragScratch<T, K> elements (the
 // scalar path, which takes one slab at a time).
 template <typename T, int N, int K, BFrom L, int M, typename CFn, typename AFn,
-          typename SumFn>
-SK_DEVICE void gemm_frag_a(CFn c, AFn a, acc_t<T>* scratch, const T* x, int ldx,
-                           SumFn row_sums) {
+          typename OnA>
+SK_DEVICE void gemm_frag_a(CFn c, AFn a, acc_t<T>* scratch, const T* x, int ldx, OnA on_a) {
   if constexpr (kTensorCores<T>) {
     static_assert(K % 16 == 0, "tensor-core GEMMs take K in multiples of 16");
     SK_UNROLL for (int k = 0; k < K / 16; ++k) {
@@ -163,7 +162,7 @@ SK_DEVICE void gemm_frag_a(CFn c, AFn a, acc_t<T>* scratch, const T* x, int ldx,
         af[m][1] = pack2<T>(am.x[2 * k][2], am.x[2 * k][3]);
         af[m][2] = pack2<T>(am.x[2 * k + 1][0], am.x[2 * k + 1][1]);
         af[m][3] = pack2<T>(am.x[2 * k + 1][2], am.x[2 * k + 1][3]);
-        row_sums(m, af[m]);
+        on_a(m, k, af[m]);
       }
       mma_k_step<T, N, L, M>(c, af, x, ldx, 16 * k);
     }
@@ -209,7 +208,16 @@ SK_DEVICE void gemm_frag_a(C& c, const A& a, acc_t<T>* scratch, const T* x, int 
   constexpr int M = sizeof(C) / sizeof(Frag<acc_t<T>, N>);
   static_assert(sizeof(A) == M * sizeof(Frag<acc_t<T>, K>), "one A fragment per C slab");
   detail::gemm_frag_a<T, N, K, L, M>(slabs(c), slabs(a), scratch, x, ldx,
-                                     [](int, const uint32_t (&)[4]) {});
+                                     [](int, int, const uint32_t (&)[4]) {});
+}
+
+// gemm_frag_a on tensor cores for one slab that also hands on_a(k, af) its packed A
+// fragment of each k-step (A rounded to T once for a caller that stores it too).
+template <typename T, int N, int K, BFrom L, typename C, typename A, typename OnA>
+SK_DEVICE void gemm_frag_a_each(C& c, const A& a, const T* x, int ldx, OnA on_a) {
+  static_assert(kTensorCores<T>, "packed A fragments exist on the tensor-core path");
+  detail::gemm_frag_a<T, N, K, L, 1>(slabs(c), slabs(a), nullptr, x, ldx,
+                                     [&](int, int k, const uint32_t (&af)[4]) { on_a(k, af); });
 }
 
 // gemm_frag_a on tensor cores that also adds the row sums of each slab of `a`, as rounded
@@ -222,7 +230,7 @@ SK_DEVICE void gemm_frag_a_row_sums(C& c, const A& a, Frag<float, 8> (&sums)[M],
   static_assert(sizeof(A) == M * sizeof(Frag<float, K>), "one A fragment per slab");
   const uint32_t one = pack2<T>(1.0f, 1.0f), ones[2] = {one, one};
   detail::gemm_frag_a<T, N, K, L, M>(slabs(c), slabs(a), nullptr, x, ldx,
-                                     [&](int m, const uint32_t (&af)[4]) {
+                                     [&](int m, int, const uint32_t (&af)[4]) {
                                        mma_16816<T>(sums[m].x[0], af, ones, sums[m].x[0]);
                                      });
 }

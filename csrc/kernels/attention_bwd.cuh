@@ -217,25 +217,27 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   Frag<Acc, DC> dk, dv;  // columns c0 .. c0 + DC
   dk.zero();
   dv.zero();
-  auto queries_in = [&](int64_t t) { return clamp_rows(p.len_q - t * BM, BM); };
+  const int len_q = int(p.len_q);
+  auto queries_in = [&](int t) { return clamp_rows(len_q - t * BM, BM); };
   // The group's first q head: its rows of q, dO and the workspace.
   const T* const q_group = q_row<T>(p, b, hk * group, 0);
   const T* const dout_group = static_cast<const T*>(g.dout) + out_offset(p, b, hk * group, 0);
   const int64_t row_group = (b * p.heads_q + hk * group) * p.len_q;
-  auto first_row = [&](int64_t t, int rep) {  // workspace row of the tile's first query
-    return row_group + rep * p.len_q + t * BM;
+  auto first_row = [&](int t, int rep) {  // workspace row of the tile's first query
+    return row_group + int64_t(rep) * len_q + t * BM;
   };
   TileList& list = *reinterpret_cast<TileList*>(smem + Lay::kList);
   const bool whole_rows = dim == D;
   const TileCopy<Lay::kThreads, BM, D, T> q_copy(p.q_row_stride), dout_copy(p.out_row_stride);
   list.set_rows<Lay::kThreads, BN, false>(block_k, warp_k, k_sets, nk, p.strict);
   for_each_needed_tile<Lay::kThreads, BM>(
-      q_sets, p.len_q, int(group), list,
-      [&](int64_t t, IdRange queries) {
+      q_sets, len_q, int(group), list,
+      [&](int t, IdRange queries) {
         return tile_info<false, Lay::kWarps>(list, queries, p.strict, queries_in(t) < BM);
       },
-      [&](int64_t t, int rep, int st, unsigned info) {
-        const int64_t q0 = t * BM, row = first_row(t, rep);
+      [&](int t, int rep, int st, unsigned info) {
+        const int q0 = t * BM;
+        const int64_t row = first_row(t, rep);
         T* const q_to = q_tiles + st * BM * kLd;
         T* const dout_to = dout_tiles + st * BM * kLd;
         const T* const q_from = q_group + rep * p.q_head_stride + q0 * p.q_row_stride;
@@ -260,13 +262,13 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
       // Likewise the queries of partial tiles, for dS^T Q; a NaN lse (issue() stored the
       // stage's before the barrier this follows) makes a query's probabilities NaN where
       // it sees and, masked after the exponent, 0 where it does not.
-      [&](int64_t, int, int st, unsigned info) {
+      [&](int, int, int st, unsigned info) {
         if (block_kind(info) == TileKind::kPartial) {
           scrub_rows<Lay::kThreads, BM, D>(q_tiles + st * BM * kLd,
                                            [&](int r) { lse_tiles[st * BM + r] = Acc(NAN); });
         }
       },
-      [&](int64_t t, int rep, int st, unsigned info) {
+      [&](int t, int rep, int st, unsigned info) {
         const int nq = queries_in(t);
         const T* q_tile = q_tiles + st * BM * kLd;
         const T* dout_tile = dout_tiles + st * BM * kLd;

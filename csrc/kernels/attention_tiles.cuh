@@ -468,16 +468,18 @@ SK_DEVICE TileKind warp_kind(unsigned info) { return TileKind(info >> (2 + 2 * w
 // landed(tile, rep, stage, info) runs in every thread once its own copies of the visit
 // have landed, before the barrier that makes everyone's visible; plain shared stores made
 // by issue() are visible to every thread's landed() and body().
+// Tile indices are ints (check_attention_operands keeps lengths below 2^31), so that the
+// callbacks' tile arithmetic is 32-bit up to the strides.
 template <int Threads, int TileLen, typename InfoFn, typename IssueFn, typename LandedFn,
           typename BodyFn>
-SK_DEVICE void for_each_needed_tile(const int64_t* ids, int64_t len, int repeats, TileList& list,
+SK_DEVICE void for_each_needed_tile(const int64_t* ids, int len, int repeats, TileList& list,
                                     InfoFn info_of, IssueFn issue, LandedFn landed, BodyFn body) {
   constexpr int kWarps = Threads / 32;
-  const int64_t tiles = ceil_div(len, TileLen);
-  for (int64_t t0 = 0; t0 < tiles; t0 += kTileChunk) {
+  const int tiles = (len + TileLen - 1) / TileLen;
+  for (int t0 = 0; t0 < tiles; t0 += kTileChunk) {
     const int n = clamp_rows(tiles - t0, kTileChunk);
     for (int c = warp_id(); c < n; c += kWarps) {
-      const int64_t at = (t0 + c) * TileLen;
+      const int at = (t0 + c) * TileLen;
       const IdRange r = warp_id_range<TileLen>(ids + at, clamp_rows(len - at, TileLen));
       if (lane_id() == 0) list.range[c] = r;
     }
@@ -700,7 +702,8 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M
   // Folding the scale into the exponent needs the row max of raw scores to give that of
   // the scaled ones: a finite scale >= 0.
   const bool foldable = scale >= Acc(0) && scale < Acc(INFINITY);
-  auto keys_in = [&](int64_t t) { return clamp_rows(p.len_k - t * BN, BN); };
+  const int len_k = int(p.len_k);
+  auto keys_in = [&](int t) { return clamp_rows(len_k - t * BN, BN); };
   // Whether some row of the block does not see some key of the tile (or it is ragged), or
   // the tile is to be scrubbed as if it did.
   auto block_partial = [](unsigned info) {
@@ -711,11 +714,11 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M
   list.set_rows<Threads, 16 * M * (Threads / 32), true>(qb.block_q, qb.warp_q, qb.q_sets, qb.nq,
                                                        p.strict);
   for_each_needed_tile<Threads, BN>(
-      k_sets, p.len_k, 1, list,
-      [&](int64_t t, IdRange keys) {
+      k_sets, len_k, 1, list,
+      [&](int t, IdRange keys) {
         return tile_info<true, Threads / 32>(list, keys, p.strict, keys_in(t) < BN);
       },
-      [&](int64_t t, int, int st, unsigned info) {
+      [&](int t, int, int st, unsigned info) {
         T* const k_to = ks.k + st * BN * kLd;
         T* const v_to = ks.v + st * BN * kLd;
         const T* const k_from = k + t * BN * p.k_row_stride;
@@ -733,7 +736,7 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M
           load_values<Threads, BN + 1, int>(ks.bad + st * (BN + 1), nullptr, 0, 0);
         }
       },
-      [&](int64_t, int, int st, unsigned info) {
+      [&](int, int, int st, unsigned info) {
         if (block_partial(info)) {
           scrub_rows<Threads, BN, D>(ks.v + st * BN * kLd, flag_rows<BN>(ks.bad + st * (BN + 1)));
           if constexpr (kScrubK) {
@@ -741,7 +744,7 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M
           }
         }
       },
-      [&](int64_t t, int, int st, unsigned info) {
+      [&](int t, int, int st, unsigned info) {
         const TileKind kind = warp_kind(info);
         if (kind == TileKind::kSkip) return;
         const T* k_tile = ks.k + st * BN * kLd;
@@ -809,6 +812,10 @@ inline void check_rows_aligned(const char* fn, const char* name, const void* bas
 }
 
 inline void check_attention_operands(const char* fn, const SetAttentionParams& p, DType dtype) {
+  if (p.len_q >= (int64_t(1) << 31) || p.len_k >= (int64_t(1) << 31)) {
+    throw std::invalid_argument(std::string(fn) + ": at most 2^31 - 1 queries and keys, got " +
+                                std::to_string(p.len_q) + " and " + std::to_string(p.len_k));
+  }
   const size_t e = dtype_size(dtype);
   check_rows_aligned(fn, "q", p.q, {p.q_batch_stride, p.q_head_stride, p.q_row_stride}, e);
   check_rows_aligned(fn, "k", p.k, {p.k_batch_stride, p.k_head_stride, p.k_row_stride}, e);

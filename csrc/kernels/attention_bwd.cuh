@@ -61,6 +61,48 @@ SK_DEVICE void score_grads(Frag<Acc, N>& dp, const Frag<Acc, N>& prob, DeltaFn d
   }
 }
 
+// The lse of a dK/dV visit's queries is stored in the order the lanes read it. A lane reads
+// columns 8n + 2(lane % 4) + {0, 1} of every n-tile: BM / 4 consecutive slots here, read in
+// 16-byte loads (BM / 16 of them for float) instead of BM / 8 pairs.
+template <int BM>
+SK_DEVICE int query_slot(int col) {
+  return col % 8 / 2 * (BM / 4) + col / 8 * 2 + col % 2;
+}
+
+template <typename Acc, int BM>
+struct LaneQueryValues {
+  static_assert(BM / 4 * sizeof(Acc) % 16 == 0, "a lane's slots are whole 16-byte loads");
+  Acc v[BM / 4];
+  SK_DEVICE explicit LaneQueryValues(const Acc* tile) {
+    const Acc* at = tile + lane_id() % 4 * (BM / 4);
+    SK_UNROLL for (int j = 0; j < BM / 4; j += 16 / int(sizeof(Acc))) {
+      const uint4 x = load16(at + j);
+      memcpy(v + j, &x, 16);
+    }
+  }
+  SK_DEVICE Acc operator()(int n, int e) const { return v[2 * n + (e & 1)]; }
+};
+
+// The dK/dV kernel's -delta, stored as the lanes' accumulators start: the 4 words a lane
+// reads at slot (n, lane % 4) are (-delta[c], -delta[c + 1]) twice (c = 8n + 2(lane % 4):
+// both rows of its fragment pair share the columns). dP^T's product then accumulates onto
+// them, leaving dP - delta with no subtraction per score.
+template <int BM>
+SK_DEVICE int neg_delta_slot(int col) {
+  return (col % 8 / 2 * (BM / 8) + col / 8) * 4 + col % 2;
+}
+
+template <typename Acc, int BM>
+SK_DEVICE void seed_neg_delta(Frag<Acc, BM>& f, const Acc* tile) {
+  const Acc* at = tile + lane_id() % 4 * (BM / 8) * 4;
+  SK_UNROLL for (int n = 0; n < BM / 8; ++n) {
+    SK_UNROLL for (int j = 0; j < 4; j += 16 / int(sizeof(Acc))) {
+      const uint4 x = load16(at + 4 * n + j);
+      memcpy(&f.x[n][j], &x, 16);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- 1. prep
 
 template <typename T>
@@ -148,7 +190,8 @@ struct DkdvLayout {
   static constexpr size_t kQCodes = kDout + 2 * tile_bytes<T, BM, D>;
   static constexpr size_t kLse = kQCodes + 2 * BM * sizeof(int32_t);
   static constexpr size_t kDelta = kLse + 2 * BM * sizeof(Acc);
-  static constexpr size_t kDs = kDelta + 2 * BM * sizeof(Acc);  // dS^T [BN][BM], atomic dQ only
+  static_assert(kLse % 16 == 0 && kDelta % 16 == 0, "LaneQueryValues' loads are aligned");
+  static constexpr size_t kDs = kDelta + 2 * 2 * BM * sizeof(Acc);  // seed_neg_delta's  // dS^T [BN][BM], atomic dQ only
   static constexpr size_t kList = kDs + (kAtomicDq ? tile_bytes<T, BN, BM> : 0);
   static constexpr size_t kScratch = kList + sizeof(TileList);
   // scrub_rows' flags of the block's keys
@@ -179,6 +222,9 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   int* const k_bad = reinterpret_cast<int*>(smem + Lay::kBad);
 
   constexpr int kSplits = D / DC;
+  // dP^T's accumulators start at -delta (seed_neg_delta) below head dim 256, where that
+  // spills.
+  constexpr bool kSeedDelta = D <= 128;
   // Atomic dQ stages dS^T from dK's product on tensor cores when no column split (whose
   // other blocks stage nothing) makes that product conditional.
   constexpr bool kStagePacked = kAtomicDq && kTensorCores<T> && kSplits == 1;
@@ -212,6 +258,8 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   sync_threads();
   cp_async_wait<0>();
   scrub_rows<Lay::kThreads, BN, D>(k_tile, flag_rows<BN>(k_bad));
+  sync_threads();  // the flags are read once, into a register, not on every visit
+  const bool bad_keys = k_bad[BN] != 0;
 
   const Acc scale = Acc(p.scale) * ExpBase<Acc>::kPerNat;
   Frag<Acc, DC> dk, dv;  // columns c0 .. c0 + DC
@@ -224,7 +272,7 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   const T* const dout_group = static_cast<const T*>(g.dout) + out_offset(p, b, hk * group, 0);
   const int64_t row_group = (b * p.heads_q + hk * group) * p.len_q;
   auto first_row = [&](int t, int rep) {  // workspace row of the tile's first query
-    return row_group + int64_t(rep) * len_q + t * BM;
+    return row_group + rows_offset(rep, p.len_q) + rows_offset(t, BM);
   };
   TileList& list = *reinterpret_cast<TileList*>(smem + Lay::kList);
   const bool whole_rows = dim == D;
@@ -240,8 +288,10 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
         const int64_t row = first_row(t, rep);
         T* const q_to = q_tiles + st * BM * kLd;
         T* const dout_to = dout_tiles + st * BM * kLd;
-        const T* const q_from = q_group + rep * p.q_head_stride + q0 * p.q_row_stride;
-        const T* const dout_from = dout_group + rep * p.out_head_stride + q0 * p.out_row_stride;
+        const T* const q_from =
+            q_group + rows_offset(rep, p.q_head_stride) + rows_offset(q0, p.q_row_stride);
+        const T* const dout_from =
+            dout_group + rows_offset(rep, p.out_head_stride) + rows_offset(q0, p.out_row_stride);
         const bool partial = block_kind(info) == TileKind::kPartial;  // or ragged
         const int nq = queries_in(t);
         if (!partial && whole_rows) {
@@ -256,8 +306,12 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
         }
         const Acc* lse = static_cast<const Acc*>(w.lse) + row;
         const Acc* delta = static_cast<const Acc*>(w.delta) + row;
-        load_values<Lay::kThreads, BM>(lse_tiles + st * BM, lse, nq, Acc(INFINITY));
-        load_values<Lay::kThreads, BM>(delta_tiles + st * BM, delta, nq, Acc(0));
+        for_thread_shares<Lay::kThreads, BM>([&](int i) {
+          lse_tiles[st * BM + query_slot<BM>(i)] = i < nq ? lse[i] : Acc(INFINITY);
+          const Acc neg_delta = i < nq ? -delta[i] : Acc(0);
+          delta_tiles[st * 2 * BM + neg_delta_slot<BM>(i)] = neg_delta;
+          delta_tiles[st * 2 * BM + neg_delta_slot<BM>(i) + 2] = neg_delta;
+        });
       },
       // Likewise the queries of partial tiles, for dS^T Q; a NaN lse (issue() stored the
       // stage's before the barrier this follows) makes a query's probabilities NaN where
@@ -265,7 +319,7 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
       [&](int, int, int st, unsigned info) {
         if (block_kind(info) == TileKind::kPartial) {
           scrub_rows<Lay::kThreads, BM, D>(q_tiles + st * BM * kLd,
-                                           [&](int r) { lse_tiles[st * BM + r] = Acc(NAN); });
+                                           [&](int r) { lse_tiles[st * BM + query_slot<BM>(r)] = Acc(NAN); });
         }
       },
       [&](int t, int rep, int st, unsigned info) {
@@ -273,19 +327,18 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
         const T* q_tile = q_tiles + st * BM * kLd;
         const T* dout_tile = dout_tiles + st * BM * kLd;
         const Acc* lse = lse_tiles + st * BM;
-        const Acc* delta = delta_tiles + st * BM;
+        const Acc* neg_delta = delta_tiles + st * 2 * BM;
         const TileKind kind = warp_kind(info);
-        Frag<Acc, BM> ds;  // dS^T of the warp's keys x the tile's queries
-        ds.zero();
+        // dS^T of the warp's keys x the tile's queries. Set only where its product starts
+        // (seeded with -delta), as long as no path after the branch reads it: else zeros
+        // for the skipping warps are moved in before the branch, on every tile.
+        Frag<Acc, BM> ds;
         if (kind != TileKind::kSkip) {
           Frag<Acc, BM> prob;
           prob.zero();
           gemm_smem_a<T, BM, D, BFrom::kRowsN>(prob, k_tile + 16 * warp * kLd, kLd, q_tile, kLd);
-          auto lse_of = [&](int n, int e) { return lse[frag_col(n, e)]; };
-          auto delta_of = [&](int n, int e) { return delta[frag_col(n, e)]; };
           const bool partial = kind == TileKind::kPartial;
-          const bool bad_keys = k_bad[BN] != 0;
-          recompute_probs<T, true>(prob, lse_of, scale);
+          recompute_probs<T, true>(prob, LaneQueryValues<Acc, BM>(lse), scale);
           if (partial || bad_keys) {
             const int r0 = 16 * warp + frag_row(0);  // this lane's keys: r0, r0 + 8
             const uint32_t nan = bad_keys ? row_bits<BM>(k_bad[r0] != 0, k_bad[r0 + 8] != 0) : 0;
@@ -295,8 +348,17 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
               mask_probs(prob, NoPairs{}, nan);
             }
           }
+          if constexpr (kSeedDelta) {
+            seed_neg_delta(ds, neg_delta);
+          } else {
+            ds.zero();
+          }
           gemm_smem_a<T, BM, D, BFrom::kRowsN>(ds, v_tile + 16 * warp * kLd, kLd, dout_tile, kLd);
           gemm_frag_a<T, DC, BM, BFrom::kRowsK>(dv, prob, scratch, dout_tile + c0, kLd);
+          auto delta_of = [&](int n, int e) {  // 0 where ds holds dP - delta already
+            const int at = (lane_id() % 4 * (BM / 8) + n) * 4 + (e & 1);
+            return kSeedDelta ? Acc(0) : -neg_delta[at];
+          };
           if (partial) {
             score_grads<false>(ds, prob, delta_of);
           } else {
@@ -313,24 +375,32 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
         if (kAtomicDq && split == 0) {
           // dS^T staged as the warps hold it (keys x queries); the warps then take items of
           // dS K, reading dS^T transposed.
-          if (!kStagePacked || kind == TileKind::kSkip) {
+          if constexpr (kStagePacked) {
+            if (kind == TileKind::kSkip) {
+              const uint32_t zeros[4] = {0, 0, 0, 0};
+              SK_UNROLL for (int k = 0; k < BM / 16; ++k) stage_packed<T, BM>(ds_rows, k, zeros);
+            }
+          } else {
+            if (kind == TileKind::kSkip) ds.zero();
             const Acc one[2] = {1, 1};
             stage_frag<T, BM>(ds_rows, ds, one);
           }
           sync_threads();
-          Acc* const dq_rows = static_cast<Acc*>(w.dq_accum) + first_row(t, rep) * dim;
           // Items of 16 queries (a slab) x 32 columns, spread over the warps (32 columns at
-          // a time keep dK and dV in registers; a loop, not unrolled: unrolled it spills).
-          // The warps take whole groups of slabs, so a warp's items share its slab's rows.
+          // a time keep dK and dV in registers). The warps take whole groups of slabs, so a
+          // warp's items share its slab's rows.
           constexpr int kSlabs = BM / 16, kCols = 32, kGroups = Lay::kWarps / kSlabs;
           static_assert(Lay::kWarps % kSlabs == 0, "the warps take whole groups of slabs");
           const int slab = warp % kSlabs, r = 16 * slab + frag_row(0);  // rows r and r + 8
+          // (a constant where one group: the passes' addresses then differ by immediates)
+          const int first_col = kGroups == 1 ? 0 : warp / kSlabs * kCols;
           auto add_slabs = [&](auto whole) {  // whole: no bounds to check
             constexpr bool kWhole = decltype(whole)::value;
             if (!kWhole && 16 * slab >= nq) return;
-            const int cols = kWhole ? D : dim;
-            Acc* const at = dq_rows + r * cols + frag_col(0, 0);
-            SK_NO_UNROLL for (int c0 = warp / kSlabs * kCols; c0 < cols; c0 += kGroups * kCols) {
+            const int cols = kWhole ? D : dim;  // a constant multiplier where whole
+            Acc* const at = static_cast<Acc*>(w.dq_accum) + first_row(t, rep) * cols +
+                            r * cols + frag_col(0, 0);
+            auto item = [&](int c0) {
               Frag<Acc, kCols> dq;
               dq.zero();
               gemm_smem_a<T, kCols, BN, BFrom::kRowsK, AFrom::kRowsK>(
@@ -343,6 +413,17 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
                   }
                 }
               }
+            };
+            constexpr int kStep = kGroups * kCols, kPasses = (D + kStep - 1) / kStep;
+            // Unrolled where there are two passes at most (below head dim 256): the loop's own
+            // bookkeeping was 12 instructions a pass; unrolled, head dim 256 and the bounded
+            // form spill.
+            if constexpr (kWhole && kPasses <= 2 && D <= 128) {
+              SK_UNROLL for (int j = 0; j < kPasses; ++j) {
+                if (const int c0 = first_col + j * kStep; D % kStep == 0 || c0 < D) item(c0);
+              }
+            } else {
+              SK_NO_UNROLL for (int c0 = first_col; c0 < cols; c0 += kGroups * kCols) item(c0);
             }
           };
           if (nq == BM && whole_rows) {

@@ -332,6 +332,13 @@ SK_DEVICE TileKind warp_tile_kind(IdRange q, IdRange k, bool strict, bool ragged
 }
 
 SK_DEVICE int clamp_rows(int64_t n, int cap) { return n <= 0 ? 0 : n < cap ? int(n) : cap; }
+
+// count * stride for a count known non-negative (tile, row and repeat counts: the launchers
+// refuse 2^31 rows): zero-extended, its product with a 64-bit stride is two IMADs and no
+// sign extension.
+SK_DEVICE int64_t rows_offset(int count, int64_t stride) {
+  return int64_t(uint32_t(count)) * stride;
+}
 SK_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------- the tile walk
@@ -499,27 +506,42 @@ SK_DEVICE void for_each_needed_tile(const int64_t* ids, int len, int repeats, Ti
       if (lane_id() == 0) list.count = listed;
     }
     sync_threads();
-    // Visit (i, rep): repeat rep of the i-th listed tile; counted up, never divided.
+    // Visit (i, rep): repeat rep of the i-th listed tile; counted up, never divided. The
+    // tile and its info are read from the list once a visit, by the issue of the next one,
+    // and kept in registers for the landed() and body() that follow.
     const int listed = list.count;
-    auto visit = [&](int i, int rep, int stage, auto fn) {
-      const int c = list.tile[i];
-      fn(t0 + c, rep, stage, list.info[c]);
+    struct Visit {
+      int t;
+      unsigned info;
     };
-    if (listed > 0) visit(0, 0, 0, issue);
+    auto listed_at = [&](int i) {
+      const int c = list.tile[i];
+      return Visit{t0 + c, list.info[c]};
+    };
+    Visit now{0, 0};
+    if (listed > 0) {
+      now = listed_at(0);
+      issue(now.t, 0, 0, now.info);
+    }
     cp_async_commit();
     sync_threads();  // plain stores of the first issue() precede every thread's landed()
     for (int i = 0, rep = 0, stage = 0; i < listed; stage ^= 1) {
       const bool last_rep = rep + 1 == repeats;
       const int next_i = last_rep ? i + 1 : i, next_rep = last_rep ? 0 : rep + 1;
-      if (next_i < listed) visit(next_i, next_rep, stage ^ 1, issue);
+      Visit next = now;
+      if (next_i < listed) {
+        if (last_rep) next = listed_at(next_i);
+        issue(next.t, next_rep, stage ^ 1, next.info);
+      }
       cp_async_commit();
       cp_async_wait<1>();  // everything but the group just issued has landed
-      visit(i, rep, stage, landed);
+      landed(now.t, rep, stage, now.info);
       sync_threads();
-      visit(i, rep, stage, body);
+      body(now.t, rep, stage, now.info);
       sync_threads();  // the stage is free for the loads issued next
       i = next_i;
       rep = next_rep;
+      now = next;
     }
   }
   cp_async_wait<0>();  // also the caller's own loads when there was no tile at all
@@ -721,8 +743,8 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M
       [&](int t, int, int st, unsigned info) {
         T* const k_to = ks.k + st * BN * kLd;
         T* const v_to = ks.v + st * BN * kLd;
-        const T* const k_from = k + t * BN * p.k_row_stride;
-        const T* const v_from = v + t * BN * p.v_row_stride;
+        const T* const k_from = k + rows_offset(t * BN, p.k_row_stride);
+        const T* const v_from = v + rows_offset(t * BN, p.v_row_stride);
         if (!block_partial(info) && whole_rows) {  // not ragged: the fixed copy
           k_copy(k_to, k_from, p.k_row_stride);
           v_copy(v_to, v_from, p.v_row_stride);

@@ -92,12 +92,17 @@ SK_DEVICE int neg_delta_slot(int col) {
   return (col % 8 / 2 * (BM / 8) + col / 8) * 4 + col % 2;
 }
 
+// This lane's 4 words of n-tile n.
+template <int BM, typename Acc>
+SK_DEVICE const Acc* lane_neg_delta(const Acc* tile, int n) {
+  return tile + (lane_id() % 4 * (BM / 8) + n) * 4;
+}
+
 template <typename Acc, int BM>
 SK_DEVICE void seed_neg_delta(Frag<Acc, BM>& f, const Acc* tile) {
-  const Acc* at = tile + lane_id() % 4 * (BM / 8) * 4;
   SK_UNROLL for (int n = 0; n < BM / 8; ++n) {
     SK_UNROLL for (int j = 0; j < 4; j += 16 / int(sizeof(Acc))) {
-      const uint4 x = load16(at + 4 * n + j);
+      const uint4 x = load16(lane_neg_delta<BM>(tile, n) + j);
       memcpy(&f.x[n][j], &x, 16);
     }
   }
@@ -191,7 +196,8 @@ struct DkdvLayout {
   static constexpr size_t kLse = kQCodes + 2 * BM * sizeof(int32_t);
   static constexpr size_t kDelta = kLse + 2 * BM * sizeof(Acc);
   static_assert(kLse % 16 == 0 && kDelta % 16 == 0, "LaneQueryValues' loads are aligned");
-  static constexpr size_t kDs = kDelta + 2 * 2 * BM * sizeof(Acc);  // seed_neg_delta's  // dS^T [BN][BM], atomic dQ only
+  static constexpr size_t kDs = kDelta + 2 * 2 * BM * sizeof(Acc);  // (seed_neg_delta's)
+  // dS^T [BN][BM], atomic dQ only
   static constexpr size_t kList = kDs + (kAtomicDq ? tile_bytes<T, BN, BM> : 0);
   static constexpr size_t kScratch = kList + sizeof(TileList);
   // scrub_rows' flags of the block's keys
@@ -318,8 +324,9 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
       // it sees and, masked after the exponent, 0 where it does not.
       [&](int, int, int st, unsigned info) {
         if (block_kind(info) == TileKind::kPartial) {
-          scrub_rows<Lay::kThreads, BM, D>(q_tiles + st * BM * kLd,
-                                           [&](int r) { lse_tiles[st * BM + query_slot<BM>(r)] = Acc(NAN); });
+          scrub_rows<Lay::kThreads, BM, D>(q_tiles + st * BM * kLd, [&](int r) {
+            lse_tiles[st * BM + query_slot<BM>(r)] = Acc(NAN);
+          });
         }
       },
       [&](int t, int rep, int st, unsigned info) {
@@ -356,8 +363,7 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
           gemm_smem_a<T, BM, D, BFrom::kRowsN>(ds, v_tile + 16 * warp * kLd, kLd, dout_tile, kLd);
           gemm_frag_a<T, DC, BM, BFrom::kRowsK>(dv, prob, scratch, dout_tile + c0, kLd);
           auto delta_of = [&](int n, int e) {  // 0 where ds holds dP - delta already
-            const int at = (lane_id() % 4 * (BM / 8) + n) * 4 + (e & 1);
-            return kSeedDelta ? Acc(0) : -neg_delta[at];
+            return kSeedDelta ? Acc(0) : -lane_neg_delta<BM>(neg_delta, n)[e & 1];
           };
           if (partial) {
             score_grads<false>(ds, prob, delta_of);

@@ -63,10 +63,15 @@ SK_DEVICE void score_grads(Frag<Acc, N>& dp, const Frag<Acc, N>& prob, DeltaFn d
 
 // The lse of a dK/dV visit's queries is stored in the order the lanes read it. A lane reads
 // columns 8n + 2(lane % 4) + {0, 1} of every n-tile: BM / 4 consecutive slots here, read in
-// 16-byte loads (BM / 16 of them for float) instead of BM / 8 pairs.
+// 16-byte loads (BM / 16 of them for float) instead of BM / 8 pairs. (Fragment column c =
+// 8n + 2q + b is held by the lanes of quad q = lane % 4.)
+template <int BM>
+SK_DEVICE int query_slot(int quad, int n) {
+  return quad * (BM / 4) + 2 * n;
+}
 template <int BM>
 SK_DEVICE int query_slot(int col) {
-  return col % 8 / 2 * (BM / 4) + col / 8 * 2 + col % 2;
+  return query_slot<BM>(col % 8 / 2, col / 8) + col % 2;
 }
 
 template <typename Acc, int BM>
@@ -74,7 +79,7 @@ struct LaneQueryValues {
   static_assert(BM / 4 * sizeof(Acc) % 16 == 0, "a lane's slots are whole 16-byte loads");
   Acc v[BM / 4];
   SK_DEVICE explicit LaneQueryValues(const Acc* tile) {
-    const Acc* at = tile + lane_id() % 4 * (BM / 4);
+    const Acc* at = tile + query_slot<BM>(lane_id() % 4, 0);
     SK_UNROLL for (int j = 0; j < BM / 4; j += 16 / int(sizeof(Acc))) {
       const uint4 x = load16(at + j);
       memcpy(v + j, &x, 16);
@@ -88,14 +93,18 @@ struct LaneQueryValues {
 // both rows of its fragment pair share the columns). dP^T's product then accumulates onto
 // them, leaving dP - delta with no subtraction per score.
 template <int BM>
-SK_DEVICE int neg_delta_slot(int col) {
-  return (col % 8 / 2 * (BM / 8) + col / 8) * 4 + col % 2;
+SK_DEVICE int neg_delta_slot(int quad, int n) {
+  return (quad * (BM / 8) + n) * 4;
+}
+template <int BM>
+SK_DEVICE int neg_delta_slot(int col) {  // the first copy's
+  return neg_delta_slot<BM>(col % 8 / 2, col / 8) + col % 2;
 }
 
 // This lane's 4 words of n-tile n.
 template <int BM, typename Acc>
 SK_DEVICE const Acc* lane_neg_delta(const Acc* tile, int n) {
-  return tile + (lane_id() % 4 * (BM / 8) + n) * 4;
+  return tile + neg_delta_slot<BM>(lane_id() % 4, n);
 }
 
 template <typename Acc, int BM>

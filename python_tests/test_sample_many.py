@@ -51,6 +51,31 @@ def test_one_and_two_processes_sample_the_same_images(reference, sar, tmp_path):
         assert np.array_equal(f["arr_0"], reference[0]) and np.array_equal(f["arr_1"], reference[1])
 
 
+GLOO_THREADS_AFTER_DESTROY = """
+import os, sys, torch
+from sarkernels.app import checkpoint
+from sarkernels.app.train import distributed
+distributed("cpu")
+checkpoint.load(sys.argv[1])  # imports dynamo, which once kept the group alive
+torch.distributed.destroy_process_group()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print("gloo threads:", sorted(n for n in names if "gloo" in n))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads Linux's thread list")
+def test_the_process_group_ends_with_destroy_not_at_interpreter_shutdown(sar, tmp_path):
+    """A group outliving destroy_process_group leaves gloo's threads to release their last
+    tensors while Python shuts down: an abort in about one run in seven."""
+    script = tmp_path / "joined.py"
+    script.write_text(GLOO_THREADS_AFTER_DESTROY)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--standalone", str(script), sar], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("gloo threads: []") == 2, res.stdout
+
+
 def test_a_killed_run_continues_to_the_same_file_and_redoes_corrupt_shards(
         reference, sar, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "s.npz")

@@ -172,6 +172,11 @@ def distributed(device):
     import torch.distributed as dist
     if dist.is_initialized():  # evaluate --cfg-sweep runs sample-many once per scale
         return dist.get_rank(), world
+    # Before joining: dynamo, imported later (torch.device("meta") in checkpoint.load does),
+    # keeps references to the group that then outlives destroy_process_group. Its gloo
+    # threads then drop their last tensors during interpreter shutdown, which aborts the
+    # process ("terminate called without an active exception") now and then.
+    import torch._dynamo  # noqa: F401
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), world
 

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 from hypothesis import given
@@ -81,6 +83,12 @@ def unwritable_caches(case):
     if case == "inference":
         with torch.inference_mode():
             return torch.zeros(1, 2, 6, 8), buf[1]
+    if case in ("interleaved", "interleaved_shifted"):  # [B, S, 2, H, D], as paged caches are
+        flat = torch.zeros(1 * 7 * 2 * 2 * 8)
+        kv = flat[:192].view(1, 6, 2, 2, 8)
+        shifted = flat[32:224].view(1, 6, 2, 2, 8)  # one slot on: its K is kv's V of slot 1
+        v = kv[:, :, 1] if case == "interleaved" else shifted[:, :, 0]
+        return kv[:, :, 0].transpose(1, 2), v.transpose(1, 2)
     return buf[0], buf[1]  # "halves": two disjoint views of one buffer are fine
 
 
@@ -91,7 +99,8 @@ def unwritable_caches(case):
     ("overlapping_views", "k_cache and v_cache overlap in memory"),
     ("expanded", r"k_cache has stride 0 on dim 2 \(an expanded tensor"),
     ("inference", "k_cache is an inference tensor"),
-    ("halves", None)])
+    ("interleaved_shifted", "k_cache and v_cache overlap in memory"),
+    ("halves", None), ("interleaved", None)])
 def test_caches_the_op_cannot_write(backend, case, match):
     k_cache, v_cache = unwritable_caches(case)
     k, v, slots = torch.ones(1, 2, 2, 8), -torch.ones(1, 2, 2, 8), torch.tensor([[1, 4]])
@@ -102,6 +111,32 @@ def test_caches_the_op_cannot_write(backend, case, match):
     with pytest.raises(ValueError, match=match):
         sarkernels.kv_cache_append(k_cache, v_cache, k, v, slots)
     assert not k_cache.any() and not v_cache.any()
+
+
+@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+       strides=st.lists(st.integers(0, 12), min_size=3, max_size=3),
+       offsets=st.tuples(st.integers(0, 30), st.integers(0, 30)), same=st.booleans())
+def test_overlap_is_never_missed_and_exact_for_one_layout(shape, strides, offsets, same):
+    """Against the element offsets themselves: sharing one is always caught; two views of one
+    layout without self-overlap that share none are let through (interleaved K and V)."""
+    from sarkernels.ops import _overlap
+    strides = strides[:len(shape)]
+    flat = torch.zeros(200)
+    a = flat.as_strided(shape, strides, offsets[0])
+    b = flat.as_strided(shape if same else shape[::-1], strides if same else strides[::-1],
+                        offsets[1])
+
+    def elements(t):
+        return {t.storage_offset() + sum(i * s for i, s in zip(idx, t.stride()))
+                for idx in itertools.product(*map(range, t.shape))}
+
+    shares = bool(elements(a) & elements(b))
+    assert _overlap(a, b) or not shares
+    # strides that nest: each beyond the reach of the smaller ones (a row-major layout's)
+    dims = sorted((s, n) for n, s in zip(shape, strides) if n > 1)
+    nested = all(s > sum((m - 1) * t for t, m in dims[:i]) for i, (s, _) in enumerate(dims))
+    if same and nested:
+        assert _overlap(a, b) == shares
 
 
 def test_inference_caches_are_written_in_inference_mode(backend):

@@ -258,11 +258,40 @@ def _extent(t):
 
 
 def _overlap(a, b):
-    """Whether the byte ranges of ``a`` and ``b`` meet (conservative for strided views)."""
+    """Whether ``a`` and ``b`` may share memory: exact for two views of one layout (K and V
+    interleaved in one buffer, e.g. the halves of a [B, L, 2, H, D] one), else whether their
+    byte ranges meet."""
     if not a.numel() or not b.numel():
         return False
     (a0, a1), (b0, b1) = _extent(a), _extent(b)
-    return a0 < b1 and b0 < a1
+    if not (a0 < b1 and b0 < a1):
+        return False
+    size = a.element_size()
+    if (a.shape, a.stride(), size) != (b.shape, b.stride(), b.element_size()) or (b0 - a0) % size:
+        return True
+    return _reachable((b0 - a0) // size, [(n, st) for n, st in zip(a.shape, a.stride()) if n > 1])
+
+
+def _reachable(delta, dims):
+    """Whether two elements of one layout (``dims``: (size, stride) pairs) lie ``delta``
+    elements apart: delta = sum c_i stride_i for some |c_i| < size_i. Where each stride
+    exceeds the reach of the smaller ones (a layout without self-overlap), only the floor
+    and the ceiling of the remainder over a stride can lead to a solution, so the search is
+    2^ndim at most; any other layout counts as reachable."""
+    dims = sorted(dims, key=lambda d: -d[1])
+    reach = 0
+    for n, st in reversed(dims):
+        if st <= reach:
+            return True
+        reach += (n - 1) * st
+
+    def search(r, i):
+        if i == len(dims):
+            return r == 0
+        n, st = dims[i]
+        return any(abs(c) < n and search(r - c * st, i + 1) for c in {r // st, -(-r // st)})
+
+    return search(delta, 0)
 
 
 @torch.library.custom_op("sarkernels::kv_cache_append_checks", mutates_args=())
@@ -337,8 +366,9 @@ def kv_cache_append(k_cache, v_cache, k, v, slots, *, check=True):
     dtype but uint64. A slot outside ``[0, S)`` or repeated within a row raises ValueError
     and nothing is written. Overwriting slots written by earlier calls is allowed. The
     caches must not be leaves that require grad, expanded (stride 0), inference tensors
-    outside inference mode, or overlap in memory (not one tensor, nor views of one buffer);
-    k and v must not overlap the caches (pass a copy to move slots within a cache): each
+    outside inference mode, or share memory (views of one buffer that interleave K and V,
+    as a [B, S, 2, H, D] one's halves, are fine: elements are compared where the views share
+    a layout, byte ranges otherwise); k and v must not overlap the caches (pass a copy to move slots within a cache): each
     raises ValueError, eagerly and under torch.compile alike. Meta tensors are checked for
     shapes only. Returns None. Where k or v requires grad (and grad mode is on), the
     write is recorded by autograd: gradients through the caches reach k and v.

@@ -31,6 +31,9 @@ Counting rules (they are assumptions; the output repeats them):
     family says how much of some counter the inner loops issue per iteration: then the
     inner loops issuing it are scaled to that (e.g. the loops over 16-byte chunks of a
     tile, the dK/dV kernel's atomic-dQ loop over column chunks).
+  * A tile walk unrolled by its two stages (16-bit tiles) makes two visits an iteration,
+    each with its own cp.async commit (LDGDEPBAR): its counts are per visit, the
+    iteration's over its commits.
   * BRA.DIV (taken only by a diverged warp, into the WARPSYNC.COLLECTIVE fallback) is not
     followed; CALL counts as one instruction (its callee, a slow path, is not followed).
   * Per-block overhead: the instructions outside the main loop along the longest path from
@@ -110,6 +113,8 @@ def op_counts(op):
         c["ex2"] = 1
     if op.split(".")[0] == "FFMA":
         c["ffma"] = 1
+    if op == "LDGDEPBAR":  # cp.async.commit_group: our tile walks commit once a visit
+        c["commit"] = 1
     if cls == "hmma":
         shape = op.split(".")[1] if "." in op else ""
         c["mma_flop"] = MMA_FLOP.get(shape, 0)
@@ -844,6 +849,18 @@ def route_listing(fn, cfg, loop, path):
     return "\n".join(out)
 
 
+# The families whose main loop is for_each_needed_tile (attention_tiles.cuh), unrolled by
+# its two stages for 16-bit tiles: an iteration then makes two visits, each with its own
+# cp.async commit.
+WALKS = ("ours fwd", "ours dkdv", "ours dq")
+
+
+def visits_per_iteration(loop, cfg):
+    """The cp.async commits in the loop's own blocks (not its inner loops'): its visits."""
+    inner = {b for ch in loop.children for b in ch.body}
+    return max(1, sum(cfg.counts[b].get("commit", 0) for b in loop.body - inner))
+
+
 def census_function(fn, demangled, arch, spills=None, listing=None):
     fam, p = family_of(demangled)
     cfg = build_cfg(fn.instrs, fn.labels)
@@ -855,7 +872,13 @@ def census_function(fn, demangled, arch, spills=None, listing=None):
     inner = dict([must] if must else [], **(fam.inner(p, warps) if fam and fam.inner and warps
                                             else {}))
     for lp in loops:  # innermost first (sorted by size), so children are done before parents
-        loop_paths(lp, cfg, work, inner, must)
+        v = visits_per_iteration(lp, cfg) if fam and fam.visits in WALKS else 1
+        loop_paths(lp, cfg, work, {k: a * v for k, a in inner.items()},
+                   must and (must[0], must[1] * v))
+        if v > 1:
+            lp.paths = {k: {c: n / v for c, n in path.items()} for k, path in lp.paths.items()}
+            lp.notes.append(f"{v} tile visits an iteration (the walk unrolled by stage): "
+                            f"counts per visit")
     busy = [lp for lp in loops if lp.paths["full"].get(work, 0) > 0]
     main = max(busy, key=lambda lp: (lp.paths["full"][work], -lp.paths["full"]["total"]),
                default=None)

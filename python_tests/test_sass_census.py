@@ -106,6 +106,41 @@ def test_required_loads_pick_the_prefetching_path():
     assert loops[0].paths["skip"]["ldgsts"] == 2
 
 
+# for_each_needed_tile unrolled by its two stages: two visits an iteration, each with its
+# commit; the second visit's issue skipped when the list ends there, the iteration left
+# after the first when it is the list's last.
+UNROLLED = """
+.L_x_0:
+    @P0 BRA `(.L_x_1)
+    LDGSTS.E.BYPASS.128 [R2], desc[UR4][R6.64]
+.L_x_1:
+    LDGDEPBAR
+    HMMA.16816.F32.BF16 R4, R8, R12, R4
+    @P2 BRA `(.L_x_4)
+    @P1 BRA `(.L_x_2)
+    LDGSTS.E.BYPASS.128 [R2+0x10], desc[UR4][R6.64]
+.L_x_2:
+    LDGDEPBAR
+    HMMA.16816.F32.BF16 R4, R8, R14, R4
+.L_x_3:
+    LDGDEPBAR                            # an inner loop's commits are not visits
+    @P4 BRA `(.L_x_3)
+    @P3 BRA `(.L_x_0)
+.L_x_4:
+    EXIT
+"""
+
+
+def test_a_walk_unrolled_by_stage_makes_a_visit_a_commit():
+    fn, cfg, loops, _ = analyse(UNROLLED, must=("ldgsts", 2))
+    outer = max(loops, key=lambda lp: len(lp.body))
+    assert sc.visits_per_iteration(outer, cfg) == 2
+    full = outer.paths["full"]  # both visits issue: the need is per visit times visits
+    assert full["hmma"] == 2 and full["ldgsts"] == 2
+    _, _, loops, _ = analyse(UNROLLED, must=("ldgsts", 1))
+    assert max(loops, key=lambda lp: len(lp.body)).paths["full"]["ldgsts"] == 1
+
+
 NESTED = """
 .L_x_0:                                  # outer loop (key tiles)
     IADD3 R0, R0, 0x1, RZ

@@ -293,7 +293,8 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   const bool whole_rows = dim == D;
   const TileCopy<Lay::kThreads, BM, D, T> q_copy(p.q_row_stride), dout_copy(p.out_row_stride);
   list.set_rows<Lay::kThreads, BN, false>(block_k, warp_k, k_sets, nk, p.strict);
-  for_each_needed_tile<Lay::kThreads, BM>(
+  // (unrolled, head dim 256 spills on sm_80)
+  for_each_needed_tile<Lay::kThreads, BM, kTensorCores<T> && D <= 128>(
       q_sets, len_q, int(group), list,
       [&](int t, IdRange queries) {
         return tile_info<false, Lay::kWarps>(list, queries, p.strict, queries_in(t) < BM);

@@ -477,8 +477,13 @@ SK_DEVICE TileKind warp_kind(unsigned info) { return TileKind(info >> (2 + 2 * w
 // by issue() are visible to every thread's landed() and body().
 // Tile indices are ints (check_attention_operands keeps lengths below 2^31), so that the
 // callbacks' tile arithmetic is 32-bit up to the strides.
-template <int Threads, int TileLen, typename InfoFn, typename IssueFn, typename LandedFn,
-          typename BodyFn>
+// kUnrolled: the visits of the two stages unrolled, each with its stage a constant, so
+// that the callbacks' shared-memory addresses of a stage are the same registers plus
+// immediates instead of being rederived from the stage on every visit (at 240-250
+// registers nvcc does not keep both stages' addresses live). Not where registers are
+// shorter still (float and double tiles): unrolled, those spill.
+template <int Threads, int TileLen, bool kUnrolled, typename InfoFn, typename IssueFn,
+          typename LandedFn, typename BodyFn>
 SK_DEVICE void for_each_needed_tile(const int64_t* ids, int len, int repeats, TileList& list,
                                     InfoFn info_of, IssueFn issue, LandedFn landed, BodyFn body) {
   constexpr int kWarps = Threads / 32;
@@ -525,7 +530,8 @@ SK_DEVICE void for_each_needed_tile(const int64_t* ids, int len, int repeats, Ti
     }
     cp_async_commit();
     sync_threads();  // plain stores of the first issue() precede every thread's landed()
-    for (int i = 0, rep = 0, stage = 0; i < listed; stage ^= 1) {
+    int i = 0, rep = 0;
+    auto visit = [&](auto stage) {
       const bool last_rep = rep + 1 == repeats;
       const int next_i = last_rep ? i + 1 : i, next_rep = last_rep ? 0 : rep + 1;
       Visit next = now;
@@ -542,6 +548,15 @@ SK_DEVICE void for_each_needed_tile(const int64_t* ids, int len, int repeats, Ti
       i = next_i;
       rep = next_rep;
       now = next;
+    };
+    if constexpr (kUnrolled) {
+      while (i < listed) {
+        visit(std::integral_constant<int, 0>{});
+        if (i >= listed) break;
+        visit(std::integral_constant<int, 1>{});
+      }
+    } else {
+      for (int stage = 0; i < listed; stage ^= 1) visit(stage);
     }
   }
   cp_async_wait<0>();  // also the caller's own loads when there was no tile at all
@@ -735,7 +750,7 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M
   const TileCopy<Threads, BN, D, T> k_copy(p.k_row_stride), v_copy(p.v_row_stride);
   list.set_rows<Threads, 16 * M * (Threads / 32), true>(qb.block_q, qb.warp_q, qb.q_sets, qb.nq,
                                                        p.strict);
-  for_each_needed_tile<Threads, BN>(
+  for_each_needed_tile<Threads, BN, kTensorCores<T>>(
       k_sets, len_k, 1, list,
       [&](int t, IdRange keys) {
         return tile_info<true, Threads / 32>(list, keys, p.strict, keys_in(t) < BN);

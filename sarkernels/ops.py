@@ -367,11 +367,12 @@ def kv_cache_append(k_cache, v_cache, k, v, slots, *, check=True):
     and nothing is written. Overwriting slots written by earlier calls is allowed. The
     caches must not be leaves that require grad, expanded (stride 0), inference tensors
     outside inference mode, or share memory (views of one buffer that interleave K and V,
-    as a [B, S, 2, H, D] one's halves, are fine: elements are compared where the views share
-    a layout, byte ranges otherwise); k and v must not overlap the caches (pass a copy to move slots within a cache): each
-    raises ValueError, eagerly and under torch.compile alike. Meta tensors are checked for
-    shapes only. Returns None. Where k or v requires grad (and grad mode is on), the
-    write is recorded by autograd: gradients through the caches reach k and v.
+    as a [B, S, 2, H, D] one's halves, are fine: elements are compared where the views
+    share a layout, byte ranges otherwise); k and v must not overlap the caches (pass a
+    copy to move slots within a cache): each raises ValueError, eagerly and under
+    torch.compile alike. Meta tensors are checked for shapes only. Returns None. Where k
+    or v requires grad (and grad mode is on), the write is recorded by autograd: gradients
+    through the caches reach k and v.
 
     ``check``: on CUDA tensors, reading the kernel's error flag costs a device-to-host copy
     (a sync); ``check=False``, and any call while a CUDA graph is being captured, skips it:

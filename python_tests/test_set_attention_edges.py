@@ -87,6 +87,27 @@ def test_non_finite_inputs_follow_the_rule(backend, case, dtype, strict):
     torch.testing.assert_close(lse.double(), want_lse, equal_nan=True, **tol)
 
 
+@pytest.mark.parametrize("d", [80, 96, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_non_finite_values_in_any_chunk_of_a_wide_row(backend, where, dtype, d):
+    """Keys and values scrubbed by whichever thread copied the chunk: at head dims past 64
+    a thread copies two or more 16-byte chunks of a row (ChunkMap), and a NaN in the last
+    one, or an inf in the first, must make exactly the rows that see it NaN."""
+    gen = torch.Generator().manual_seed(d)
+    q, k, v = attention_inputs(1, 2, 1, 40, 40, d, gen, dtype)
+    sets = torch.randint(0, 10, (1, 40), generator=gen).sort(-1).values
+    t = k if where == "k" else v
+    t[0, 0, 7, d - 1] = NAN
+    t[0, 0, 33, 2] = INF if where == "v" else NAN
+    out, lse = sarkernels.set_attention(q, k, v, sets, sets, return_lse=True)
+    _, want_lse = rule_oracle(q, k, v, sets, sets, False)
+    nan_rows = want_lse.isnan()
+    assert nan_rows.any() and not nan_rows.all()
+    assert torch.equal(lse.isnan(), nan_rows) and torch.equal(out.isnan().all(-1), nan_rows)
+    assert not out[~nan_rows].isnan().any()
+
+
 def test_all_minus_inf_logits_make_an_empty_row(backend):
     q, k, v, q_sets, k_sets = inputs(torch.float64)
     k_sets[0], q_sets[0, 0] = torch.arange(40), 0  # query 0 sees key 0 alone

@@ -125,56 +125,99 @@ SK_DEVICE void for_thread_shares(F f) {
 template <typename T, int Cols>
 inline constexpr bool kUnrolledTiles = sizeof(T) == 2 && Cols <= 128;
 
+// Which 16-byte chunks of a Rows x Cols tile each thread copies and, once they have landed,
+// scrubs (scrub_rows). Where the block's threads cover whole rows per pass (kRegular),
+// thread t takes the column chunks t % kTpr + j * kTpr (j < kSpan) of rows t / kTpr +
+// k * kStep: at most 8 threads a row, so that a warp's cp.async covers whole 128-byte lines
+// of 4 rows and a thread's chunks of a row are one pointer plus immediates (at head dim
+// 128 two chunks a row: 4 pointer steps a 64-row tile instead of 8; at 96 the second chunk
+// is only the first 4 threads'). Otherwise the chunks i = thread_rank() + k * Threads in
+// row-major order, by a loop.
+template <int Threads, int Rows, int Cols, typename T>
+struct ChunkMap {
+  static constexpr int kPer = 16 / int(sizeof(T)), kChunks = Cols / kPer;
+  static_assert(Cols % kPer == 0, "tile rows are whole 16-byte chunks");
+  static constexpr int kTpr = kChunks < 8 ? kChunks : 8;     // threads a row
+  static constexpr int kSpan = (kChunks + kTpr - 1) / kTpr;  // chunks a thread takes a row
+  static constexpr int kStep = Threads / kTpr;                // rows a pass
+  static constexpr bool kRegular = Threads % kTpr == 0 && Rows % kStep == 0;
+  static SK_DEVICE int row0() { return thread_rank() / kTpr; }
+  static SK_DEVICE int col0() { return thread_rank() % kTpr * kPer; }
+  // Whether this thread's chunk j of a row lies in the row.
+  static SK_DEVICE bool has(int j) {
+    return kChunks % kTpr == 0 || thread_rank() % kTpr + j * kTpr < kChunks;
+  }
+  // f(r, c) for each of this thread's chunks (row r, first column c): unrolled, or, kUnroll
+  // false, loops.
+  template <bool kUnroll, typename F>
+  static SK_DEVICE void for_each(F f) {
+    if constexpr (kRegular && kUnroll) {
+      SK_UNROLL for (int k = 0; k < Rows / kStep; ++k) {
+        SK_UNROLL for (int j = 0; j < kSpan; ++j) {
+          if (has(j)) f(row0() + k * kStep, col0() + j * kTpr * kPer);
+        }
+      }
+    } else if constexpr (kRegular) {
+      SK_NO_UNROLL for (int k = 0; k < Rows / kStep; ++k) {
+        SK_NO_UNROLL for (int j = 0; j < kSpan; ++j) {
+          if (has(j)) f(row0() + k * kStep, col0() + j * kTpr * kPer);
+        }
+      }
+    } else {
+      for_thread_shares<Threads, Rows * kChunks, kUnroll>(
+          [&](int i) { f(i / kChunks, i % kChunks * kPer); });
+    }
+  }
+};
+
 // Issues (all Threads threads) cp.async copies of a Rows x Cols tile from src (row stride
-// `stride`); rows from `rows` on and columns from `cols` on are zero-filled, so no read of
-// the tile ever sees unwritten shared memory. Each thread copies the 16-byte chunks
-// i = thread_rank() + k * Threads (scrub_rows relies on it). A loop: TileCopy's forms
-// below are the fast ones.
+// `stride`), this thread's chunks as ChunkMap assigns them; rows from `rows` on and columns
+// from `cols` on are zero-filled, so no read of the tile ever sees unwritten shared memory.
+// A loop: TileCopy's forms below are the fast ones.
 template <int Threads, int Rows, int Cols, typename T>
 SK_DEVICE void load_rows_loop(T* dst, const T* src, int64_t stride, int rows, int cols) {
-  constexpr int kPer = 16 / int(sizeof(T)), kChunks = Cols / kPer;
-  static_assert(Cols % kPer == 0, "tile rows are whole 16-byte chunks");
-  for (int i = thread_rank(); i < Rows * kChunks; i += Threads) {
-    const int r = i / kChunks, c = i % kChunks * kPer;
+  ChunkMap<Threads, Rows, Cols, T>::template for_each<false>([&](int r, int c) {
     const bool in = r < rows && c < cols;
     cp_async16(dst + r * tile_ld<T, Cols> + c, in ? src + r * stride + c : src, in);
-  }
+  });
 }
 
 // load_rows_loop's copies with the thread's offsets found once (construct outside the
-// loop that copies tiles). Where the block's threads cover whole rows per pass, a copy is
-// an unrolled run of cp.async with no index arithmetic (each thread keeps its column of
-// chunks and steps a pointer): operator() copies a whole tile, bounded() the same with one
-// bound test a copy where registers allow (kUnrolledTiles), the loop otherwise. The stride
-// is passed per copy (a kernel parameter costs no register).
+// loop that copies tiles). Where ChunkMap is regular, a copy is an unrolled run of cp.async
+// with no index arithmetic (a pointer a row, stepped, its chunks at immediate offsets):
+// operator() copies a whole tile, bounded() the same with one bound test a copy where
+// registers allow (kUnrolledTiles), the loop otherwise. The stride is passed per copy (a
+// kernel parameter costs no register).
 template <int Threads, int Rows, int Cols, typename T>
 class TileCopy {
-  static constexpr int kPer = 16 / int(sizeof(T)), kChunks = Cols / kPer;
-  static constexpr bool kRegular = Threads % kChunks == 0 && Rows * kChunks % Threads == 0;
-  static constexpr int kStep = kRegular ? Threads / kChunks : 1;  // rows per pass
+  using Map = ChunkMap<Threads, Rows, Cols, T>;
+  static constexpr int kStep = Map::kStep;
   int64_t from_;
   int to_;
 
   template <bool kBounded>
   SK_DEVICE void copy(T* dst, const T* src, int64_t stride, int rows, int cols) const {
-    const int r0 = thread_rank() / kChunks;
-    const bool col_in = !kBounded || thread_rank() % kChunks * kPer < cols;
     const T* from = src + from_;
-    SK_UNROLL for (int i = 0; i < Rows / kStep; ++i) {
-      // (past the rows the pointer is never read: cp_async16 reads nothing when invalid)
-      cp_async16(dst + to_ + i * kStep * tile_ld<T, Cols>, from,
-                 !kBounded || (col_in && r0 + i * kStep < rows));
+    SK_UNROLL for (int k = 0; k < Rows / kStep; ++k) {
+      SK_UNROLL for (int j = 0; j < Map::kSpan; ++j) {
+        const int c = j * Map::kTpr * Map::kPer;
+        // (past the rows the pointer is never read: cp_async16 reads nothing when invalid)
+        if (Map::has(j)) {
+          cp_async16(dst + to_ + k * kStep * tile_ld<T, Cols> + c, from + c,
+                     !kBounded || (Map::col0() + c < cols && Map::row0() + k * kStep < rows));
+        }
+      }
       from += kStep * stride;
     }
   }
 
  public:
   SK_DEVICE explicit TileCopy(int64_t stride)
-      : from_(thread_rank() / kChunks * stride + thread_rank() % kChunks * kPer),
-        to_(thread_rank() / kChunks * tile_ld<T, Cols> + thread_rank() % kChunks * kPer) {}
+      : from_(Map::row0() * stride + Map::col0()),
+        to_(Map::row0() * tile_ld<T, Cols> + Map::col0()) {}
 
   SK_DEVICE void operator()(T* dst, const T* src, int64_t stride) const {
-    if constexpr (kRegular) {
+    if constexpr (Map::kRegular) {
       copy<false>(dst, src, stride, Rows, Cols);
     } else {
       load_rows_loop<Threads, Rows, Cols>(dst, src, stride, Rows, Cols);
@@ -183,7 +226,7 @@ class TileCopy {
 
   // Rows from `rows` on and columns from `cols` on zero-filled.
   SK_DEVICE void bounded(T* dst, const T* src, int64_t stride, int rows, int cols) const {
-    if constexpr (kRegular && kUnrolledTiles<T, Cols>) {
+    if constexpr (Map::kRegular && kUnrolledTiles<T, Cols>) {
       copy<true>(dst, src, stride, rows, cols);
     } else {
       load_rows_loop<Threads, Rows, Cols>(dst, src, stride, rows, cols);
@@ -242,9 +285,7 @@ SK_DEVICE bool chunk_finite(uint4 raw) {
 // row is 0; the mark makes the row's scores NaN where it is seen (flag_rows, or a NaN lse).
 template <int Threads, int Rows, int Cols, typename T, typename MarkFn>
 SK_DEVICE void scrub_rows(T* tile, MarkFn mark) {
-  constexpr int kPer = 16 / int(sizeof(T)), kChunks = Cols / kPer;
-  for_thread_shares<Threads, Rows * kChunks, kUnrolledTiles<T, Cols>>([&](int i) {
-    const int r = i / kChunks, c = i % kChunks * kPer;
+  ChunkMap<Threads, Rows, Cols, T>::template for_each<kUnrolledTiles<T, Cols>>([&](int r, int c) {
     T* at = tile + r * tile_ld<T, Cols> + c;
     if (!chunk_finite<T>(load16(at))) {
       store16(at, uint4{0, 0, 0, 0});

@@ -275,6 +275,12 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   scrub_rows<Lay::kThreads, BN, D>(k_tile, flag_rows<BN>(k_bad));
   sync_threads();  // the flags are read once, into a register, not on every visit
   const bool bad_keys = k_bad[BN] != 0;
+  // The warp's keys and values, left operands of every visit's first two products, held in
+  // registers at head dim 64 (16 a lane each; 4 ldmatrix a visit fewer for each): both in
+  // the deterministic kernel, the keys alone with atomic dQ, where the values spill.
+  constexpr bool kHoldK = kTensorCores<T> && D <= 64, kHoldV = kHoldK && !kAtomicDq;
+  const SlabOperand<T, D, kHoldK> k_rows(k_tile + 16 * warp * kLd, kLd);
+  const SlabOperand<T, D, kHoldV> v_rows(v_tile + 16 * warp * kLd, kLd);
 
   const Acc scale = Acc(p.scale) * ExpBase<Acc>::kPerNat;
   Frag<Acc, DC> dk, dv;  // columns c0 .. c0 + DC
@@ -285,9 +291,10 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   // The group's first q head: its rows of q, dO and the workspace.
   const T* const q_group = q_row<T>(p, b, hk * group, 0);
   const T* const dout_group = static_cast<const T*>(g.dout) + out_offset(p, b, hk * group, 0);
-  const int64_t row_group = (b * p.heads_q + hk * group) * p.len_q;
+  // Workspace rows are ints: set_attention_backward refuses 2^31 of them.
+  const int row_group = int((b * p.heads_q + hk * group) * p.len_q);
   auto first_row = [&](int t, int rep) {  // workspace row of the tile's first query
-    return row_group + rows_offset(rep, p.len_q) + rows_offset(t, BM);
+    return row_group + rep * len_q + t * BM;
   };
   TileList& list = *reinterpret_cast<TileList*>(smem + Lay::kList);
   const bool whole_rows = dim == D;
@@ -297,11 +304,13 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   for_each_needed_tile<Lay::kThreads, BM, kTensorCores<T> && D <= 128>(
       q_sets, len_q, int(group), list,
       [&](int t, IdRange queries) {
-        return tile_info<false, Lay::kWarps>(list, queries, p.strict, queries_in(t) < BM);
+        const bool ragged = queries_in(t) < BM;
+        return with_bounds(tile_info<false, Lay::kWarps>(list, queries, p.strict, ragged),
+                           ragged || !whole_rows);
       },
       [&](int t, int rep, int st, unsigned info) {
         const int q0 = t * BM;
-        const int64_t row = first_row(t, rep);
+        const int row = first_row(t, rep);
         T* const q_to = q_tiles + st * BM * kLd;
         T* const dout_to = dout_tiles + st * BM * kLd;
         const T* const q_from =
@@ -310,7 +319,7 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
             dout_group + rows_offset(rep, p.out_head_stride) + rows_offset(q0, p.out_row_stride);
         const bool partial = block_kind(info) == TileKind::kPartial;  // or ragged
         const int nq = queries_in(t);
-        if (!partial && whole_rows) {
+        if ((info & kCopyBits) == kFixedCopy) {
           q_copy(q_to, q_from, p.q_row_stride);
           dout_copy(dout_to, dout_from, p.out_row_stride);
         } else {
@@ -320,8 +329,8 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
         if (partial) {  // the codes only serve the mask of partial tiles
           list.load_codes<Lay::kThreads, BM, false>(q_code_tiles + st * BM, q_sets + q0, nq);
         }
-        const Acc* lse = static_cast<const Acc*>(w.lse) + row;
-        const Acc* delta = static_cast<const Acc*>(w.delta) + row;
+        const Acc* lse = static_cast<const Acc*>(w.lse) + uint32_t(row);
+        const Acc* delta = static_cast<const Acc*>(w.delta) + uint32_t(row);
         for_thread_shares<Lay::kThreads, BM>([&](int i) {
           lse_tiles[st * BM + query_slot<BM>(i)] = i < nq ? lse[i] : Acc(INFINITY);
           const Acc neg_delta = i < nq ? -delta[i] : Acc(0);
@@ -353,7 +362,7 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
         if (kind != TileKind::kSkip) {
           Frag<Acc, BM> prob;
           prob.zero();
-          gemm_smem_a<T, BM, D, BFrom::kRowsN>(prob, k_tile + 16 * warp * kLd, kLd, q_tile, kLd);
+          k_rows.template times<BM, BFrom::kRowsN>(prob, q_tile, kLd);
           const bool partial = kind == TileKind::kPartial;
           recompute_probs<T, true>(prob, LaneQueryValues<Acc, BM>(lse), scale);
           if (partial || bad_keys) {
@@ -370,7 +379,7 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
           } else {
             ds.zero();
           }
-          gemm_smem_a<T, BM, D, BFrom::kRowsN>(ds, v_tile + 16 * warp * kLd, kLd, dout_tile, kLd);
+          v_rows.template times<BM, BFrom::kRowsN>(ds, dout_tile, kLd);
           gemm_frag_a<T, DC, BM, BFrom::kRowsK>(dv, prob, scratch, dout_tile + c0, kLd);
           auto delta_of = [&](int n, int e) {  // 0 where ds holds dP - delta already
             return kSeedDelta ? Acc(0) : -lane_neg_delta<BM>(neg_delta, n)[e & 1];
@@ -402,30 +411,38 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
             stage_frag<T, BM>(ds_rows, ds, one);
           }
           sync_threads();
-          // Items of 16 queries (a slab) x 32 columns, spread over the warps (32 columns at
-          // a time keep dK and dV in registers). The warps take whole groups of slabs, so a
-          // warp's items share its slab's rows.
-          constexpr int kSlabs = BM / 16, kCols = 32, kGroups = Lay::kWarps / kSlabs;
-          static_assert(Lay::kWarps % kSlabs == 0, "the warps take whole groups of slabs");
-          const int slab = warp % kSlabs, r = 16 * slab + frag_row(0);  // rows r and r + 8
+          // Items of kM slabs of 16 queries x kCols columns, spread over the warps: the
+          // slab groups fastest, so a warp's items share its rows. On tensor cores up to
+          // head dim 128 a warp's columns are one item (dS read once for all of them), and
+          // 64-query tiles take 32 x 32 (16 ldmatrix of dS and K where 16 x 64 takes 20);
+          // else 32 columns at a time keep dK and dV in registers.
+          constexpr bool kWide = kTensorCores<T> && D <= 128;
+          constexpr int kM = kWide && BM == 64 ? 2 : 1, kRowGroups = BM / 16 / kM;
+          static_assert(Lay::kWarps % kRowGroups == 0, "the warps take whole slab groups");
+          constexpr int kGroups = Lay::kWarps / kRowGroups, kCols = kWide ? D / kGroups : 32;
+          static_assert(kCols % 16 == 0, "items are whole pairs of n-tiles");
+          const int slab = kM * (warp % kRowGroups), r = 16 * slab + frag_row(0);
           // (a constant where one group: the passes' addresses then differ by immediates)
-          const int first_col = kGroups == 1 ? 0 : warp / kSlabs * kCols;
+          const int first_col = kGroups == 1 ? 0 : warp / kRowGroups * kCols;
           auto add_slabs = [&](auto whole) {  // whole: no bounds to check
             constexpr bool kWhole = decltype(whole)::value;
             if (!kWhole && 16 * slab >= nq) return;
             const int cols = kWhole ? D : dim;  // a constant multiplier where whole
-            Acc* const at = static_cast<Acc*>(w.dq_accum) + first_row(t, rep) * cols +
-                            r * cols + frag_col(0, 0);
+            Acc* const at = static_cast<Acc*>(w.dq_accum) +
+                            rows_offset(first_row(t, rep) + r, cols) + uint32_t(frag_col(0, 0));
             auto item = [&](int c0) {
-              Frag<Acc, kCols> dq;
-              dq.zero();
+              Frag<Acc, kCols> dq[kM];
+              SK_UNROLL for (int m = 0; m < kM; ++m) dq[m].zero();
               gemm_smem_a<T, kCols, BN, BFrom::kRowsK, AFrom::kRowsK>(
                   dq, ds_tile + 16 * slab, kDsLd, k_tile + c0, kLd);
-              SK_UNROLL for (int n = 0; n < kCols / 8; ++n) {
-                SK_UNROLL for (int h = 0; h < 2; ++h) {  // c even, dim a multiple of 8
-                  if (kWhole || (r + 8 * h < nq && c0 + frag_col(n, 0) < cols)) {
-                    atomic_add2(at + c0 + 8 * h * cols + 8 * n, dq.x[n][2 * h],
-                                dq.x[n][2 * h + 1]);
+              SK_UNROLL for (int m = 0; m < kM; ++m) {
+                SK_UNROLL for (int n = 0; n < kCols / 8; ++n) {
+                  SK_UNROLL for (int h = 0; h < 2; ++h) {  // c even, dim a multiple of 8
+                    const int dr = 16 * m + 8 * h;  // this element's row past r
+                    if (kWhole || (r + dr < nq && c0 + frag_col(n, 0) < cols)) {
+                      atomic_add2(at + c0 + dr * cols + 8 * n, dq[m].x[n][2 * h],
+                                  dq[m].x[n][2 * h + 1]);
+                    }
                   }
                 }
               }
@@ -442,7 +459,7 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
               SK_NO_UNROLL for (int c0 = first_col; c0 < cols; c0 += kGroups * kCols) item(c0);
             }
           };
-          if (nq == BM && whole_rows) {
+          if (!(info & kBoundedTile)) {
             add_slabs(std::true_type{});
           } else {
             add_slabs(std::false_type{});
@@ -508,17 +525,26 @@ __global__ void __launch_bounds__(DqLayout<T, D, BM, BN>::kThreads, 1)
   load_rows_async<Lay::kThreads, BM, D>(reinterpret_cast<T*>(smem + Lay::kDout), dout,
                                         p.out_row_stride, qb.nq, dim);
   cp_async_commit();
+  // The warp's queries and output gradients, left operands of every visit's first two
+  // products, held in registers at head dim 64 (16 a lane each; 8 ldmatrix a visit fewer),
+  // loaded once they land (before the first key tile is issued, not beside it).
+  constexpr bool kHold = kTensorCores<T> && D <= 64;
+  if constexpr (kHold) {
+    cp_async_wait<0>();
+    sync_threads();
+  }
+  const SlabOperand<T, D, kHold> q_held(q_rows, kLd), dout_held(dout_rows, kLd);
   Frag<Acc, DC> dq;  // columns c0 .. c0 + DC
   dq.zero();
   for_each_key_tile<Lay::kThreads, 1, false, true>(
-      p, qb, q_rows, KeyStages<T, D, BN>(smem + Lay::kKeys),
+      p, qb, q_held, KeyStages<T, D, BN>(smem + Lay::kKeys),
       *reinterpret_cast<TileList*>(smem + Lay::kList),
       [&](Frag<Acc, BN>(&s)[1], const T* k_tile, const T* v_tile, Acc scale, auto fold) {
         constexpr bool kFold = decltype(fold)::value;  // implies every pair seen
         recompute_probs<T, kFold>(s[0], [&](int, int e) { return lse[e >> 1]; }, scale);
         Frag<Acc, BN> ds;
         ds.zero();
-        gemm_smem_a<T, BN, D, BFrom::kRowsN>(ds, dout_rows, kLd, v_tile, kLd);
+        dout_held.template times<BN, BFrom::kRowsN>(ds, v_tile, kLd);
         score_grads<kFold>(ds, s[0], [&](int, int e) { return delta[e >> 1]; });
         gemm_frag_a<T, DC, BN, BFrom::kRowsK>(dq, ds, scratch, k_tile + qb.c0, kLd);
       });
@@ -584,6 +610,11 @@ void set_attention_backward(const SetAttentionBwdParams& g, const AttentionBwdWo
   const SetAttentionParams& p = g.fwd;
   const char* fn = "set_attention_backward";
   check_attention_operands(fn, p, dtype);
+  if (p.batch * p.heads_q * p.len_q >= (int64_t(1) << 31)) {
+    throw std::invalid_argument(std::string(fn) + ": at most 2^31 - 1 query rows (batch x "
+                                "heads x queries), got " +
+                                std::to_string(p.batch * p.heads_q * p.len_q));
+  }
   const size_t e = dtype_size(dtype);
   check_rows_aligned(fn, "dout", g.dout,
                      {p.out_batch_stride, p.out_head_stride, p.out_row_stride}, e);

@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(FwdLayout<T, D, BM, BN, RW>::kThreads, 1)
   SK_UNROLL for (int m = 0; m < M; ++m) o[m].zero();
   OnlineSoftmax<T, M> softmax;
   for_each_key_tile<Lay::kThreads, M, (D > DC), false>(
-      p, qb, q_rows, KeyStages<T, D, BN>(smem + Lay::kKeys),
+      p, qb, SlabOperand<T, D, false, M>(q_rows, kLd), KeyStages<T, D, BN>(smem + Lay::kKeys),
       *reinterpret_cast<TileList*>(smem + Lay::kList),
       [&](auto& s, const T*, const T* v_tile, Acc scale, auto fold) {
         softmax.update(s, o, scale, fold);

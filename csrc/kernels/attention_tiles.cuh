@@ -503,6 +503,14 @@ SK_DEVICE unsigned tile_info(const TileList& list, IdRange tile, bool strict, bo
   return info;
 }
 SK_DEVICE TileKind block_kind(unsigned info) { return TileKind(info & 3); }
+// A bit a walk may add to a listed tile's info (one not 0): the tile's copies and stores
+// need bounds (it is ragged, or rows are narrower than the tiles). A fixed copy then takes
+// one test of the info: (info & kCopyBits) == kFixedCopy.
+inline constexpr unsigned kBoundedTile = 1u << 31;
+inline constexpr unsigned kCopyBits = 3u | kBoundedTile, kFixedCopy = unsigned(TileKind::kFull);
+SK_DEVICE unsigned with_bounds(unsigned info, bool bounded) {
+  return info != 0 && bounded ? info | kBoundedTile : info;
+}
 SK_DEVICE TileKind warp_kind(unsigned info) { return TileKind(info >> (2 + 2 * warp_id()) & 3); }
 
 // Calls body(tile, rep, stage, info) for rep in [0, repeats) of every tile of TileLen
@@ -763,14 +771,15 @@ struct KeyStages {
 // every tile, kScrubAll): in the others every row's output takes the non-finite value,
 // which the caller detects (the forward's finish(), which needs every column of the rows:
 // a forward split into column blocks scrubs all).
-// q_rows: the warp's 16M rows of the block's Q tile in shared memory, already issued.
+// q_rows: the warp's 16M rows of the block's Q tile (a SlabOperand: in shared memory,
+// already issued, or held).
 // kScrubK: the key tile is scrubbed too (and flagged), for a caller that multiplies it by
 // weights that are 0 for the keys a row does not see (the dQ kernel's dS K).
 template <int Threads, int M, bool kScrubAll, bool kScrubK, typename T, int D, int BN,
-          typename Body>
+          bool kHeldQ, typename Body>
 SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M>& qb,
-                                 const T* q_rows, KeyStages<T, D, BN> ks, TileList& list,
-                                 Body body) {
+                                 const SlabOperand<T, D, kHeldQ, M>& q_rows,
+                                 KeyStages<T, D, BN> ks, TileList& list, Body body) {
   using Acc = acc_t<T>;
   constexpr int kLd = tile_ld<T, D>;
   const T* k = k_row<T>(p, qb.b, qb.hk, 0);
@@ -794,14 +803,16 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M
   for_each_needed_tile<Threads, BN, kTensorCores<T>>(
       k_sets, len_k, 1, list,
       [&](int t, IdRange keys) {
-        return tile_info<true, Threads / 32>(list, keys, p.strict, keys_in(t) < BN);
+        const bool ragged = keys_in(t) < BN;
+        return with_bounds(tile_info<true, Threads / 32>(list, keys, p.strict, ragged),
+                           ragged || !whole_rows);
       },
       [&](int t, int, int st, unsigned info) {
         T* const k_to = ks.k + st * BN * kLd;
         T* const v_to = ks.v + st * BN * kLd;
         const T* const k_from = k + rows_offset(t * BN, p.k_row_stride);
         const T* const v_from = v + rows_offset(t * BN, p.v_row_stride);
-        if (!block_partial(info) && whole_rows) {  // not ragged: the fixed copy
+        if (!kScrubAll && (info & kCopyBits) == kFixedCopy) {  // the fixed copy
           k_copy(k_to, k_from, p.k_row_stride);
           v_copy(v_to, v_from, p.v_row_stride);
           return;
@@ -835,7 +846,7 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M
         }
         Frag<Acc, BN> s[M];
         SK_UNROLL for (int m = 0; m < M; ++m) s[m].zero();
-        gemm_smem_a<T, BN, D, BFrom::kRowsN>(s, q_rows, kLd, k_tile, kLd);
+        q_rows.template times<BN, BFrom::kRowsN>(s, k_tile, kLd);
         if (fold) {
           body(s, k_tile, v_tile, scale, std::true_type{});
         } else {

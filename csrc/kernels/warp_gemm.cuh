@@ -113,6 +113,17 @@ SK_DEVICE void scalar_gemm(Frag<acc_t<T>, N>& c, AFn a, const T* x, int ldx) {
   }
 }
 
+// The A fragment of rows m0 .. m0 + 15 at k-step k0 of a shared tile (a, row stride lda;
+// LA: stored as A's rows or as A^T's). Lane l addresses row l % 8 of 8 x 8 matrix j = l / 8:
+// (rows, k) blocks (0, 0), (8, 0), (0, 8), (8, 8) of the 16 x 16 tile.
+template <AFrom LA, typename T>
+SK_DEVICE void load_a(uint32_t (&af)[4], const T* a, int lda, int m0, int k0) {
+  constexpr bool kT = LA == AFrom::kRowsK;
+  const int l = lane_id(), r = l % 8, j = l / 8;
+  const int m = m0 + 8 * (j & 1), k = k0 + 8 * (j >> 1);  // block j's origin
+  ldmatrix<4, kT>(af, kT ? a + (k + r) * lda + m : a + (m + r) * lda + k);
+}
+
 // c(m) (16 x N) += A * B for m < M, with A the warp's 16M x K rows of a shared tile (a,
 // row stride lda; LA: stored as A's rows or as A^T's), slab m being rows 16m .. 16m + 15.
 template <typename T, int N, int K, BFrom L, int M, AFrom LA, typename CFn>
@@ -120,15 +131,9 @@ SK_DEVICE void gemm_smem_a(CFn c, const T* a, int lda, const T* x, int ldx) {
   constexpr bool kT = LA == AFrom::kRowsK;
   if constexpr (kTensorCores<T>) {
     static_assert(K % 16 == 0, "tensor-core GEMMs take K in multiples of 16");
-    // Lane l addresses row l % 8 of 8 x 8 matrix j = l / 8: (rows, k) blocks (0, 0),
-    // (8, 0), (0, 8), (8, 8) of the slab's 16 x 16 A tile.
-    const int l = lane_id(), r = l % 8, j = l / 8;
     SK_UNROLL for (int k0 = 0; k0 < K; k0 += 16) {
       uint32_t af[M][4];
-      SK_UNROLL for (int m = 0; m < M; ++m) {
-        const int m0 = 16 * m + 8 * (j & 1), k = k0 + 8 * (j >> 1);  // block j's origin
-        ldmatrix<4, kT>(af[m], kT ? a + (k + r) * lda + m0 : a + (m0 + r) * lda + k);
-      }
+      SK_UNROLL for (int m = 0; m < M; ++m) load_a<LA>(af[m], a, lda, 16 * m, k0);
       mma_k_step<T, N, L, M>(c, af, x, ldx, k0);
     }
   } else {
@@ -200,6 +205,41 @@ SK_DEVICE void gemm_smem_a(C& c, const T* a, int lda, const T* x, int ldx) {
   constexpr int M = sizeof(C) / sizeof(Frag<acc_t<T>, N>);
   detail::gemm_smem_a<T, N, K, L, M, LA>(slabs(c), a, lda, x, ldx);
 }
+
+// A warp's 16M x K rows of a shared tile (row-major, row stride lda; M slabs of 16) as the
+// left operand of products that share it: with kHeld (tensor cores only) its fragments are
+// loaded once, into M K / 4 registers a lane, so that later products read no shared memory
+// for it; else each product reads the tile.
+template <typename T, int K, bool kHeld, int M = 1>
+struct SlabOperand {
+  static_assert(!kHeld || kTensorCores<T>, "fragments are held on the tensor-core path");
+  const T* a;
+  int lda;
+  uint32_t f[kHeld ? K / 16 : 1][M][4];
+
+  SK_DEVICE SlabOperand(const T* a, int lda) : a(a), lda(lda) {
+    if constexpr (kHeld) {
+      SK_UNROLL for (int k = 0; k < K / 16; ++k) {
+        SK_UNROLL for (int m = 0; m < M; ++m) {
+          detail::load_a<AFrom::kRowsM>(f[k][m], a, lda, 16 * m, 16 * k);
+        }
+      }
+    }
+  }
+
+  // c (16 x N, or Frag[M]) += A * B
+  template <int N, BFrom L, typename C>
+  SK_DEVICE void times(C& c, const T* x, int ldx) const {
+    static_assert(sizeof(C) == M * sizeof(Frag<acc_t<T>, N>), "one C slab per A slab");
+    if constexpr (kHeld) {
+      SK_UNROLL for (int k = 0; k < K / 16; ++k) {
+        detail::mma_k_step<T, N, L, M>(slabs(c), f[k], x, ldx, 16 * k);
+      }
+    } else {
+      gemm_smem_a<T, N, K, L>(c, a, lda, x, ldx);
+    }
+  }
+};
 
 // c (16 x N, or Frag[M]) += A * B with A = the fragment(s) `a` (16 x K each), rounded to
 // T on the tensor-core path. `scratch` is the warp's kFragScratch<T, K> elements.

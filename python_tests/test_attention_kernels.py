@@ -191,12 +191,12 @@ def test_atomic_backward_on_threads(dtype):
                 assert_within(g, b, w, dtype, name)
 
 
-@pytest.mark.parametrize("d", [32, 40, 96, 136, 256])
+@pytest.mark.parametrize("d", [32, 40, 96, 120, 128, 136, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_other_head_dims(d, dtype):
-    """The 32, 96 and 256 kernels and head dims zero-padded into the next one, both dQ modes,
-    under two schedules with identical bits (float64 above its limit: the decode forward and
-    the reference backward)."""
+    """The 32, 96, 128 and 256 kernels and head dims zero-padded into the next one, both dQ
+    modes (whose dK/dV tiles differ at 128), under two schedules with identical bits (float64
+    above its limit: the decode forward and the reference backward)."""
     c = case(lq=40, lk=33, d=d, hq=2, pattern="unsorted", seed=d)
     inputs, q_sets, k_sets, grads = build(c)
     want = outputs_and_grads(exact(c, q_sets, k_sets), inputs, torch.float64, grads)

@@ -630,7 +630,7 @@ void set_attention_backward(const SetAttentionBwdParams& g, const AttentionBwdWo
     constexpr int D = decltype(dim)::value;
     auto dkdv = [&](auto atomic_dq) {
       constexpr bool kAtomicDq = decltype(atomic_dq)::value;
-      using Tiles = BwdTiles<T, D>;
+      using Tiles = BwdTiles<T, D, kAtomicDq>;
       constexpr int BN = Tiles::kKeys, BM = Tiles::kQueries, DC = Tiles::kCols;
       launch("set_attention_dkdv", dkdv_plan<T, D, BN, BM, DC, kAtomicDq>(p), stream,
              set_attention_dkdv_kernel<T, D, BN, BM, DC, kAtomicDq>, g, w);

@@ -47,14 +47,15 @@ struct FwdTiles {
 // so that dK and dV fit in registers). Smaller query steps at large head dims keep S^T and
 // dP^T in registers (tensor cores) and the Q and dO stages within an sm_80 block's shared
 // memory (float32 at 256); float64 takes small tiles for shared memory. At head dim 128,
-// 32 queries leave dK, dV, S^T and dP^T one or two registers short of 255 (nvcc 13.0 spills
-// there, on one arch or the other, with any change), on tensor cores and in float32: 16.
-template <typename T, int D>
+// 32 queries fit the deterministic kernel on tensor cores (255 registers); with atomic dQ
+// (8 bytes spilled at sm_80 with nvcc 13.0) and in float32 they take 16.
+template <typename T, int D, bool kAtomicDq>
 struct BwdTiles {
   static constexpr bool kDouble = sizeof(T) == 8;
   static constexpr int kKeys = kTensorCores<T> ? 64 : 32;
   static constexpr int kQueries =
-      kTensorCores<T> ? (D > 96 ? 16 : D > 64 ? 32 : 64) : kDouble || D > 96 ? 16 : 32;
+      kTensorCores<T> ? (D > 128 || (D > 96 && kAtomicDq) ? 16 : D > 64 ? 32 : 64)
+                      : kDouble || D > 96 ? 16 : 32;
   static constexpr int kCols = D < (kDouble ? 32 : 128) ? D : kDouble ? 32 : 128;
 };
 

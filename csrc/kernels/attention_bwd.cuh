@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   // The warp's keys and values, left operands of every visit's first two products, held in
   // registers at head dim 64 (16 a lane each; 4 ldmatrix a visit fewer for each): both in
   // the deterministic kernel, the keys alone with atomic dQ, where the values spill.
-  constexpr bool kHoldK = kTensorCores<T> && D <= 64, kHoldV = kHoldK && !kAtomicDq;
+  constexpr bool kHoldK = kHoldRows<T, D>, kHoldV = kHoldK && !kAtomicDq;
   const SlabOperand<T, D, kHoldK> k_rows(k_tile + 16 * warp * kLd, kLd);
   const SlabOperand<T, D, kHoldV> v_rows(v_tile + 16 * warp * kLd, kLd);
 
@@ -304,9 +304,8 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   for_each_needed_tile<Lay::kThreads, BM, kTensorCores<T> && D <= 128>(
       q_sets, len_q, int(group), list,
       [&](int t, IdRange queries) {
-        const bool ragged = queries_in(t) < BM;
-        return with_bounds(tile_info<false, Lay::kWarps>(list, queries, p.strict, ragged),
-                           ragged || !whole_rows);
+        return tile_info<false, Lay::kWarps>(list, queries, p.strict, queries_in(t) < BM,
+                                             !whole_rows);
       },
       [&](int t, int rep, int st, unsigned info) {
         const int q0 = t * BM;
@@ -319,7 +318,7 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
             dout_group + rows_offset(rep, p.out_head_stride) + rows_offset(q0, p.out_row_stride);
         const bool partial = block_kind(info) == TileKind::kPartial;  // or ragged
         const int nq = queries_in(t);
-        if ((info & kCopyBits) == kFixedCopy) {
+        if (fixed_copy(info)) {
           q_copy(q_to, q_from, p.q_row_stride);
           dout_copy(dout_to, dout_from, p.out_row_stride);
         } else {
@@ -528,7 +527,7 @@ __global__ void __launch_bounds__(DqLayout<T, D, BM, BN>::kThreads, 1)
   // The warp's queries and output gradients, left operands of every visit's first two
   // products, held in registers at head dim 64 (16 a lane each; 8 ldmatrix a visit fewer),
   // loaded once they land (before the first key tile is issued, not beside it).
-  constexpr bool kHold = kTensorCores<T> && D <= 64;
+  constexpr bool kHold = kHoldRows<T, D>;
   if constexpr (kHold) {
     cp_async_wait<0>();
     sync_threads();

@@ -487,12 +487,18 @@ struct TileList {
   }
 };
 
+// Bit 31 of a listed tile's info: its copies and stores need bounds (the tile is ragged, or
+// the rows are narrower than the tiles).
+inline constexpr unsigned kBoundedTile = 1u << 31;
+
 // A tile's classes, found once per walk so that a visit takes no set-id comparison: the
 // block's (bits 0-1) and each warp's (bits 2w + 2, 2w + 3) TileKind for its rows against
 // the tile's ids (ids of queries x keys in mask.h's order: RowsAreQueries, or the tile's
-// first), partial wherever the tile is ragged; 0 when the block skips the tile.
+// first), partial wherever the tile is ragged, and kBoundedTile where it is ragged or
+// `narrow` (head dim below the tiles'); 0 when the block skips the tile.
 template <bool RowsAreQueries, int Warps>
-SK_DEVICE unsigned tile_info(const TileList& list, IdRange tile, bool strict, bool ragged) {
+SK_DEVICE unsigned tile_info(const TileList& list, IdRange tile, bool strict, bool ragged,
+                             bool narrow) {
   static_assert(Warps <= kMaxWarps, "tile_info has room for kMaxWarps warps");
   auto kind = [&](IdRange rows) {
     return unsigned(RowsAreQueries ? warp_tile_kind(rows, tile, strict, ragged)
@@ -501,16 +507,13 @@ SK_DEVICE unsigned tile_info(const TileList& list, IdRange tile, bool strict, bo
   unsigned info = kind(list.block_rows);
   if (info == unsigned(TileKind::kSkip)) return 0;
   SK_UNROLL for (int w = 0; w < Warps; ++w) info |= kind(list.warp_rows[w]) << (2 + 2 * w);
-  return info;
+  return ragged || narrow ? info | kBoundedTile : info;
 }
 SK_DEVICE TileKind block_kind(unsigned info) { return TileKind(info & 3); }
-// A bit a walk may add to a listed tile's info (one not 0): the tile's copies and stores
-// need bounds (it is ragged, or rows are narrower than the tiles). A fixed copy then takes
-// one test of the info: (info & kCopyBits) == kFixedCopy.
-inline constexpr unsigned kBoundedTile = 1u << 31;
-inline constexpr unsigned kCopyBits = 3u | kBoundedTile, kFixedCopy = unsigned(TileKind::kFull);
-SK_DEVICE unsigned with_bounds(unsigned info, bool bounded) {
-  return info != 0 && bounded ? info | kBoundedTile : info;
+// Whether the tile takes the fixed copy (no bounds, every pair of the block seen): one
+// test of the info.
+SK_DEVICE bool fixed_copy(unsigned info) {
+  return (info & (3u | kBoundedTile)) == unsigned(TileKind::kFull);
 }
 SK_DEVICE TileKind warp_kind(unsigned info) { return TileKind(info >> (2 + 2 * warp_id()) & 3); }
 
@@ -804,16 +807,15 @@ SK_DEVICE void for_each_key_tile(const SetAttentionParams& p, const QueryBlock<M
   for_each_needed_tile<Threads, BN, kTensorCores<T>>(
       k_sets, len_k, 1, list,
       [&](int t, IdRange keys) {
-        const bool ragged = keys_in(t) < BN;
-        return with_bounds(tile_info<true, Threads / 32>(list, keys, p.strict, ragged),
-                           ragged || !whole_rows);
+        return tile_info<true, Threads / 32>(list, keys, p.strict, keys_in(t) < BN,
+                                             !whole_rows);
       },
       [&](int t, int, int st, unsigned info) {
         T* const k_to = ks.k + st * BN * kLd;
         T* const v_to = ks.v + st * BN * kLd;
         const T* const k_from = k + rows_offset(t * BN, p.k_row_stride);
         const T* const v_from = v + rows_offset(t * BN, p.v_row_stride);
-        if (!kScrubAll && (info & kCopyBits) == kFixedCopy) {  // the fixed copy
+        if (!kScrubAll && fixed_copy(info)) {
           k_copy(k_to, k_from, p.k_row_stride);
           v_copy(v_to, v_from, p.v_row_stride);
           return;

@@ -241,6 +241,11 @@ struct SlabOperand {
   }
 };
 
+// Where the backward kernels hold their 16-row operands (16 registers a lane each at head
+// dim 64, beside dK and dV or dQ): tensor cores, head dims up to 64.
+template <typename T, int D>
+inline constexpr bool kHoldRows = kTensorCores<T> && D <= 64;
+
 // c (16 x N, or Frag[M]) += A * B with A = the fragment(s) `a` (16 x K each), rounded to
 // T on the tensor-core path. `scratch` is the warp's kFragScratch<T, K> elements.
 template <typename T, int N, int K, BFrom L, typename C, typename A>

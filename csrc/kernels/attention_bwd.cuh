@@ -276,11 +276,10 @@ __global__ void __launch_bounds__(DkdvLayout<T, D, BN, BM, kAtomicDq>::kThreads,
   sync_threads();  // the flags are read once, into a register, not on every visit
   const bool bad_keys = k_bad[BN] != 0;
   // The warp's keys and values, left operands of every visit's first two products, held in
-  // registers at head dim 64 (16 a lane each; 4 ldmatrix a visit fewer for each): both in
-  // the deterministic kernel, the keys alone with atomic dQ, where the values spill.
-  constexpr bool kHoldK = kHoldRows<T, D>, kHoldV = kHoldK && !kAtomicDq;
-  const SlabOperand<T, D, kHoldK> k_rows(k_tile + 16 * warp * kLd, kLd);
-  const SlabOperand<T, D, kHoldV> v_rows(v_tile + 16 * warp * kLd, kLd);
+  // registers at head dim 64 (16 a lane each; 4 ldmatrix a visit fewer for each).
+  constexpr bool kHold = kHoldRows<T, D>;
+  const SlabOperand<T, D, kHold> k_rows(k_tile + 16 * warp * kLd, kLd),
+      v_rows(v_tile + 16 * warp * kLd, kLd);
 
   const Acc scale = Acc(p.scale) * ExpBase<Acc>::kPerNat;
   Frag<Acc, DC> dk, dv;  // columns c0 .. c0 + DC
